@@ -1,0 +1,278 @@
+//! The configuration types and their defaults.
+//!
+//! Each default names the tool it follows; docs/configuration.md repeats them in a table.
+//! Unknown keys are errors everywhere (`deny_unknown_fields`): a misspelt key that silently
+//! does nothing is the worst kind of config bug.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::Duration;
+
+/// One source's whole view of the world, and after merging, the effective configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub global: Global,
+    #[serde(default)]
+    pub listeners: Vec<ListenerSpec>,
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+    /// Services by name. A `BTreeMap` so that output and diffs come in a stable order.
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceSpec>,
+}
+
+/// Process-wide settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Global {
+    /// How long in-flight requests may run after SIGTERM, or after their listener is removed,
+    /// before their connections are closed. 30 s: Kubernetes' default termination grace.
+    #[serde(default = "defaults::shutdown_grace")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Global {
+    fn default() -> Self {
+        Self {
+            shutdown_grace: defaults::shutdown_grace(),
+        }
+    }
+}
+
+/// A socket drover accepts traffic on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSpec {
+    pub name: String,
+    /// `IP:PORT`, `[IPv6]:PORT`, or `:PORT` for every IPv4 address.
+    #[serde(deserialize_with = "listen_addr")]
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Connections served at once; more wait in the kernel's accept queue, as with HAProxy's
+    /// `maxconn`. 10,000.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: u32,
+    /// Deadline for a whole request head (line and headers), from its first byte: a client
+    /// that drips one byte a second still hits it. 10 s, HAProxy's recommended
+    /// `timeout http-request`.
+    #[serde(default = "defaults::request_header_timeout")]
+    pub request_header_timeout: Duration,
+    /// How long a keep-alive connection may sit with no request before it is closed.
+    /// 75 s, nginx's `keepalive_timeout`.
+    #[serde(default = "defaults::idle_timeout")]
+    pub idle_timeout: Duration,
+}
+
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// HTTP/1.1, and HTTP/2 with prior knowledge (h2c).
+    #[default]
+    Http,
+    /// Plain TCP (layer 4).
+    Tcp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Http => "http",
+            Protocol::Tcp => "tcp",
+        })
+    }
+}
+
+/// Sends the requests of one listener that match a host and a path prefix to a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    pub listener: String,
+    /// Exact host (`example.com`) or one leading wildcard label (`*.example.com`), matched
+    /// case-insensitively against the Host header without its port. None matches any host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Matches any path that starts with it, byte for byte (nginx's prefix `location`,
+    /// Traefik's `PathPrefix`): `/api` matches `/api`, `/api/x` and `/apix`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    pub service: String,
+}
+
+impl fmt::Display for RouteSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} host={} path_prefix={} -> {}",
+            self.listener,
+            self.host.as_deref().unwrap_or("*"),
+            self.path_prefix.as_deref().unwrap_or("/"),
+            self.service
+        )
+    }
+}
+
+/// A named pool of endpoints and how to balance and reach them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    #[serde(default)]
+    pub policy: Policy,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointSpec>,
+    /// TCP connect to an endpoint. 5 s, Envoy's cluster `connect_timeout`.
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect_timeout: Duration,
+    /// From the request being sent upstream to the response head arriving. 60 s, nginx's
+    /// `proxy_read_timeout`.
+    #[serde(default = "defaults::response_timeout")]
+    pub response_timeout: Duration,
+    /// Idle upstream keep-alive connections kept per endpoint. 128.
+    #[serde(default = "defaults::pool_max_idle")]
+    pub pool_max_idle: u32,
+    /// How long an idle upstream connection is kept. 60 s, nginx's upstream
+    /// `keepalive_timeout`.
+    #[serde(default = "defaults::pool_idle_timeout")]
+    pub pool_idle_timeout: Duration,
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        Self {
+            policy: Policy::default(),
+            endpoints: Vec::new(),
+            connect_timeout: defaults::connect_timeout(),
+            response_timeout: defaults::response_timeout(),
+            pool_max_idle: defaults::pool_max_idle(),
+            pool_idle_timeout: defaults::pool_idle_timeout(),
+        }
+    }
+}
+
+/// How a service chooses an endpoint for a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// nginx's smooth weighted round robin.
+    #[default]
+    RoundRobin,
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Policy::RoundRobin => "round_robin",
+        })
+    }
+}
+
+/// One place a service's requests can go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    #[serde(deserialize_with = "endpoint_addr")]
+    pub address: SocketAddr,
+    /// Relative share of requests, 1 to 256 (HAProxy's range). 1.
+    #[serde(default = "defaults::weight")]
+    pub weight: u32,
+}
+
+/// Highest endpoint weight accepted.
+pub const MAX_WEIGHT: u32 = 256;
+
+/// Parses a listen address: `IP:PORT`, `[IPv6]:PORT` or `:PORT` (all IPv4 addresses).
+pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Some(port) = s.strip_prefix(':') {
+        return port
+            .parse::<u16>()
+            .map(|p| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), p))
+            .map_err(|_| bad_addr(s, "IP:PORT or :PORT, such as 127.0.0.1:8080, [::1]:8080 or :8080"));
+    }
+    s.parse()
+        .map_err(|_| bad_addr(s, "IP:PORT or :PORT, such as 127.0.0.1:8080, [::1]:8080 or :8080"))
+}
+
+/// Parses an endpoint address: `IP:PORT` or `[IPv6]:PORT`.
+pub fn parse_endpoint_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| bad_addr(s, "IP:PORT, such as 10.0.0.5:8080 or [fd00::5]:8080"))
+}
+
+fn bad_addr(s: &str, expected: &str) -> String {
+    format!("invalid address {s:?}: expected {expected}")
+}
+
+fn listen_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_listen_addr(&s).map_err(serde::de::Error::custom)
+}
+
+fn endpoint_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_endpoint_addr(&s).map_err(serde::de::Error::custom)
+}
+
+/// The defaults, in one place; docs/configuration.md lists them with their anchors.
+pub mod defaults {
+    use crate::Duration;
+
+    pub fn shutdown_grace() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn max_connections() -> u32 {
+        10_000
+    }
+    pub fn request_header_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(75)
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn response_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn pool_max_idle() -> u32 {
+        128
+    }
+    pub fn pool_idle_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn weight() -> u32 {
+        1
+    }
+}
+
+impl Config {
+    /// The embedded default: one HTTP listener that routes everything to the service
+    /// `default`, which starts with no endpoints (so every request gets 503 until one is added).
+    pub fn embedded_default(listen: SocketAddr) -> Config {
+        Config {
+            global: Global::default(),
+            listeners: vec![ListenerSpec {
+                name: "default".into(),
+                listen,
+                protocol: Protocol::Http,
+                max_connections: defaults::max_connections(),
+                request_header_timeout: defaults::request_header_timeout(),
+                idle_timeout: defaults::idle_timeout(),
+            }],
+            routes: vec![RouteSpec {
+                listener: "default".into(),
+                host: None,
+                path_prefix: None,
+                service: "default".into(),
+            }],
+            services: BTreeMap::from([("default".to_string(), ServiceSpec::default())]),
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! Validation of a whole configuration. It collects every error rather than stopping at the
+//! first, and each error names the field it is about (`routes[1].service`) so that the config
+//! file loader can point at the line and the API can name the field in its JSON error.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+
+use crate::spec::MAX_WEIGHT;
+use crate::{Config, Duration, Protocol};
+
+/// One step in the path to a field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+/// Where a field is: `services.web.endpoints[1].weight`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FieldPath(pub Vec<Segment>);
+
+impl FieldPath {
+    pub fn key(mut self, k: impl Into<String>) -> Self {
+        self.0.push(Segment::Key(k.into()));
+        self
+    }
+    pub fn index(mut self, i: usize) -> Self {
+        self.0.push(Segment::Index(i));
+        self
+    }
+}
+
+impl fmt::Display for FieldPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, seg) in self.0.iter().enumerate() {
+            match seg {
+                Segment::Key(k) if i == 0 => f.write_str(k)?,
+                Segment::Key(k) => write!(f, ".{k}")?,
+                Segment::Index(n) => write!(f, "[{n}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A field that holds a value that cannot be used, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct FieldError {
+    pub path: FieldPath,
+    pub message: String,
+}
+
+fn path(root: &str) -> FieldPath {
+    FieldPath::default().key(root)
+}
+
+/// Checks a configuration; returns every problem found, or `Ok` if there is none.
+pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let mut err = |path: FieldPath, message: String| errors.push(FieldError { path, message });
+
+    let mut listener_names: HashMap<&str, usize> = HashMap::new();
+    let mut listener_addrs: Vec<(SocketAddr, usize)> = Vec::new();
+    for (i, l) in config.listeners.iter().enumerate() {
+        let p = path("listeners").index(i);
+        if let Err(m) = check_name(&l.name) {
+            err(p.clone().key("name"), m);
+        }
+        if let Some(first) = listener_names.insert(&l.name, i) {
+            err(
+                p.clone().key("name"),
+                format!("listener name {:?} is already used by listeners[{first}]", l.name),
+            );
+        }
+        for &(other, j) in &listener_addrs {
+            if addresses_clash(other, l.listen) {
+                err(
+                    p.clone().key("listen"),
+                    format!(
+                        "{} overlaps listeners[{j}] ({other}): two listeners cannot share a port",
+                        l.listen
+                    ),
+                );
+            }
+        }
+        listener_addrs.push((l.listen, i));
+        if l.protocol == Protocol::Tcp {
+            err(
+                p.clone().key("protocol"),
+                "TCP listeners are not available in this version yet; use \"http\"".into(),
+            );
+        }
+        if l.max_connections == 0 {
+            err(
+                p.clone().key("max_connections"),
+                "must be at least 1".into(),
+            );
+        }
+        positive(&mut err, p.clone().key("request_header_timeout"), l.request_header_timeout);
+        positive(&mut err, p.clone().key("idle_timeout"), l.idle_timeout);
+    }
+
+    let mut seen_routes: HashMap<(&str, Option<&str>, Option<&str>), usize> = HashMap::new();
+    for (i, r) in config.routes.iter().enumerate() {
+        let p = path("routes").index(i);
+        if !listener_names.contains_key(r.listener.as_str()) {
+            err(
+                p.clone().key("listener"),
+                format!(
+                    "no listener named {:?}; {}",
+                    r.listener,
+                    known("listeners", config.listeners.iter().map(|l| l.name.as_str()))
+                ),
+            );
+        }
+        if !config.services.contains_key(&r.service) {
+            err(
+                p.clone().key("service"),
+                format!(
+                    "no service named {:?}; {}",
+                    r.service,
+                    known("services", config.services.keys().map(String::as_str))
+                ),
+            );
+        }
+        if let Some(host) = &r.host
+            && let Err(m) = check_host(host)
+        {
+            err(p.clone().key("host"), m);
+        }
+        if let Some(prefix) = &r.path_prefix
+            && (!prefix.starts_with('/') || prefix.bytes().any(|b| b.is_ascii_whitespace()))
+        {
+            err(
+                p.clone().key("path_prefix"),
+                format!("{prefix:?} must start with '/' and contain no spaces, such as \"/api\""),
+            );
+        }
+        let key = (
+            r.listener.as_str(),
+            r.host.as_deref(),
+            r.path_prefix.as_deref(),
+        );
+        if let Some(first) = seen_routes.insert(key, i) {
+            err(
+                p.clone(),
+                format!("routes[{first}] already matches the same listener, host and path prefix"),
+            );
+        }
+    }
+
+    for (name, s) in &config.services {
+        let p = path("services").key(name);
+        if let Err(m) = check_name(name) {
+            err(p.clone(), m);
+        }
+        positive(&mut err, p.clone().key("connect_timeout"), s.connect_timeout);
+        positive(&mut err, p.clone().key("response_timeout"), s.response_timeout);
+        let mut addrs: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+        for (j, e) in s.endpoints.iter().enumerate() {
+            let ep = p.clone().key("endpoints").index(j);
+            if !(1..=MAX_WEIGHT).contains(&e.weight) {
+                err(
+                    ep.clone().key("weight"),
+                    format!("weight {} is out of range: use 1 to {MAX_WEIGHT}", e.weight),
+                );
+            }
+            if let Some(first) = addrs.insert(e.address, j) {
+                err(
+                    ep.key("address"),
+                    format!("{} is already endpoints[{first}] of this service", e.address),
+                );
+            }
+        }
+    }
+
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
+fn positive(err: &mut impl FnMut(FieldPath, String), p: FieldPath, d: Duration) {
+    if d.get().is_zero() {
+        err(p, "must be longer than zero, such as \"5s\"".into());
+    }
+}
+
+/// Two listen addresses clash when they would fight over one port: the same address, or the
+/// same port where one side is the unspecified address of the same family.
+fn addresses_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && (a.ip() == b.ip()
+            || (a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified())))
+}
+
+fn known<'a>(what: &str, names: impl Iterator<Item = &'a str>) -> String {
+    let names: Vec<String> = names.map(|n| format!("{n:?}")).collect();
+    if names.is_empty() {
+        format!("no {what} are defined")
+    } else {
+        format!("defined {what}: {}", names.join(", "))
+    }
+}
+
+/// Names of listeners and services: 1 to 128 of `A-Z a-z 0-9 _ . -`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid name {name:?}: use 1 to 128 letters, digits, '_', '.' or '-'"
+        ))
+    }
+}
+
+/// Hosts in routes: lowercase DNS names, optionally with one leading `*.` label.
+pub fn check_host(host: &str) -> Result<(), String> {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid host {host:?}: use a lowercase DNS name without port, such as \"example.com\" or \"*.example.com\""
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{EndpointSpec, ListenerSpec, RouteSpec, ServiceSpec};
+
+    fn base() -> Config {
+        Config::embedded_default("127.0.0.1:8080".parse().unwrap())
+    }
+
+    fn messages(c: &Config) -> Vec<String> {
+        validate(c)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn the_embedded_default_is_valid() {
+        validate(&base()).unwrap();
+    }
+
+    #[test]
+    fn a_route_to_a_missing_service_names_the_field_and_the_choices() {
+        let mut c = base();
+        c.routes[0].service = "api".into();
+        assert_eq!(
+            messages(&c),
+            [r#"routes[0].service: no service named "api"; defined services: "default""#]
+        );
+    }
+
+    #[test]
+    fn two_listeners_on_one_port_clash_including_the_wildcard_address() {
+        let mut c = base();
+        let mut second: ListenerSpec = c.listeners[0].clone();
+        second.name = "other".into();
+        second.listen = "0.0.0.0:8080".parse().unwrap();
+        c.listeners.push(second);
+        let m = messages(&c);
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert!(m[0].starts_with("listeners[1].listen: 0.0.0.0:8080 overlaps listeners[0]"));
+        // Different ports, or different families, do not clash.
+        c.listeners[1].listen = "[::]:8080".parse().unwrap();
+        validate(&c).unwrap();
+    }
+
+    #[test]
+    fn weights_hosts_prefixes_and_duplicates_are_checked() {
+        let mut c = base();
+        let ep = |a: &str, w| EndpointSpec {
+            address: a.parse().unwrap(),
+            weight: w,
+        };
+        c.services.insert(
+            "web".into(),
+            ServiceSpec {
+                endpoints: vec![ep("127.0.0.1:1", 0), ep("127.0.0.1:1", 2)],
+                ..Default::default()
+            },
+        );
+        c.routes.push(RouteSpec {
+            listener: "default".into(),
+            host: Some("Example.com".into()),
+            path_prefix: Some("api".into()),
+            service: "web".into(),
+        });
+        c.routes.push(c.routes[0].clone());
+        let m = messages(&c);
+        let fields: Vec<&str> = m.iter().map(|s| s.split(':').next().unwrap()).collect();
+        assert_eq!(
+            fields,
+            [
+                "routes[1].host",
+                "routes[1].path_prefix",
+                "routes[2]",
+                "services.web.endpoints[0].weight",
+                "services.web.endpoints[1].address",
+            ]
+        );
+    }
+}
