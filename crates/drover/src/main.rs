@@ -1,1 +1,212 @@
-fn main() {}
+//! The `drover` binary: command line, wiring of sources, reconciler, data plane and admin
+//! listener, signals, and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use drover_control::{Reconciler, Snapshot};
+use drover_discovery::file::{self, FileSource};
+use drover_model::{Config, SourceId};
+use drover_proxy::Proxy;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// A dynamic reverse proxy and load balancer.
+#[derive(Parser)]
+#[command(name = "drover", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run(RunArgs),
+    /// Validate a config file and print the listeners, routes and services it defines.
+    Check {
+        /// The config file to check.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// TOML config file, watched for changes; without it drover runs on its embedded default.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Listen address of the embedded default's HTTP listener (only without --config).
+    #[arg(long, value_parser = parse_listen)]
+    listen: Option<SocketAddr>,
+    /// Address of the admin listener.
+    #[arg(long, default_value = "127.0.0.1:8687", value_parser = parse_listen)]
+    admin: SocketAddr,
+    /// Directory for state made through the management API.
+    #[arg(long, default_value = "./drover-data")]
+    data_dir: PathBuf,
+    /// Worker threads of the data plane [default: the CPUs this process may run on].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Log filter, such as `info` or `drover_proxy=debug,info` (RUST_LOG overrides it).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    drover_model::spec::parse_listen_addr(s)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run(args) => {
+            let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| args.log_level.clone());
+            // Logs go through a bounded queue to a writer thread: nothing logs synchronously.
+            let (writer, _flush_on_exit) = tracing_appender::non_blocking(std::io::stdout());
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(writer)
+                .with_ansi(false)
+                .init();
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            runtime.enable_all();
+            if let Some(n) = args.workers {
+                runtime.worker_threads(n.max(1));
+            }
+            let result = runtime
+                .build()
+                .context("cannot start the async runtime")
+                .and_then(|rt| rt.block_on(run(args)));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("drover: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match drover_config::load(path) {
+        Ok(config) => {
+            print!("{}", describe(&config));
+            println!("{}: OK", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The listeners, routes and services of a configuration, as `drover check` prints them.
+fn describe(c: &Config) -> String {
+    let mut out = String::from("listeners:\n");
+    for l in &c.listeners {
+        out += &format!(
+            "  {:<16} {:<22} {:<5} max_connections={} request_header_timeout={} idle_timeout={}\n",
+            l.name, l.listen, l.protocol, l.max_connections, l.request_header_timeout, l.idle_timeout
+        );
+    }
+    out += "routes:\n";
+    for r in &c.routes {
+        out += &format!("  {r}\n");
+    }
+    out += "services:\n";
+    for (name, s) in &c.services {
+        out += &format!(
+            "  {name:<16} policy={} endpoints={} connect_timeout={} response_timeout={}\n",
+            s.policy,
+            s.endpoints.len(),
+            s.connect_timeout,
+            s.response_timeout
+        );
+        for e in &s.endpoints {
+            out += &format!("    {} weight={}\n", e.address, e.weight);
+        }
+    }
+    out
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let proxy = Proxy::new();
+    let data_plane = proxy.handle();
+    let mut reconciler = Reconciler::new(proxy);
+    let status = reconciler.subscribe();
+    let (snapshots, inbox) = mpsc::channel(64);
+    let (reload, reload_rx) = mpsc::channel(1);
+
+    let watched = match &args.config {
+        Some(path) => {
+            anyhow::ensure!(
+                args.listen.is_none(),
+                "--listen sets the embedded default's listener; with --config, set `listen` in the file"
+            );
+            // Watch first: a change made while the file is first read is then not missed.
+            let source = FileSource::watch(path)
+                .with_context(|| format!("cannot watch {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let config = drover_config::parse(&text, path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            reconciler
+                .apply_now(Snapshot::new(file::source_id(path), config, "startup"))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            Some((source, text))
+        }
+        None => {
+            let listen = args.listen.unwrap_or(([127, 0, 0, 1], 8080).into());
+            let snapshot = Snapshot::new(
+                SourceId("default".into()),
+                Config::embedded_default(listen),
+                "startup (embedded default)",
+            );
+            reconciler.apply_now(snapshot).map_err(|e| anyhow::anyhow!("{e}"))?;
+            None
+        }
+    };
+
+    let admin = tokio::net::TcpListener::bind(args.admin)
+        .await
+        .with_context(|| format!("admin listener: cannot listen on {}", args.admin))?;
+    tracing::info!("admin API on {}", args.admin);
+    tracing::debug!(data_dir = %args.data_dir.display(), "state directory");
+    let stop_admin = CancellationToken::new();
+    tokio::spawn(drover_admin::serve(admin, status, stop_admin.clone()));
+
+    tokio::spawn(reconciler.run(inbox));
+    if let Some((source, text)) = watched {
+        tokio::spawn(source.run(snapshots.clone(), reload_rx, text));
+    }
+
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                if args.config.is_some() {
+                    tracing::info!("SIGHUP: re-reading the config file");
+                    let _ = reload.try_send(());
+                } else {
+                    tracing::info!("SIGHUP: no config file to re-read");
+                }
+            }
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+        }
+    }
+    stop_admin.cancel();
+    data_plane.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,1 +1,128 @@
-//! placeholder
+//! drover-echo: a small origin server for tests and demos, like weldr's test server.
+//!
+//! Every response carries `x-echo-name: NAME`, so a client can tell which origin answered.
+//! - `/status/N`: answers with status N.
+//! - `/slow?ms=N`: answers after N milliseconds.
+//! - `/large`: a 10 MiB body, streamed in 64 KiB chunks.
+//! - `/bytes/N`: a body of N bytes.
+//! - `/echo`: streams the request body back as it arrives.
+//! - any other path: 200 with a body that starts with the name, then the request line and
+//!   every request header, one per line.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+/// Size of `/large`.
+pub const LARGE: usize = 10 * 1024 * 1024;
+const CHUNK: usize = 64 * 1024;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Serves HTTP/1.1 and h2c on `listener` until the returned future is dropped.
+pub async fn serve(listener: TcpListener, name: String) {
+    let name: &'static str = Box::leak(name.into_boxed_str());
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| async move { Ok::<_, Infallible>(respond(name, req).await) });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn respond(name: &'static str, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let mut response = if let Some(code) = path.strip_prefix("/status/") {
+        match code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()) {
+            Some(status) => with_status(status, full(format!("{name}\n"))),
+            None => with_status(StatusCode::BAD_REQUEST, full("status must be a number from 100 to 999\n".into())),
+        }
+    } else if path == "/slow" {
+        let ms = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Response::new(full(format!("{name}\nslept {ms} ms\n")))
+    } else if path == "/large" {
+        sized(LARGE)
+    } else if let Some(n) = path.strip_prefix("/bytes/") {
+        match n.parse() {
+            Ok(n) => sized(n),
+            Err(_) => with_status(StatusCode::BAD_REQUEST, full("bytes must be a number\n".into())),
+        }
+    } else if path == "/echo" {
+        let length = req.headers().get(header::CONTENT_LENGTH).cloned();
+        let mut r = Response::new(req.into_body().boxed());
+        if let Some(length) = length {
+            r.headers_mut().insert(header::CONTENT_LENGTH, length);
+        }
+        r
+    } else {
+        let mut text = format!("{name}\n{} {} {:?}\n", req.method(), req.uri(), req.version());
+        for (k, v) in req.headers() {
+            text.push_str(&format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())));
+        }
+        Response::new(full(text))
+    };
+    response
+        .headers_mut()
+        .insert("x-echo-name", http::HeaderValue::from_static(name));
+    response
+}
+
+fn full(text: String) -> Body {
+    Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed()
+}
+
+fn with_status(status: StatusCode, body: Body) -> Response<Body> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    r
+}
+
+/// A streamed body of `n` bytes.
+fn sized(n: usize) -> Response<Body> {
+    let chunk = Bytes::from(vec![b'x'; CHUNK.min(n.max(1))]);
+    let frames = (0..n.div_ceil(CHUNK)).map(move |i| {
+        let len = CHUNK.min(n - i * CHUNK);
+        Ok::<_, hyper::Error>(Frame::data(chunk.slice(..len)))
+    });
+    let body = StreamBody::new(iter_stream(frames));
+    let mut r = Response::new(BodyExt::boxed(body));
+    r.headers_mut().insert(header::CONTENT_LENGTH, n.into());
+    r
+}
+
+/// An iterator as a stream, without a futures dependency.
+fn iter_stream<I: Iterator + Unpin>(iter: I) -> IterStream<I> {
+    IterStream(iter)
+}
+
+struct IterStream<I>(I);
+
+impl<I: Iterator + Unpin> futures_core::Stream for IterStream<I> {
+    type Item = I::Item;
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<I::Item>> {
+        std::task::Poll::Ready(self.get_mut().0.next())
+    }
+}

@@ -1,0 +1,380 @@
+//! Proxying one HTTP request: route it, pick an endpoint, forward it over a pooled
+//! connection, and stream the response back.
+//!
+//! Bodies are never buffered: the client's request body is handed to the upstream connection
+//! as it arrives, and the upstream's response body to the client, with hyper's backpressure
+//! both ways. Errors are answered here with a short text body: 404 no route, 503 a service with
+//! no endpoints, 502 no endpoint could be reached or the upstream broke off, 504 the upstream
+//! did not answer in time.
+//!
+//! A request is tried on up to [`MAX_TRIES`] endpoints while the failure happened before
+//! anything was sent (the connection could not be opened), as nginx's `proxy_next_upstream
+//! error` does. A pooled connection that turns out to be closed before the request was written
+//! costs no try: hyper hands the request back and it goes out on another connection.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::conn::{Active, ConnCtx};
+use crate::pool::{ConnectError, EndpointState, Sender};
+use crate::table::Service;
+
+/// Endpoints a request is tried on when it cannot be sent at all.
+pub const MAX_TRIES: usize = 3;
+/// Pooled connections found closed that one request may skip before giving up.
+const MAX_STALE: usize = 16;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_ORIGINAL_TO: HeaderName = HeaderName::from_static("x-original-to");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// Headers that describe one connection, not the message, and never cross a proxy
+/// (RFC 9110 section 7.6.1, plus the legacy `Proxy-Connection` and `Keep-Alive`).
+fn hop_by_hop() -> [&'static HeaderName; 9] {
+    [
+        &header::CONNECTION,
+        &PROXY_CONNECTION,
+        &KEEP_ALIVE,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ]
+}
+
+/// Serves one request of a client connection.
+pub(crate) async fn handle(
+    ctx: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let active = ctx.begin();
+    let response = proxy(&ctx, req).await;
+    Ok(response.map(|kind| ResponseBody { kind, _active: active }))
+}
+
+async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<Kind> {
+    let service = {
+        let table = ctx.tables.load();
+        let Some(listener) = table.listener(ctx.local) else {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "this listener is closing");
+        };
+        match listener.route(request_host(&req), req.uri().path()) {
+            Some(s) => s.clone(),
+            None => return error(StatusCode::NOT_FOUND, "no route for this host and path"),
+        }
+    };
+    if service.endpoints.is_empty() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the service has no endpoints");
+    }
+    prepare_upstream_request(&mut req, ctx);
+    forward(&service, req).await
+}
+
+/// The host a request is for, without its port: the Host header, or for HTTP/2 the
+/// `:authority`.
+fn request_host<B>(req: &Request<B>) -> &str {
+    let raw = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    strip_port(raw)
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // [v6]:port
+        return host.find(']').map_or(host, |end| &host[..=end]);
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+/// Turns a client's request into the one sent upstream: HTTP/1.1, origin-form target,
+/// connection headers removed, forwarding headers added (HAProxy's `forwardfor` and
+/// `originalto`).
+fn prepare_upstream_request(req: &mut Request<Incoming>, ctx: &ConnCtx) {
+    if req.headers().get(header::HOST).is_none()
+        && let Some(value) = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        req.headers_mut().insert(header::HOST, value);
+    }
+    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+        let origin_form = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .parse::<Uri>()
+            .unwrap_or_else(|_| Uri::from_static("/"));
+        *req.uri_mut() = origin_form;
+    }
+    *req.version_mut() = Version::HTTP_11;
+
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
+    let forwarded_for = match joined(headers, &X_FORWARDED_FOR) {
+        None => ctx.client_ip.clone(),
+        Some(mut prior) => {
+            prior.extend_from_slice(b", ");
+            prior.extend_from_slice(ctx.client_ip.as_bytes());
+            HeaderValue::from_bytes(&prior).unwrap_or_else(|_| ctx.client_ip.clone())
+        }
+    };
+    headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    if let Some(host) = headers.get(header::HOST).cloned() {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+    headers.insert(X_ORIGINAL_TO.clone(), ctx.local_ip.clone());
+}
+
+/// All values of a header joined with ", ", or None when it is absent.
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<Vec<u8>> {
+    let mut values = headers.get_all(name).iter();
+    let mut out = values.next()?.as_bytes().to_vec();
+    for v in values {
+        out.extend_from_slice(b", ");
+        out.extend_from_slice(v.as_bytes());
+    }
+    Some(out)
+}
+
+/// Removes hop-by-hop headers and every header the Connection header names.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in hop_by_hop() {
+        headers.remove(name);
+    }
+}
+
+/// How forwarding ended without a response.
+enum Failure {
+    Unreachable,
+    TimedOut,
+}
+
+async fn forward(service: &Arc<Service>, req: Request<Incoming>) -> Response<Kind> {
+    let spec = &service.spec;
+    let mut req = req;
+    let mut tried: [Option<SocketAddr>; MAX_TRIES] = [None; MAX_TRIES];
+    let mut tries = 0;
+    let mut stale = 0;
+    let mut failure = Failure::Unreachable;
+    while tries < MAX_TRIES {
+        let Some(endpoint) = pick_untried(service, &tried[..tries]) else {
+            break;
+        };
+        let in_flight = InFlight::start(endpoint);
+        let mut sender = match endpoint.checkout(spec.pool_idle_timeout.get()) {
+            Some(s) => s,
+            None => match endpoint.connect(spec.connect_timeout.get()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    endpoint.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(service = %service.name, "{e}");
+                    failure = match e {
+                        ConnectError::Timeout(_) => Failure::TimedOut,
+                        _ => Failure::Unreachable,
+                    };
+                    tried[tries] = Some(endpoint.address);
+                    tries += 1;
+                    continue;
+                }
+            },
+        };
+        // A connection just given back may still be finishing its last response.
+        if sender.ready().await.is_err() {
+            stale += 1;
+            if stale > MAX_STALE {
+                break;
+            }
+            continue;
+        }
+        let sent = tokio::time::timeout(spec.response_timeout.get(), sender.try_send_request(req));
+        match sent.await {
+            Ok(Ok(mut response)) => {
+                endpoint.responses.fetch_add(1, Ordering::Relaxed);
+                strip_hop_by_hop(response.headers_mut());
+                return response.map(|body| {
+                    Kind::Upstream(UpstreamBody {
+                        body,
+                        sender: Some(sender),
+                        max_idle: spec.pool_max_idle as usize,
+                        _in_flight: in_flight,
+                    })
+                });
+            }
+            Ok(Err(mut e)) => match e.take_message() {
+                // Never written: the connection was closing. Send it on another one.
+                Some(back) => {
+                    req = back;
+                    stale += 1;
+                    if stale > MAX_STALE {
+                        break;
+                    }
+                }
+                None => {
+                    endpoint.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(service = %service.name, endpoint = %endpoint.address, "upstream failed: {}", e.into_error());
+                    return error(StatusCode::BAD_GATEWAY, "the upstream closed the connection or sent an invalid response");
+                }
+            },
+            Err(_) => {
+                endpoint.failures.fetch_add(1, Ordering::Relaxed);
+                return error(StatusCode::GATEWAY_TIMEOUT, "the upstream did not answer in time");
+            }
+        }
+    }
+    match failure {
+        Failure::TimedOut => error(StatusCode::GATEWAY_TIMEOUT, "no endpoint could be reached in time"),
+        Failure::Unreachable => error(StatusCode::BAD_GATEWAY, "no endpoint could be reached"),
+    }
+}
+
+/// The picker's next endpoint that has not failed this request yet.
+fn pick_untried<'s>(
+    service: &'s Service,
+    tried: &[Option<SocketAddr>],
+) -> Option<&'s Arc<EndpointState>> {
+    // Each pick moves the cycle on, so a few more picks than endpoints see every one of them.
+    (0..service.endpoints.len() + MAX_TRIES)
+        .filter_map(|_| service.pick())
+        .find(|e| !tried.contains(&Some(e.address)))
+}
+
+/// Counts a request in the endpoint's in-flight figure for as long as it lives.
+struct InFlight(Arc<EndpointState>);
+
+impl InFlight {
+    fn start(endpoint: &Arc<EndpointState>) -> Self {
+        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(endpoint.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn error(status: StatusCode, message: &'static str) -> Response<Kind> {
+    let mut r = Response::new(Kind::Full(Some(Bytes::from(format!("drover: {message}\n")))));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+/// The body of every response drover sends to a client.
+pub struct ResponseBody {
+    kind: Kind,
+    /// Keeps the client connection counted as busy until the body is sent or dropped.
+    _active: Active,
+}
+
+enum Kind {
+    Upstream(UpstreamBody),
+    Full(Option<Bytes>),
+}
+
+/// An upstream response body; gives its connection back to the pool once read to the end.
+struct UpstreamBody {
+    body: Incoming,
+    sender: Option<Sender>,
+    max_idle: usize,
+    _in_flight: InFlight,
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if self.body.is_end_stream()
+            && let Some(sender) = self.sender.take()
+        {
+            self._in_flight.0.checkin(sender, self.max_idle);
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.get_mut().kind {
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Upstream(u) => Pin::new(&mut u.body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Upstream(u) => u.body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream(u) => u.body.size_hint(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_stripped_from_hosts() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[::1]:8080"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+
+    #[test]
+    fn connection_named_and_hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+    }
+}

@@ -1,0 +1,249 @@
+//! The listener supervisor: makes the sockets match the configuration, and publishes tables.
+//!
+//! [`Proxy`] is the reconciler's [`Applier`]. For a new configuration it builds the routing
+//! table, binds every listen address that is new, and only if all of them bound does it
+//! publish the table and start accepting on them; a bind failure rejects the configuration
+//! and closes nothing. Listeners are keyed by address: an address that stays keeps its socket
+//! and its connections whatever else changes (its name, limits or routes), one that goes
+//! stops accepting at once and drains its connections within the shutdown grace.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use drover_control::Applier;
+use drover_model::{Effective, ListenerSpec, Protocol};
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::conn::{self, Deadlines};
+use crate::table::{RoutingTable, TableBuilder};
+
+/// Pending connections the kernel queues for each listener.
+const BACKLOG: u32 = 1024;
+/// How often idle upstream connections are checked for age.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// A cheap handle to the running data plane.
+#[derive(Clone, Debug)]
+pub struct ProxyHandle {
+    tables: Arc<ArcSwap<RoutingTable>>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl ProxyHandle {
+    /// The table in force.
+    pub fn table(&self) -> Arc<RoutingTable> {
+        self.tables.load_full()
+    }
+
+    /// Stops accepting on every listener, lets in-flight requests finish within the shutdown
+    /// grace, and returns once every connection is closed.
+    pub async fn shutdown(&self) {
+        let grace = self.table().effective.config.global.shutdown_grace.get();
+        self.shutdown.cancel();
+        self.tracker.close();
+        let open = self.tracker.len();
+        if open > 0 {
+            tracing::info!("draining {open} connections for up to {grace:?}");
+        }
+        // Each connection cuts itself at the end of the grace; the margin covers the cut.
+        if tokio::time::timeout(grace + Duration::from_secs(1), self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("{} connections still open after the grace period", self.tracker.len());
+        }
+    }
+}
+
+struct Running {
+    drain: CancellationToken,
+    slots: Arc<Semaphore>,
+    max_connections: u32,
+}
+
+/// The data plane's side of reconciliation: tables, listeners, and the handle to them.
+pub struct Proxy {
+    handle: ProxyHandle,
+    builder: TableBuilder,
+    listeners: HashMap<SocketAddr, Running>,
+    server: Arc<auto::Builder<TokioExecutor>>,
+}
+
+impl Proxy {
+    /// A data plane with no listeners yet. Must be called inside a tokio runtime: it starts
+    /// the pool sweeper.
+    pub fn new() -> Self {
+        let handle = ProxyHandle {
+            tables: Arc::new(ArcSwap::from_pointee(RoutingTable::default())),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        };
+        tokio::spawn(sweep_pools(handle.tables.clone(), handle.shutdown.clone()));
+        Self {
+            handle,
+            builder: TableBuilder::default(),
+            listeners: HashMap::new(),
+            server: Arc::new(conn::server_builder()),
+        }
+    }
+
+    pub fn handle(&self) -> ProxyHandle {
+        self.handle.clone()
+    }
+
+    fn start(&self, spec: &ListenerSpec, socket: TcpListener) -> Running {
+        let running = Running {
+            drain: self.handle.shutdown.child_token(),
+            slots: Arc::new(Semaphore::new(spec.max_connections as usize)),
+            max_connections: spec.max_connections,
+        };
+        tracing::info!(listener = %spec.name, "accepting {} on {}", spec.protocol, spec.listen);
+        self.handle.tracker.spawn(accept(
+            socket,
+            spec.listen,
+            self.handle.clone(),
+            self.server.clone(),
+            running.slots.clone(),
+            running.drain.clone(),
+        ));
+        running
+    }
+}
+
+impl Default for Proxy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Applier for Proxy {
+    fn apply(&mut self, effective: &Arc<Effective>) -> Result<(), String> {
+        let built = self.builder.build(effective);
+        let listeners = &effective.config.listeners;
+        let mut bound = Vec::new();
+        for spec in listeners {
+            if self.listeners.contains_key(&spec.listen) {
+                continue;
+            }
+            debug_assert_eq!(spec.protocol, Protocol::Http, "validation admits only HTTP");
+            let socket = bind(spec.listen)
+                .map_err(|e| format!("listener {}: cannot listen on {}: {e}", spec.name, spec.listen))?;
+            bound.push((spec, socket));
+        }
+
+        let table = self.builder.commit(built);
+        self.handle.tables.store(Arc::new(table));
+
+        for (spec, socket) in bound {
+            let running = self.start(spec, socket);
+            self.listeners.insert(spec.listen, running);
+        }
+        for spec in listeners {
+            let running = self.listeners.get_mut(&spec.listen).expect("started above");
+            resize(running, spec.max_connections);
+        }
+        self.listeners.retain(|addr, running| {
+            let keep = listeners.iter().any(|l| l.listen == *addr);
+            if !keep {
+                tracing::info!("stopped accepting on {addr}; draining its connections");
+                running.drain.cancel();
+            }
+            keep
+        });
+        Ok(())
+    }
+}
+
+/// Moves a listener's connection limit to `max`, for connections accepted from now on.
+fn resize(running: &mut Running, max: u32) {
+    if max > running.max_connections {
+        running.slots.add_permits((max - running.max_connections) as usize);
+    } else if max < running.max_connections {
+        // Only free slots can be taken away now; busy ones are not handed back.
+        let wanted = (running.max_connections - max) as usize;
+        let taken = running.slots.forget_permits(wanted);
+        if taken < wanted {
+            tracing::warn!("connection limit lowered to {max}, but {} connections over it stay open", wanted - taken);
+        }
+    }
+    running.max_connections = max;
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+async fn accept(
+    socket: TcpListener,
+    local: SocketAddr,
+    handle: ProxyHandle,
+    server: Arc<auto::Builder<TokioExecutor>>,
+    slots: Arc<Semaphore>,
+    drain: CancellationToken,
+) {
+    loop {
+        // At the connection limit, wait here: new clients queue in the kernel's backlog.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = drain.cancelled() => return,
+        };
+        let (stream, peer) = tokio::select! {
+            r = socket.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset while queued: back off
+                    // briefly rather than spin.
+                    tracing::warn!("accept on {local} failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = drain.cancelled() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let deadlines = match handle.tables.load().listener(local) {
+            Some(l) => Deadlines {
+                request_header: l.spec.request_header_timeout.get(),
+                idle: l.spec.idle_timeout.get(),
+            },
+            None => return,
+        };
+        let tables = handle.tables.clone();
+        let (server, drain) = (server.clone(), drain.clone());
+        handle.tracker.spawn(async move {
+            conn::serve(server, stream, peer, local, tables, deadlines, drain).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn sweep_pools(tables: Arc<ArcSwap<RoutingTable>>, stop: CancellationToken) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let table = tables.load_full();
+        for service in table.services() {
+            for endpoint in &service.endpoints {
+                endpoint.sweep(service.spec.pool_idle_timeout.get());
+            }
+        }
+    }
+}
