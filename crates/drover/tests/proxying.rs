@@ -1,0 +1,327 @@
+//! Requests through a real drover to real origins: balancing, routing, forwarding headers,
+//! HTTP/2 downstream, and each error status.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_spreads_requests_by_weight() {
+    let a = Origin::start("a").await;
+    let b = Origin::start("b").await;
+    let c = Origin::start("c").await;
+    let port = free_port();
+    let _d = Drover::start(&one_service(port, &[(a.addr, 3), (b.addr, 1), (c.addr, 2)])).await;
+    let client = client();
+    let mut hits: HashMap<String, u32> = HashMap::new();
+    let mut order = Vec::new();
+    for _ in 0..600 {
+        let (status, headers, _) = get(&client, &format!("http://127.0.0.1:{port}/")).await;
+        assert_eq!(status, StatusCode::OK);
+        let who = origin_of(&headers);
+        order.push(who.clone());
+        *hits.entry(who).or_default() += 1;
+    }
+    // One client in sequence sees the exact smooth cycle: shares are exact.
+    assert_eq!(hits["a"], 300, "{hits:?}");
+    assert_eq!(hits["b"], 100, "{hits:?}");
+    assert_eq!(hits["c"], 200, "{hits:?}");
+    // Smooth: the heaviest endpoint never gets more than two turns in a row with 3:1:2.
+    let longest_run = order
+        .windows(3)
+        .filter(|w| w.iter().all(|x| x == &w[0]))
+        .count();
+    assert_eq!(longest_run, 0, "three in a row: {:?}", &order[..12]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_arrive_and_hop_by_hop_headers_do_not() {
+    let a = Origin::start("a").await;
+    let port = free_port();
+    let _d = Drover::start(&one_service(port, &[(a.addr, 1)])).await;
+    let req = Request::get(format!("http://127.0.0.1:{port}/headers"))
+        .header("host", "shop.example.com")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("connection", "keep-alive, x-private")
+        .header("x-private", "must not pass")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("te", "trailers")
+        .header("x-end-to-end", "passes")
+        .body(empty())
+        .unwrap();
+    let (status, _, body) = send(&client(), req).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    let seen: HashMap<&str, &str> = text.lines().skip(2).filter_map(|l| l.split_once(": ")).collect();
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.7, 127.0.0.1", "{text}");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-host"], "shop.example.com");
+    assert_eq!(seen["x-original-to"], "127.0.0.1");
+    assert_eq!(seen["host"], "shop.example.com", "the Host header passes unchanged");
+    assert_eq!(seen["x-end-to-end"], "passes");
+    for hop in ["x-private", "keep-alive", "proxy-authorization", "te"] {
+        assert!(!seen.contains_key(hop), "{hop} reached the origin:\n{text}");
+    }
+    // drover's own connection to the origin may say keep-alive; the client's words may not.
+    assert_ne!(seen.get("connection"), Some(&"keep-alive, x-private"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_host_and_longest_path_prefix() {
+    let api = Origin::start("api").await;
+    let www = Origin::start("www").await;
+    let other = Origin::start("other").await;
+    let port = free_port();
+    let config = format!(
+        r#"
+[[listeners]]
+name = "web"
+listen = "127.0.0.1:{port}"
+
+[[routes]]
+listener = "web"
+host = "example.com"
+path_prefix = "/api"
+service = "api"
+
+[[routes]]
+listener = "web"
+host = "example.com"
+service = "www"
+
+[[routes]]
+listener = "web"
+host = "*.example.org"
+service = "other"
+
+[services.api]
+endpoints = [ {{ address = "{}" }} ]
+[services.www]
+endpoints = [ {{ address = "{}" }} ]
+[services.other]
+endpoints = [ {{ address = "{}" }} ]
+"#,
+        api.addr, www.addr, other.addr
+    );
+    let _d = Drover::start(&config).await;
+    let client = client();
+    let to = |host: &'static str, path: &'static str| {
+        let client = client.clone();
+        async move {
+            let req = Request::get(format!("http://127.0.0.1:{port}{path}"))
+                .header("host", host)
+                .body(empty())
+                .unwrap();
+            let (status, headers, _) = send(&client, req).await.unwrap();
+            (status, origin_of(&headers))
+        }
+    };
+    assert_eq!(to("example.com", "/api/users").await, (StatusCode::OK, "api".into()));
+    assert_eq!(to("Example.COM:80", "/api").await, (StatusCode::OK, "api".into()));
+    assert_eq!(to("example.com", "/").await, (StatusCode::OK, "www".into()));
+    assert_eq!(to("shop.example.org", "/x").await, (StatusCode::OK, "other".into()));
+    assert_eq!(to("example.net", "/").await, (StatusCode::NOT_FOUND, String::new()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_error_status_has_its_cause() {
+    let slow = Origin::start("slow").await;
+    let closed = free_port(); // nothing listens here
+    let port = free_port();
+    let config = format!(
+        r#"
+[[listeners]]
+name = "web"
+listen = "127.0.0.1:{port}"
+
+[[routes]]
+listener = "web"
+path_prefix = "/empty"
+service = "empty"
+
+[[routes]]
+listener = "web"
+path_prefix = "/down"
+service = "down"
+
+[[routes]]
+listener = "web"
+path_prefix = "/slow"
+service = "slow"
+
+[services.empty]
+
+[services.down]
+endpoints = [ {{ address = "127.0.0.1:{closed}" }} ]
+
+[services.slow]
+response_timeout = "300ms"
+endpoints = [ {{ address = "{}" }} ]
+"#,
+        slow.addr
+    );
+    let _d = Drover::start(&config).await;
+    let client = client();
+    let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
+    let cases = [
+        ("/nowhere", StatusCode::NOT_FOUND, "no route"),
+        ("/empty", StatusCode::SERVICE_UNAVAILABLE, "no endpoints"),
+        ("/down", StatusCode::BAD_GATEWAY, "could be reached"),
+        ("/slow?ms=3000", StatusCode::GATEWAY_TIMEOUT, "in time"),
+    ];
+    for (path, expected, words) in cases {
+        let started = std::time::Instant::now();
+        let (status, headers, body) = get(&client, &url(path)).await;
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, expected, "{path}: {body}");
+        assert!(body.starts_with("drover: ") && body.contains(words), "{path}: {body}");
+        assert_eq!(headers["content-type"], "text/plain; charset=utf-8");
+        if expected == StatusCode::GATEWAY_TIMEOUT {
+            assert!(started.elapsed() < Duration::from_millis(2500), "504 came at the deadline");
+        }
+    }
+    // The slow origin answers within its deadline.
+    let (status, _, _) = get(&client, &url("/slow?ms=10")).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_failure_moves_on_to_another_endpoint() {
+    let up = Origin::start("up").await;
+    let closed = free_port();
+    let port = free_port();
+    let down: std::net::SocketAddr = format!("127.0.0.1:{closed}").parse().unwrap();
+    let _d = Drover::start(&one_service(port, &[(down, 1), (up.addr, 1)])).await;
+    let client = client();
+    for _ in 0..20 {
+        let (status, headers, _) = get(&client, &format!("http://127.0.0.1:{port}/")).await;
+        assert_eq!((status, origin_of(&headers)), (StatusCode::OK, "up".to_string()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_with_prior_knowledge_is_served() {
+    let a = Origin::start("a").await;
+    let port = free_port();
+    let _d = Drover::start(&one_service(port, &[(a.addr, 1)])).await;
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake::<_, _, Body>(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for i in 0..3 {
+        let req = Request::get(format!("http://h2.example.com:{port}/h2/{i}")).body(empty()).unwrap();
+        let res = sender.send_request(req).await.unwrap();
+        assert_eq!(res.version(), http::Version::HTTP_2);
+        assert_eq!(res.status(), StatusCode::OK);
+        let body = http_body_util::BodyExt::collect(res.into_body()).await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        // Upstream it is HTTP/1.1, with the :authority as Host.
+        assert!(text.starts_with(&format!("a\nGET /h2/{i} HTTP/1.1\n")), "{text}");
+        assert!(text.contains(&format!("host: h2.example.com:{port}")), "{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_default_answers_503_until_it_has_endpoints() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let d = Drover::start_args(&["--listen", &listen]).await;
+    let (status, _, body) = get(&client(), &format!("http://{listen}/anything")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(&body[..], b"drover: the service has no endpoints\n");
+    let (status, _, body) = get(&client(), &format!("http://{}/healthz", d.admin)).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok\n"[..]));
+    let s = d.status().await.unwrap();
+    assert_eq!(s["listeners"][0]["listen"], listen);
+    assert_eq!(s["last_source"], "default");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_drips_its_headers_is_cut_at_the_header_deadline() {
+    let a = Origin::start("a").await;
+    let port = free_port();
+    let config = one_service(port, &[(a.addr, 1)]).replace(
+        "listen = ",
+        "request_header_timeout = \"400ms\"\nidle_timeout = \"5s\"\nlisten = ",
+    );
+    let _d = Drover::start(&config).await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut cut = false;
+    // One byte every 100 ms: each read is quick, but the whole head never arrives in time.
+    for b in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+        if s.write_all(&[*b]).await.is_err() {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut buf = [0u8; 64];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+            cut = true;
+            break;
+        }
+    }
+    assert!(cut, "the connection was still open after {:?}", started.elapsed());
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(400) && took < Duration::from_secs(3), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout() {
+    let a = Origin::start("a").await;
+    let port = free_port();
+    let config = one_service(port, &[(a.addr, 1)])
+        .replace("listen = ", "idle_timeout = \"500ms\"\nlisten = ");
+    let _d = Drover::start(&config).await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let idle_from = std::time::Instant::now();
+    // Still open well before the deadline: a second request is answered.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let idle_from_second = std::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+        .await
+        .expect("closed within 3 s")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without another byte");
+    let idle = idle_from_second.elapsed();
+    assert!(idle >= Duration::from_millis(450), "closed too early: {idle:?}");
+    assert!(idle_from.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_wait_for_a_free_slot() {
+    let a = Origin::start("a").await;
+    let port = free_port();
+    let config = one_service(port, &[(a.addr, 1)]).replace("listen = ", "max_connections = 1\nlisten = ");
+    let _d = Drover::start(&config).await;
+    let mut first = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    first.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert!(first.read(&mut buf).await.unwrap() > 0);
+    // The second connection is queued by the kernel, not served, while the first is open.
+    let second = tokio::spawn(get_fresh(format!("127.0.0.1:{port}").parse().unwrap(), "/"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second.is_finished(), "served over the limit");
+    drop(first);
+    let (status, _) = tokio::time::timeout(Duration::from_secs(3), second)
+        .await
+        .expect("served once a slot was free")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+}
