@@ -24,7 +24,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Serves the admin API on `listener` until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, status: watch::Receiver<Status>, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    status: watch::Receiver<Status>,
+    stop: CancellationToken,
+) {
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -56,7 +60,9 @@ pub async fn serve(listener: TcpListener, status: watch::Receiver<Status>, stop:
 fn route(req: &Request<Incoming>, status: &watch::Receiver<Status>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/api/v1/status") => json_response(StatusCode::OK, &status_json(&status.borrow())),
+        (&Method::GET, "/api/v1/status") => {
+            json_response(StatusCode::OK, &status_json(&status.borrow()))
+        }
         (_, "/healthz" | "/api/v1/status") => json_response(
             StatusCode::METHOD_NOT_ALLOWED,
             &json!({"error": format!("{} is not allowed here; use GET", req.method())}),
@@ -94,15 +100,19 @@ fn status_json(s: &Status) -> serde_json::Value {
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, "text/plain; charset=utf-8".parse().expect("static"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        "text/plain; charset=utf-8".parse().expect("static"),
+    );
     r
 }
 
 fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, "application/json".parse().expect("static"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        "application/json".parse().expect("static"),
+    );
     r
 }

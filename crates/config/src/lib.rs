@@ -87,7 +87,9 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
     let config: Config = toml::from_str(text).map_err(|e| {
         let span = e.span();
         let (line, column) = position(text, span.clone());
-        let field = span.map(|s| field_at(&doc, s.start)).filter(|f| !f.is_empty());
+        let field = span
+            .map(|s| field_at(&doc, s.start))
+            .filter(|f| !f.is_empty());
         fail(vec![Problem {
             line,
             column,
@@ -215,7 +217,9 @@ endpoints = [ { address = "127.0.0.1:9001", weight = 2 }, { address = "127.0.0.1
 "#;
 
     fn err(text: &str) -> String {
-        parse(text, Path::new("drover.toml")).unwrap_err().to_string()
+        parse(text, Path::new("drover.toml"))
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -238,7 +242,10 @@ endpoints = [ { address = "127.0.0.1:9001", weight = 2 }, { address = "127.0.0.1
     fn an_unknown_policy_names_line_field_and_choices() {
         let text = GOOD.replace("\"round_robin\"", "\"fastest\"");
         let e = err(&text);
-        assert!(e.starts_with("drover.toml:13:10: services.webserver.policy: "), "{e}");
+        assert!(
+            e.starts_with("drover.toml:13:10: services.webserver.policy: "),
+            "{e}"
+        );
         assert!(e.contains("round_robin"), "lists what is valid: {e}");
     }
 
@@ -247,7 +254,8 @@ endpoints = [ { address = "127.0.0.1:9001", weight = 2 }, { address = "127.0.0.1
         let text = GOOD.replace("127.0.0.1:9002", "127.0.0.1:port");
         let e = err(&text);
         assert!(
-            e.starts_with("drover.toml:14:") && e.contains("services.webserver.endpoints[1].address"),
+            e.starts_with("drover.toml:14:")
+                && e.contains("services.webserver.endpoints[1].address"),
             "{e}"
         );
         assert!(e.contains("expected IP:PORT"), "{e}");
@@ -257,7 +265,10 @@ endpoints = [ { address = "127.0.0.1:9001", weight = 2 }, { address = "127.0.0.1
     fn a_route_to_a_missing_service_points_at_the_route() {
         let text = GOOD.replace("service = \"webserver\"", "service = \"api\"");
         let e = err(&text);
-        assert!(e.starts_with("drover.toml:10:11: routes[0].service: no service named \"api\""), "{e}");
+        assert!(
+            e.starts_with("drover.toml:10:11: routes[0].service: no service named \"api\""),
+            "{e}"
+        );
     }
 
     #[test]
@@ -270,10 +281,11 @@ endpoints = [ { address = "127.0.0.1:9001", weight = 2 }, { address = "127.0.0.1
 
     #[test]
     fn two_listeners_on_one_address_point_at_the_second() {
-        let text = format!(
-            "{GOOD}\n[[listeners]]\nname = \"web2\"\nlisten = \"127.0.0.1:8080\"\n"
-        );
+        let text = format!("{GOOD}\n[[listeners]]\nname = \"web2\"\nlisten = \"127.0.0.1:8080\"\n");
         let e = err(&text);
-        assert!(e.starts_with("drover.toml:18:10: listeners[1].listen: 127.0.0.1:8080 overlaps"), "{e}");
+        assert!(
+            e.starts_with("drover.toml:18:10: listeners[1].listen: 127.0.0.1:8080 overlaps"),
+            "{e}"
+        );
     }
 }

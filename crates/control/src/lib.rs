@@ -258,7 +258,10 @@ mod tests {
         let mut c = Config::embedded_default("127.0.0.1:8080".parse().unwrap());
         c.services.get_mut("default").unwrap().endpoints = endpoints
             .iter()
-            .map(|a| EndpointSpec { address: a.parse().unwrap(), weight: 1 })
+            .map(|a| EndpointSpec {
+                address: a.parse().unwrap(),
+                weight: 1,
+            })
             .collect();
         c
     }
@@ -270,8 +273,14 @@ mod tests {
     #[test]
     fn an_invalid_snapshot_keeps_the_previous_one_of_that_source() {
         let applied = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let mut r = Reconciler::new(Recorder { applied: applied.clone(), fail: false });
-        assert_eq!(r.apply_now(Snapshot::new(file(), config(&["127.0.0.1:1"]), "t")), Ok(1));
+        let mut r = Reconciler::new(Recorder {
+            applied: applied.clone(),
+            fail: false,
+        });
+        assert_eq!(
+            r.apply_now(Snapshot::new(file(), config(&["127.0.0.1:1"]), "t")),
+            Ok(1)
+        );
         let mut bad = config(&["127.0.0.1:1"]);
         bad.routes[0].service = "missing".into();
         let err = r.apply_now(Snapshot::new(file(), bad, "t")).unwrap_err();
@@ -280,13 +289,23 @@ mod tests {
         assert_eq!(r.accepted[&file()], config(&["127.0.0.1:1"]));
         assert_eq!(*applied.lock().unwrap(), [1]);
         // A later good snapshot still applies.
-        assert_eq!(r.apply_now(Snapshot::new(file(), config(&["127.0.0.1:1", "127.0.0.1:2"]), "t")), Ok(2));
+        assert_eq!(
+            r.apply_now(Snapshot::new(
+                file(),
+                config(&["127.0.0.1:1", "127.0.0.1:2"]),
+                "t"
+            )),
+            Ok(2)
+        );
     }
 
     #[test]
     fn a_failed_apply_changes_nothing() {
         let applied = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let mut r = Reconciler::new(Recorder { applied, fail: true });
+        let mut r = Reconciler::new(Recorder {
+            applied,
+            fail: true,
+        });
         assert_eq!(
             r.apply_now(Snapshot::new(file(), config(&[]), "t")),
             Err("cannot bind".into())
@@ -298,7 +317,10 @@ mod tests {
     #[tokio::test]
     async fn snapshots_report_their_outcome() {
         let applied = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let r = Reconciler::new(Recorder { applied: applied.clone(), fail: false });
+        let r = Reconciler::new(Recorder {
+            applied: applied.clone(),
+            fail: false,
+        });
         let mut status = r.subscribe();
         let (tx, rx) = mpsc::channel(8);
         tokio::spawn(r.run(rx));

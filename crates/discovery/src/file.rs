@@ -39,19 +39,24 @@ impl FileSource {
         let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
         let name = path.file_name().map(ToOwned::to_owned);
         let (tx, events) = mpsc::channel(1);
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            let ours = match &event {
-                Ok(e) => e.paths.iter().any(|p| p.file_name() == name.as_deref()),
-                // An error from the watcher: re-read, so that nothing is missed.
-                Err(_) => true,
-            };
-            if ours {
-                // Full means a read is already due; that read will see this change too.
-                let _ = tx.try_send(());
-            }
-        })?;
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let ours = match &event {
+                    Ok(e) => e.paths.iter().any(|p| p.file_name() == name.as_deref()),
+                    // An error from the watcher: re-read, so that nothing is missed.
+                    Err(_) => true,
+                };
+                if ours {
+                    // Full means a read is already due; that read will see this change too.
+                    let _ = tx.try_send(());
+                }
+            })?;
         watcher.watch(&dir, RecursiveMode::NonRecursive)?;
-        Ok(Self { path, events, _watcher: watcher })
+        Ok(Self {
+            path,
+            events,
+            _watcher: watcher,
+        })
     }
 
     /// Sends a snapshot for every change of the file, and on every `reload` signal, until the
@@ -87,7 +92,9 @@ impl FileSource {
             let config = match drover_config::parse(&text, &self.path) {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::error!("config file rejected, the configuration in force keeps serving:\n{e}");
+                    tracing::error!(
+                        "config file rejected, the configuration in force keeps serving:\n{e}"
+                    );
                     last_text = text;
                     continue;
                 }

@@ -115,7 +115,12 @@ fn describe(c: &Config) -> String {
     for l in &c.listeners {
         out += &format!(
             "  {:<16} {:<22} {:<5} max_connections={} request_header_timeout={} idle_timeout={}\n",
-            l.name, l.listen, l.protocol, l.max_connections, l.request_header_timeout, l.idle_timeout
+            l.name,
+            l.listen,
+            l.protocol,
+            l.max_connections,
+            l.request_header_timeout,
+            l.idle_timeout
         );
     }
     out += "routes:\n";
@@ -170,7 +175,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 Config::embedded_default(listen),
                 "startup (embedded default)",
             );
-            reconciler.apply_now(snapshot).map_err(|e| anyhow::anyhow!("{e}"))?;
+            reconciler
+                .apply_now(snapshot)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             None
         }
     };

@@ -11,7 +11,10 @@ use http::StatusCode;
 use support::*;
 
 fn drover(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_drover")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn examples() -> Vec<PathBuf> {
@@ -39,7 +42,10 @@ fn check_passes_on_every_example() {
             stdout,
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(stdout.contains("listeners:\n") && stdout.contains("services:\n"), "{stdout}");
+        assert!(
+            stdout.contains("listeners:\n") && stdout.contains("services:\n"),
+            "{stdout}"
+        );
         assert!(stdout.trim_end().ends_with(": OK"), "{stdout}");
     }
 }
@@ -51,8 +57,14 @@ fn check_prints_the_effective_configuration() {
     let stdout = String::from_utf8(out.stdout).unwrap();
     // Defaults the file leaves out are shown as they apply.
     assert!(stdout.contains("web              127.0.0.1:8080         http  max_connections=10000 request_header_timeout=10s idle_timeout=75s"), "{stdout}");
-    assert!(stdout.contains("web host=example.com path_prefix=/api -> webserver"), "{stdout}");
-    assert!(stdout.contains("127.0.0.1:9001 weight=2") && stdout.contains("127.0.0.1:9002 weight=1"), "{stdout}");
+    assert!(
+        stdout.contains("web host=example.com path_prefix=/api -> webserver"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("127.0.0.1:9001 weight=2") && stdout.contains("127.0.0.1:9002 weight=1"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -72,9 +84,15 @@ fn check_fails_with_the_line_and_field_of_each_problem() {
     assert_eq!(
         lines,
         [
-            format!("{f}:7:11: routes[0].service: no service named \"api\"; no services are defined"),
-            format!("{f}:10:12: routes[1].listener: no listener named \"nope\"; defined listeners: \"web\""),
-            format!("{f}:11:11: routes[1].service: no service named \"api\"; no services are defined"),
+            format!(
+                "{f}:7:11: routes[0].service: no service named \"api\"; no services are defined"
+            ),
+            format!(
+                "{f}:10:12: routes[1].listener: no listener named \"nope\"; defined listeners: \"web\""
+            ),
+            format!(
+                "{f}:11:11: routes[1].service: no service named \"api\"; no services are defined"
+            ),
         ]
     );
     let missing = drover(&["check", "--config", "/nonexistent/drover.toml"]);
@@ -86,25 +104,44 @@ fn check_fails_with_the_line_and_field_of_each_problem() {
 fn version_is_printed() {
     let out = drover(&["--version"]);
     assert!(out.status.success());
-    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), format!("drover {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        format!("drover {}", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[test]
 fn run_refuses_an_invalid_first_config_and_a_busy_port() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("d.toml");
-    std::fs::write(&file, "[[listeners]]\nname = \"web\"\nlisten = \"nowhere\"\n").unwrap();
-    let out = drover(&["run", "--config", file.to_str().unwrap(), "--admin", "127.0.0.1:0"]);
+    std::fs::write(
+        &file,
+        "[[listeners]]\nname = \"web\"\nlisten = \"nowhere\"\n",
+    )
+    .unwrap();
+    let out = drover(&[
+        "run",
+        "--config",
+        file.to_str().unwrap(),
+        "--admin",
+        "127.0.0.1:0",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("d.toml:3:10: listeners[0].listen: invalid address \"nowhere\""), "{stderr}");
+    assert!(
+        stderr.contains("d.toml:3:10: listeners[0].listen: invalid address \"nowhere\""),
+        "{stderr}"
+    );
 
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = busy.local_addr().unwrap().to_string();
     let out = drover(&["run", "--listen", &addr, "--admin", "127.0.0.1:0"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("listener default: cannot listen on {addr}")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("listener default: cannot listen on {addr}")),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,16 +157,25 @@ async fn a_slow_request_in_flight_completes_after_sigterm() {
 
     // New connections are refused at once.
     let deadline = Instant::now() + Duration::from_secs(2);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_ok()
+    {
         assert!(Instant::now() < deadline, "still accepting after SIGTERM");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (status, _, body) = in_flight.await.unwrap().expect("the in-flight request completes");
+    let (status, _, body) = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request completes");
     assert_eq!(status, StatusCode::OK);
     assert!(body.starts_with(b"slow\nslept 1500 ms"));
     let exit = d.wait_exit(Duration::from_secs(10)).await;
     assert_eq!(exit.code(), Some(0), "{}", d.log_text());
-    assert!(signalled.elapsed() >= Duration::from_millis(1000), "exited before the request ended");
+    assert!(
+        signalled.elapsed() >= Duration::from_millis(1000),
+        "exited before the request ended"
+    );
     assert!(d.log_text().contains("SIGTERM: shutting down"));
 }
 
@@ -137,7 +183,10 @@ async fn a_slow_request_in_flight_completes_after_sigterm() {
 async fn a_request_longer_than_the_grace_is_cut_and_drover_still_exits_cleanly() {
     let origin = Origin::start("slow").await;
     let port = free_port();
-    let config = format!("[global]\nshutdown_grace = \"500ms\"\n{}", one_service(port, &[(origin.addr, 1)]));
+    let config = format!(
+        "[global]\nshutdown_grace = \"500ms\"\n{}",
+        one_service(port, &[(origin.addr, 1)])
+    );
     let mut d = Drover::start(&config).await;
     let url = format!("http://127.0.0.1:{port}/slow?ms=20000");
     let in_flight = tokio::spawn(async move { try_get(&client(), &url).await });
@@ -147,6 +196,9 @@ async fn a_request_longer_than_the_grace_is_cut_and_drover_still_exits_cleanly()
     let exit = d.wait_exit(Duration::from_secs(5)).await;
     assert_eq!(exit.code(), Some(0), "{}", d.log_text());
     let took = signalled.elapsed();
-    assert!(took >= Duration::from_millis(450) && took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
     assert!(in_flight.await.unwrap().is_err(), "the request was cut");
 }

@@ -58,12 +58,19 @@ async fn forwarding_headers_arrive_and_hop_by_hop_headers_do_not() {
     let (status, _, body) = send(&client(), req).await.unwrap();
     assert_eq!(status, StatusCode::OK);
     let text = String::from_utf8(body.to_vec()).unwrap();
-    let seen: HashMap<&str, &str> = text.lines().skip(2).filter_map(|l| l.split_once(": ")).collect();
+    let seen: HashMap<&str, &str> = text
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_once(": "))
+        .collect();
     assert_eq!(seen["x-forwarded-for"], "203.0.113.7, 127.0.0.1", "{text}");
     assert_eq!(seen["x-forwarded-proto"], "http");
     assert_eq!(seen["x-forwarded-host"], "shop.example.com");
     assert_eq!(seen["x-original-to"], "127.0.0.1");
-    assert_eq!(seen["host"], "shop.example.com", "the Host header passes unchanged");
+    assert_eq!(
+        seen["host"], "shop.example.com",
+        "the Host header passes unchanged"
+    );
     assert_eq!(seen["x-end-to-end"], "passes");
     for hop in ["x-private", "keep-alive", "proxy-authorization", "te"] {
         assert!(!seen.contains_key(hop), "{hop} reached the origin:\n{text}");
@@ -122,11 +129,23 @@ endpoints = [ {{ address = "{}" }} ]
             (status, origin_of(&headers))
         }
     };
-    assert_eq!(to("example.com", "/api/users").await, (StatusCode::OK, "api".into()));
-    assert_eq!(to("Example.COM:80", "/api").await, (StatusCode::OK, "api".into()));
+    assert_eq!(
+        to("example.com", "/api/users").await,
+        (StatusCode::OK, "api".into())
+    );
+    assert_eq!(
+        to("Example.COM:80", "/api").await,
+        (StatusCode::OK, "api".into())
+    );
     assert_eq!(to("example.com", "/").await, (StatusCode::OK, "www".into()));
-    assert_eq!(to("shop.example.org", "/x").await, (StatusCode::OK, "other".into()));
-    assert_eq!(to("example.net", "/").await, (StatusCode::NOT_FOUND, String::new()));
+    assert_eq!(
+        to("shop.example.org", "/x").await,
+        (StatusCode::OK, "other".into())
+    );
+    assert_eq!(
+        to("example.net", "/").await,
+        (StatusCode::NOT_FOUND, String::new())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,10 +199,16 @@ endpoints = [ {{ address = "{}" }} ]
         let (status, headers, body) = get(&client, &url(path)).await;
         let body = String::from_utf8_lossy(&body);
         assert_eq!(status, expected, "{path}: {body}");
-        assert!(body.starts_with("drover: ") && body.contains(words), "{path}: {body}");
+        assert!(
+            body.starts_with("drover: ") && body.contains(words),
+            "{path}: {body}"
+        );
         assert_eq!(headers["content-type"], "text/plain; charset=utf-8");
         if expected == StatusCode::GATEWAY_TIMEOUT {
-            assert!(started.elapsed() < Duration::from_millis(2500), "504 came at the deadline");
+            assert!(
+                started.elapsed() < Duration::from_millis(2500),
+                "504 came at the deadline"
+            );
         }
     }
     // The slow origin answers within its deadline.
@@ -201,7 +226,10 @@ async fn a_connect_failure_moves_on_to_another_endpoint() {
     let client = client();
     for _ in 0..20 {
         let (status, headers, _) = get(&client, &format!("http://127.0.0.1:{port}/")).await;
-        assert_eq!((status, origin_of(&headers)), (StatusCode::OK, "up".to_string()));
+        assert_eq!(
+            (status, origin_of(&headers)),
+            (StatusCode::OK, "up".to_string())
+        );
     }
 }
 
@@ -210,22 +238,37 @@ async fn http2_with_prior_knowledge_is_served() {
     let a = Origin::start("a").await;
     let port = free_port();
     let _d = Drover::start(&one_service(port, &[(a.addr, 1)])).await;
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake::<_, _, Body>(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, Body>(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
     tokio::spawn(conn);
     for i in 0..3 {
-        let req = Request::get(format!("http://h2.example.com:{port}/h2/{i}")).body(empty()).unwrap();
+        let req = Request::get(format!("http://h2.example.com:{port}/h2/{i}"))
+            .body(empty())
+            .unwrap();
         let res = sender.send_request(req).await.unwrap();
         assert_eq!(res.version(), http::Version::HTTP_2);
         assert_eq!(res.status(), StatusCode::OK);
-        let body = http_body_util::BodyExt::collect(res.into_body()).await.unwrap().to_bytes();
+        let body = http_body_util::BodyExt::collect(res.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
         let text = String::from_utf8_lossy(&body);
         // Upstream it is HTTP/1.1, with the :authority as Host.
-        assert!(text.starts_with(&format!("a\nGET /h2/{i} HTTP/1.1\n")), "{text}");
-        assert!(text.contains(&format!("host: h2.example.com:{port}")), "{text}");
+        assert!(
+            text.starts_with(&format!("a\nGET /h2/{i} HTTP/1.1\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("host: h2.example.com:{port}")),
+            "{text}"
+        );
     }
 }
 
@@ -253,7 +296,9 @@ async fn a_client_that_drips_its_headers_is_cut_at_the_header_deadline() {
         "request_header_timeout = \"400ms\"\nidle_timeout = \"5s\"\nlisten = ",
     );
     let _d = Drover::start(&config).await;
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
     let mut cut = false;
     // One byte every 100 ms: each read is quick, but the whole head never arrives in time.
@@ -269,9 +314,16 @@ async fn a_client_that_drips_its_headers_is_cut_at_the_header_deadline() {
             break;
         }
     }
-    assert!(cut, "the connection was still open after {:?}", started.elapsed());
+    assert!(
+        cut,
+        "the connection was still open after {:?}",
+        started.elapsed()
+    );
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(400) && took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,15 +333,21 @@ async fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout() {
     let config = one_service(port, &[(a.addr, 1)])
         .replace("listen = ", "idle_timeout = \"500ms\"\nlisten = ");
     let _d = Drover::start(&config).await;
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 4096];
     let n = s.read(&mut buf).await.unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
     let idle_from = std::time::Instant::now();
     // Still open well before the deadline: a second request is answered.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let n = s.read(&mut buf).await.unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
     let idle_from_second = std::time::Instant::now();
@@ -299,7 +357,10 @@ async fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout() {
         .unwrap_or(0);
     assert_eq!(n, 0, "closed without another byte");
     let idle = idle_from_second.elapsed();
-    assert!(idle >= Duration::from_millis(450), "closed too early: {idle:?}");
+    assert!(
+        idle >= Duration::from_millis(450),
+        "closed too early: {idle:?}"
+    );
     assert!(idle_from.elapsed() < Duration::from_secs(3));
 }
 
@@ -307,10 +368,16 @@ async fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout() {
 async fn connections_over_the_limit_wait_for_a_free_slot() {
     let a = Origin::start("a").await;
     let port = free_port();
-    let config = one_service(port, &[(a.addr, 1)]).replace("listen = ", "max_connections = 1\nlisten = ");
+    let config =
+        one_service(port, &[(a.addr, 1)]).replace("listen = ", "max_connections = 1\nlisten = ");
     let _d = Drover::start(&config).await;
-    let mut first = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    first.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut first = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    first
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 4096];
     assert!(first.read(&mut buf).await.unwrap() > 0);
     // The second connection is queued by the kernel, not served, while the first is open.

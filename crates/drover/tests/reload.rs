@@ -46,7 +46,7 @@ fn config_for(round: usize, port: u16, extra_port: u16, origins: &[SocketAddr]) 
         .map(|&i| (origins[i], 1 + ((round + i) % 3) as u32))
         .collect();
     let mut text = one_service(port, &endpoints);
-    if round % 2 == 0 {
+    if round.is_multiple_of(2) {
         text.push_str(&format!(
             r#"
 [[listeners]]
@@ -64,7 +64,11 @@ service = "web"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_rewrites_under_load_fail_no_request() {
-    let origins = [Origin::start("a").await, Origin::start("b").await, Origin::start("c").await];
+    let origins = [
+        Origin::start("a").await,
+        Origin::start("b").await,
+        Origin::start("c").await,
+    ];
     let addrs: Vec<SocketAddr> = origins.iter().map(|o| o.addr).collect();
     let (port, extra) = (free_port(), free_port());
     let d = Drover::start(&config_for(1, port, extra, &addrs)).await;
@@ -80,8 +84,12 @@ async fn two_hundred_rewrites_under_load_fail_no_request() {
             while !stop.load(Ordering::Relaxed) {
                 let result = match w {
                     // Keep-alive clients, one of them with requests that span reloads.
-                    0..=2 => try_get(&client, &format!("http://{target}/")).await.map(|r| r.0),
-                    3 => try_get(&client, &format!("http://{target}/slow?ms=40")).await.map(|r| r.0),
+                    0..=2 => try_get(&client, &format!("http://{target}/"))
+                        .await
+                        .map(|r| r.0),
+                    3 => try_get(&client, &format!("http://{target}/slow?ms=40"))
+                        .await
+                        .map(|r| r.0),
                     // A new connection for every request.
                     _ => get_fresh(target, "/").await.map(|r| r.0),
                 };
@@ -95,7 +103,7 @@ async fn two_hundred_rewrites_under_load_fail_no_request() {
         d.write_config(&config_for(round, port, extra, &addrs));
         generation += 1;
         d.wait_generation(generation).await;
-        if round % 20 == 0 {
+        if round.is_multiple_of(20) {
             // The extra listener is there in even rounds, and serves.
             let (status, _) = get_fresh(format!("127.0.0.1:{extra}").parse().unwrap(), "/")
                 .await
@@ -110,11 +118,24 @@ async fn two_hundred_rewrites_under_load_fail_no_request() {
     let ok = tally.ok.load(Ordering::Relaxed);
     let failed = tally.failed.load(Ordering::Relaxed);
     eprintln!("{ok} requests succeeded over 200 rewrites");
-    assert_eq!(failed, 0, "failures: {:?}\n{}", tally.errors.lock().unwrap(), d.log_text());
-    assert!(ok > 1000, "too little load to prove anything: {ok} requests");
+    assert_eq!(
+        failed,
+        0,
+        "failures: {:?}\n{}",
+        tally.errors.lock().unwrap(),
+        d.log_text()
+    );
+    assert!(
+        ok > 1000,
+        "too little load to prove anything: {ok} requests"
+    );
     // Round 201 was odd: the extra listener is gone and its port refuses connections.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(tokio::net::TcpStream::connect(("127.0.0.1", extra)).await.is_err());
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", extra))
+            .await
+            .is_err()
+    );
     let log = d.log_text();
     assert!(log.contains("listener extra added on"), "{log}");
     assert!(log.contains("listener extra on"), "removal logged");
@@ -136,7 +157,11 @@ async fn invalid_files_are_rejected_with_line_and_field_while_the_old_config_ser
     // `one_service` starts with a blank line: [[listeners]] is line 2, [[routes]] line 6,
     // its service line 8, [services.web] line 10, endpoints line 11.
     let cases: Vec<(&str, String, &str)> = vec![
-        ("a syntax error", good.replace("[[routes]]", "[[routes]"), "drover.toml:6:10: unclosed array table"),
+        (
+            "a syntax error",
+            good.replace("[[routes]]", "[[routes]"),
+            "drover.toml:6:10: unclosed array table",
+        ),
         (
             "an unknown policy",
             good.replace("[services.web]", "[services.web]\npolicy = \"fastest\""),
@@ -161,12 +186,26 @@ async fn invalid_files_are_rejected_with_line_and_field_while_the_old_config_ser
     for (i, (what, text, expected)) in cases.iter().enumerate() {
         d.write_config(text);
         let log = d.wait_log("config file rejected", i + 1).await;
-        assert!(log.contains(expected), "{what}: expected {expected:?} in\n{log}");
+        assert!(
+            log.contains(expected),
+            "{what}: expected {expected:?} in\n{log}"
+        );
         let (status, headers, _) = get(&client, &url).await;
-        assert_eq!((status, origin_of(&headers)), (StatusCode::OK, "a".into()), "{what}");
-        assert_eq!(d.generation().await, generation, "{what} changed the generation");
+        assert_eq!(
+            (status, origin_of(&headers)),
+            (StatusCode::OK, "a".into()),
+            "{what}"
+        );
+        assert_eq!(
+            d.generation().await,
+            generation,
+            "{what} changed the generation"
+        );
     }
-    assert!(d.log_text().contains("services.web.endpoints[0].address: invalid address \"127.0.0.1:http\""));
+    assert!(
+        d.log_text()
+            .contains("services.web.endpoints[0].address: invalid address \"127.0.0.1:http\"")
+    );
 
     // Valid as a file, but its new listener's port is taken: the reconciler rejects it.
     let taken = format!(
@@ -174,9 +213,19 @@ async fn invalid_files_are_rejected_with_line_and_field_while_the_old_config_ser
     );
     d.write_config(&taken);
     let log = d.wait_log("configuration rejected", 1).await;
-    assert!(log.contains(&format!("listener taken: cannot listen on 127.0.0.1:{busy_port}")), "{log}");
+    assert!(
+        log.contains(&format!(
+            "listener taken: cannot listen on 127.0.0.1:{busy_port}"
+        )),
+        "{log}"
+    );
     let s = d.status().await.unwrap();
-    assert!(s["last_rejection"]["error"].as_str().unwrap().contains("cannot listen"));
+    assert!(
+        s["last_rejection"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot listen")
+    );
     let (_, headers, _) = get(&client, &url).await;
     assert_eq!(origin_of(&headers), "a");
 
@@ -184,7 +233,9 @@ async fn invalid_files_are_rejected_with_line_and_field_while_the_old_config_ser
     drop(busy);
     d.signal("HUP");
     d.wait_generation(generation + 1).await;
-    let (status, _) = get_fresh(format!("127.0.0.1:{busy_port}").parse().unwrap(), "/").await.unwrap();
+    let (status, _) = get_fresh(format!("127.0.0.1:{busy_port}").parse().unwrap(), "/")
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::OK);
 
     // And a good change after all that is applied as usual.

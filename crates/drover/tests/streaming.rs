@@ -46,7 +46,10 @@ async fn a_gibibyte_streams_both_ways_in_flat_memory() {
     let (rss_before, _) = d.memory_kib();
 
     let pattern: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
-    let body = StreamBody::new(Generated { chunk: Bytes::from(pattern), left: GIB });
+    let body = StreamBody::new(Generated {
+        chunk: Bytes::from(pattern),
+        left: GIB,
+    });
     let req = Request::post(format!("http://127.0.0.1:{port}/echo"))
         .header("content-length", GIB.to_string())
         .body(body.boxed())
@@ -74,6 +77,9 @@ async fn a_gibibyte_streams_both_ways_in_flat_memory() {
     assert!(offset_ok, "bytes came back in order");
     let grew = peak_rss.saturating_sub(rss_before);
     // A buffered GiB would be 1,048,576 KiB; streaming keeps it to socket-sized buffers.
-    assert!(grew < 64 * 1024, "drover grew by {grew} KiB while streaming (from {rss_before} KiB)");
+    assert!(
+        grew < 64 * 1024,
+        "drover grew by {grew} KiB while streaming (from {rss_before} KiB)"
+    );
     eprintln!("RSS before {rss_before} KiB, peak while streaming {peak_rss} KiB");
 }

@@ -36,7 +36,8 @@ pub async fn serve(listener: TcpListener, name: String) {
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            let service = service_fn(move |req| async move { Ok::<_, Infallible>(respond(name, req).await) });
+            let service =
+                service_fn(move |req| async move { Ok::<_, Infallible>(respond(name, req).await) });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -47,9 +48,16 @@ pub async fn serve(listener: TcpListener, name: String) {
 async fn respond(name: &'static str, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let mut response = if let Some(code) = path.strip_prefix("/status/") {
-        match code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()) {
+        match code
+            .parse::<u16>()
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok())
+        {
             Some(status) => with_status(status, full(format!("{name}\n"))),
-            None => with_status(StatusCode::BAD_REQUEST, full("status must be a number from 100 to 999\n".into())),
+            None => with_status(
+                StatusCode::BAD_REQUEST,
+                full("status must be a number from 100 to 999\n".into()),
+            ),
         }
     } else if path == "/slow" {
         let ms = req
@@ -65,7 +73,10 @@ async fn respond(name: &'static str, req: Request<Incoming>) -> Response<Body> {
     } else if let Some(n) = path.strip_prefix("/bytes/") {
         match n.parse() {
             Ok(n) => sized(n),
-            Err(_) => with_status(StatusCode::BAD_REQUEST, full("bytes must be a number\n".into())),
+            Err(_) => with_status(
+                StatusCode::BAD_REQUEST,
+                full("bytes must be a number\n".into()),
+            ),
         }
     } else if path == "/echo" {
         let length = req.headers().get(header::CONTENT_LENGTH).cloned();
@@ -75,7 +86,12 @@ async fn respond(name: &'static str, req: Request<Incoming>) -> Response<Body> {
         }
         r
     } else {
-        let mut text = format!("{name}\n{} {} {:?}\n", req.method(), req.uri(), req.version());
+        let mut text = format!(
+            "{name}\n{} {} {:?}\n",
+            req.method(),
+            req.uri(),
+            req.version()
+        );
         for (k, v) in req.headers() {
             text.push_str(&format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())));
         }
@@ -88,7 +104,9 @@ async fn respond(name: &'static str, req: Request<Incoming>) -> Response<Body> {
 }
 
 fn full(text: String) -> Body {
-    Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed()
+    Full::new(Bytes::from(text))
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 fn with_status(status: StatusCode, body: Body) -> Response<Body> {

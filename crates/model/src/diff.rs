@@ -13,24 +13,56 @@ use crate::{Config, RouteSpec};
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Change {
-    ListenerAdded { name: String, listen: SocketAddr },
-    ListenerRemoved { name: String, listen: SocketAddr },
-    ListenerChanged { name: String },
-    RouteAdded { route: String },
-    RouteRemoved { route: String },
-    ServiceAdded { name: String },
-    ServiceRemoved { name: String },
-    ServiceSettingsChanged { name: String },
-    EndpointAdded { service: String, address: SocketAddr, weight: u32 },
-    EndpointRemoved { service: String, address: SocketAddr },
-    EndpointWeightChanged { service: String, address: SocketAddr, from: u32, to: u32 },
+    ListenerAdded {
+        name: String,
+        listen: SocketAddr,
+    },
+    ListenerRemoved {
+        name: String,
+        listen: SocketAddr,
+    },
+    ListenerChanged {
+        name: String,
+    },
+    RouteAdded {
+        route: String,
+    },
+    RouteRemoved {
+        route: String,
+    },
+    ServiceAdded {
+        name: String,
+    },
+    ServiceRemoved {
+        name: String,
+    },
+    ServiceSettingsChanged {
+        name: String,
+    },
+    EndpointAdded {
+        service: String,
+        address: SocketAddr,
+        weight: u32,
+    },
+    EndpointRemoved {
+        service: String,
+        address: SocketAddr,
+    },
+    EndpointWeightChanged {
+        service: String,
+        address: SocketAddr,
+        from: u32,
+        to: u32,
+    },
     GlobalChanged,
 }
 
 impl fmt::Display for Change {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Change::ListenerAdded { name, listen } => write!(f, "listener {name} added on {listen}"),
+            Change::ListenerAdded { name, listen } => {
+                write!(f, "listener {name} added on {listen}")
+            }
             Change::ListenerRemoved { name, listen } => {
                 write!(f, "listener {name} on {listen} removed")
             }
@@ -40,14 +72,29 @@ impl fmt::Display for Change {
             Change::ServiceAdded { name } => write!(f, "service {name} added"),
             Change::ServiceRemoved { name } => write!(f, "service {name} removed"),
             Change::ServiceSettingsChanged { name } => write!(f, "service {name} settings changed"),
-            Change::EndpointAdded { service, address, weight } => {
-                write!(f, "service {service}: endpoint {address} added (weight {weight})")
+            Change::EndpointAdded {
+                service,
+                address,
+                weight,
+            } => {
+                write!(
+                    f,
+                    "service {service}: endpoint {address} added (weight {weight})"
+                )
             }
             Change::EndpointRemoved { service, address } => {
                 write!(f, "service {service}: endpoint {address} removed")
             }
-            Change::EndpointWeightChanged { service, address, from, to } => {
-                write!(f, "service {service}: endpoint {address} weight {from} -> {to}")
+            Change::EndpointWeightChanged {
+                service,
+                address,
+                from,
+                to,
+            } => {
+                write!(
+                    f,
+                    "service {service}: endpoint {address} weight {from} -> {to}"
+                )
             }
             Change::GlobalChanged => f.write_str("global settings changed"),
         }
@@ -66,18 +113,32 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     let new_l: BTreeMap<_, _> = new.listeners.iter().map(|l| (&l.name, l)).collect();
     for (name, l) in &old_l {
         match new_l.get(name) {
-            None => out.push(Change::ListenerRemoved { name: l.name.clone(), listen: l.listen }),
+            None => out.push(Change::ListenerRemoved {
+                name: l.name.clone(),
+                listen: l.listen,
+            }),
             Some(n) if n.listen != l.listen => {
-                out.push(Change::ListenerRemoved { name: l.name.clone(), listen: l.listen });
-                out.push(Change::ListenerAdded { name: n.name.clone(), listen: n.listen });
+                out.push(Change::ListenerRemoved {
+                    name: l.name.clone(),
+                    listen: l.listen,
+                });
+                out.push(Change::ListenerAdded {
+                    name: n.name.clone(),
+                    listen: n.listen,
+                });
             }
-            Some(n) if n != l => out.push(Change::ListenerChanged { name: l.name.clone() }),
+            Some(n) if n != l => out.push(Change::ListenerChanged {
+                name: l.name.clone(),
+            }),
             Some(_) => {}
         }
     }
     for (name, l) in &new_l {
         if !old_l.contains_key(name) {
-            out.push(Change::ListenerAdded { name: l.name.clone(), listen: l.listen });
+            out.push(Change::ListenerAdded {
+                name: l.name.clone(),
+                listen: l.listen,
+            });
         }
     }
 
@@ -111,7 +172,13 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
             continue;
         };
         let settings = |s: &crate::ServiceSpec| {
-            (s.policy, s.connect_timeout, s.response_timeout, s.pool_max_idle, s.pool_idle_timeout)
+            (
+                s.policy,
+                s.connect_timeout,
+                s.response_timeout,
+                s.pool_max_idle,
+                s.pool_idle_timeout,
+            )
         };
         if settings(o) != settings(n) {
             out.push(Change::ServiceSettingsChanged { name: name.clone() });
@@ -120,7 +187,10 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
         let ne: BTreeMap<_, _> = n.endpoints.iter().map(|e| (e.address, e.weight)).collect();
         for (&address, &from) in &oe {
             match ne.get(&address) {
-                None => out.push(Change::EndpointRemoved { service: name.clone(), address }),
+                None => out.push(Change::EndpointRemoved {
+                    service: name.clone(),
+                    address,
+                }),
                 Some(&to) if to != from => out.push(Change::EndpointWeightChanged {
                     service: name.clone(),
                     address,
@@ -132,7 +202,11 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
         }
         for (&address, &weight) in &ne {
             if !oe.contains_key(&address) {
-                out.push(Change::EndpointAdded { service: name.clone(), address, weight });
+                out.push(Change::EndpointAdded {
+                    service: name.clone(),
+                    address,
+                    weight,
+                });
             }
         }
     }
@@ -149,7 +223,10 @@ mod tests {
         let old = Config::embedded_default("127.0.0.1:8080".parse().unwrap());
         let mut new = old.clone();
         let svc = new.services.get_mut("default").unwrap();
-        svc.endpoints.push(EndpointSpec { address: "127.0.0.1:9001".parse().unwrap(), weight: 2 });
+        svc.endpoints.push(EndpointSpec {
+            address: "127.0.0.1:9001".parse().unwrap(),
+            weight: 2,
+        });
         new.listeners[0].listen = "127.0.0.1:8081".parse().unwrap();
         let text: Vec<String> = diff(&old, &new).iter().map(ToString::to_string).collect();
         assert_eq!(

@@ -24,7 +24,9 @@ impl Duration {
 
 /// Why a duration string did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid duration {input:?}: {why}; write a number and a unit, such as \"250ms\", \"5s\", \"1m\" or \"1m30s\"")]
+#[error(
+    "invalid duration {input:?}: {why}; write a number and a unit, such as \"250ms\", \"5s\", \"1m\" or \"1m30s\""
+)]
 pub struct DurationError {
     input: String,
     why: &'static str,
@@ -49,7 +51,9 @@ impl FromStr for Duration {
             if digits == 0 {
                 return Err(err("expected a number"));
             }
-            let value: u64 = rest[..digits].parse().map_err(|_| err("number too large"))?;
+            let value: u64 = rest[..digits]
+                .parse()
+                .map_err(|_| err("number too large"))?;
             rest = &rest[digits..];
             let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
             let unit_ms = match &rest[..unit_len] {
@@ -75,11 +79,11 @@ impl fmt::Display for Duration {
         let ms = self.0.as_millis();
         if ms == 0 {
             f.write_str("0s")
-        } else if ms % 3_600_000 == 0 {
+        } else if ms.is_multiple_of(3_600_000) {
             write!(f, "{}h", ms / 3_600_000)
-        } else if ms % 60_000 == 0 {
+        } else if ms.is_multiple_of(60_000) {
             write!(f, "{}m", ms / 60_000)
-        } else if ms % 1_000 == 0 {
+        } else if ms.is_multiple_of(1_000) {
             write!(f, "{}s", ms / 1_000)
         } else {
             write!(f, "{ms}ms")

@@ -193,10 +193,19 @@ pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
         return port
             .parse::<u16>()
             .map(|p| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), p))
-            .map_err(|_| bad_addr(s, "IP:PORT or :PORT, such as 127.0.0.1:8080, [::1]:8080 or :8080"));
+            .map_err(|_| {
+                bad_addr(
+                    s,
+                    "IP:PORT or :PORT, such as 127.0.0.1:8080, [::1]:8080 or :8080",
+                )
+            });
     }
-    s.parse()
-        .map_err(|_| bad_addr(s, "IP:PORT or :PORT, such as 127.0.0.1:8080, [::1]:8080 or :8080"))
+    s.parse().map_err(|_| {
+        bad_addr(
+            s,
+            "IP:PORT or :PORT, such as 127.0.0.1:8080, [::1]:8080 or :8080",
+        )
+    })
 }
 
 /// Parses an endpoint address: `IP:PORT` or `[IPv6]:PORT`.

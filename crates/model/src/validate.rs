@@ -71,7 +71,10 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         if let Some(first) = listener_names.insert(&l.name, i) {
             err(
                 p.clone().key("name"),
-                format!("listener name {:?} is already used by listeners[{first}]", l.name),
+                format!(
+                    "listener name {:?} is already used by listeners[{first}]",
+                    l.name
+                ),
             );
         }
         for &(other, j) in &listener_addrs {
@@ -98,7 +101,11 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
                 "must be at least 1".into(),
             );
         }
-        positive(&mut err, p.clone().key("request_header_timeout"), l.request_header_timeout);
+        positive(
+            &mut err,
+            p.clone().key("request_header_timeout"),
+            l.request_header_timeout,
+        );
         positive(&mut err, p.clone().key("idle_timeout"), l.idle_timeout);
     }
 
@@ -111,7 +118,10 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
                 format!(
                     "no listener named {:?}; {}",
                     r.listener,
-                    known("listeners", config.listeners.iter().map(|l| l.name.as_str()))
+                    known(
+                        "listeners",
+                        config.listeners.iter().map(|l| l.name.as_str())
+                    )
                 ),
             );
         }
@@ -156,8 +166,16 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         if let Err(m) = check_name(name) {
             err(p.clone(), m);
         }
-        positive(&mut err, p.clone().key("connect_timeout"), s.connect_timeout);
-        positive(&mut err, p.clone().key("response_timeout"), s.response_timeout);
+        positive(
+            &mut err,
+            p.clone().key("connect_timeout"),
+            s.connect_timeout,
+        );
+        positive(
+            &mut err,
+            p.clone().key("response_timeout"),
+            s.response_timeout,
+        );
         let mut addrs: BTreeMap<SocketAddr, usize> = BTreeMap::new();
         for (j, e) in s.endpoints.iter().enumerate() {
             let ep = p.clone().key("endpoints").index(j);
@@ -170,7 +188,10 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
             if let Some(first) = addrs.insert(e.address, j) {
                 err(
                     ep.key("address"),
-                    format!("{} is already endpoints[{first}] of this service", e.address),
+                    format!(
+                        "{} is already endpoints[{first}] of this service",
+                        e.address
+                    ),
                 );
             }
         }

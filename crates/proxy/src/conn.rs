@@ -175,7 +175,10 @@ pub(crate) async fn serve(
             head_since: AtomicU64::new(NOT_READING),
         },
     });
-    let io = TokioIo::new(Tracked { stream, ctx: ctx.clone() });
+    let io = TokioIo::new(Tracked {
+        stream,
+        ctx: ctx.clone(),
+    });
     let service_ctx = ctx.clone();
     let service = service_fn(move |req| crate::http::handle(service_ctx.clone(), req));
     let conn = builder.serve_connection(io, service);
@@ -252,7 +255,10 @@ mod tests {
         assert_eq!(next_check(&c, &D), None, "idle since 0 s, now 100 s");
         c.idle_since.store(50_000, Ordering::Relaxed);
         let left = next_check(&c, &D).unwrap();
-        assert!(left <= Duration::from_secs(25) && left > Duration::from_secs(24), "{left:?}");
+        assert!(
+            left <= Duration::from_secs(25) && left > Duration::from_secs(24),
+            "{left:?}"
+        );
     }
 
     #[test]

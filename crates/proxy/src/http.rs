@@ -64,7 +64,10 @@ pub(crate) async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let active = ctx.begin();
     let response = proxy(&ctx, req).await;
-    Ok(response.map(|kind| ResponseBody { kind, _active: active }))
+    Ok(response.map(|kind| ResponseBody {
+        kind,
+        _active: active,
+    }))
 }
 
 async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<Kind> {
@@ -79,7 +82,10 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<Kind> {
         }
     };
     if service.endpoints.is_empty() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "the service has no endpoints");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the service has no endpoints",
+        );
     }
     prepare_upstream_request(&mut req, ctx);
     forward(&service, req).await
@@ -245,17 +251,26 @@ async fn forward(service: &Arc<Service>, req: Request<Incoming>) -> Response<Kin
                 None => {
                     endpoint.failures.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(service = %service.name, endpoint = %endpoint.address, "upstream failed: {}", e.into_error());
-                    return error(StatusCode::BAD_GATEWAY, "the upstream closed the connection or sent an invalid response");
+                    return error(
+                        StatusCode::BAD_GATEWAY,
+                        "the upstream closed the connection or sent an invalid response",
+                    );
                 }
             },
             Err(_) => {
                 endpoint.failures.fetch_add(1, Ordering::Relaxed);
-                return error(StatusCode::GATEWAY_TIMEOUT, "the upstream did not answer in time");
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the upstream did not answer in time",
+                );
             }
         }
     }
     match failure {
-        Failure::TimedOut => error(StatusCode::GATEWAY_TIMEOUT, "no endpoint could be reached in time"),
+        Failure::TimedOut => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "no endpoint could be reached in time",
+        ),
         Failure::Unreachable => error(StatusCode::BAD_GATEWAY, "no endpoint could be reached"),
     }
 }
@@ -288,10 +303,14 @@ impl Drop for InFlight {
 }
 
 fn error(status: StatusCode, message: &'static str) -> Response<Kind> {
-    let mut r = Response::new(Kind::Full(Some(Bytes::from(format!("drover: {message}\n")))));
+    let mut r = Response::new(Kind::Full(Some(Bytes::from(format!(
+        "drover: {message}\n"
+    )))));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -369,7 +388,10 @@ mod tests {
     #[test]
     fn connection_named_and_hop_by_hop_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert("x-kept", HeaderValue::from_static("1"));

@@ -59,7 +59,10 @@ impl ProxyHandle {
             .await
             .is_err()
         {
-            tracing::warn!("{} connections still open after the grace period", self.tracker.len());
+            tracing::warn!(
+                "{} connections still open after the grace period",
+                self.tracker.len()
+            );
         }
     }
 }
@@ -135,8 +138,12 @@ impl Applier for Proxy {
                 continue;
             }
             debug_assert_eq!(spec.protocol, Protocol::Http, "validation admits only HTTP");
-            let socket = bind(spec.listen)
-                .map_err(|e| format!("listener {}: cannot listen on {}: {e}", spec.name, spec.listen))?;
+            let socket = bind(spec.listen).map_err(|e| {
+                format!(
+                    "listener {}: cannot listen on {}: {e}",
+                    spec.name, spec.listen
+                )
+            })?;
             bound.push((spec, socket));
         }
 
@@ -166,20 +173,29 @@ impl Applier for Proxy {
 /// Moves a listener's connection limit to `max`, for connections accepted from now on.
 fn resize(running: &mut Running, max: u32) {
     if max > running.max_connections {
-        running.slots.add_permits((max - running.max_connections) as usize);
+        running
+            .slots
+            .add_permits((max - running.max_connections) as usize);
     } else if max < running.max_connections {
         // Only free slots can be taken away now; busy ones are not handed back.
         let wanted = (running.max_connections - max) as usize;
         let taken = running.slots.forget_permits(wanted);
         if taken < wanted {
-            tracing::warn!("connection limit lowered to {max}, but {} connections over it stay open", wanted - taken);
+            tracing::warn!(
+                "connection limit lowered to {max}, but {} connections over it stay open",
+                wanted - taken
+            );
         }
     }
     running.max_connections = max;
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)

@@ -88,7 +88,10 @@ impl EndpointState {
             self.idle_len.fetch_sub(1, Ordering::Relaxed);
             return;
         }
-        self.idle.push(Idle { sender, since: Instant::now() });
+        self.idle.push(Idle {
+            sender,
+            since: Instant::now(),
+        });
     }
 
     /// Closes idle connections that are older than `max_idle_age` or already closed.

@@ -92,9 +92,12 @@ impl Router {
                 None => self.exact.entry(h.to_string()).or_default(),
             },
         };
-        group.push(Prefix { prefix: prefix.to_string(), service });
-        group.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
-        self.wildcard.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        group.push(Prefix {
+            prefix: prefix.to_string(),
+            service,
+        });
+        group.sort_by_key(|p| std::cmp::Reverse(p.prefix.len()));
+        self.wildcard.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
     }
 
     fn route(&self, host: &str, path: &str) -> Option<&Arc<Service>> {
@@ -217,7 +220,10 @@ impl TableBuilder {
                         );
                     }
                 }
-                ListenerRoutes { spec: l.clone(), router }
+                ListenerRoutes {
+                    spec: l.clone(),
+                    router,
+                }
             })
             .collect();
         Built {
@@ -243,7 +249,10 @@ mod tests {
     use drover_model::{Config, EndpointSpec, RouteSpec};
 
     fn effective(config: Config) -> Arc<Effective> {
-        Arc::new(Effective { config, ..Default::default() })
+        Arc::new(Effective {
+            config,
+            ..Default::default()
+        })
     }
 
     fn config() -> Config {
@@ -257,7 +266,8 @@ mod tests {
             path_prefix: prefix.map(Into::into),
             service: service.into(),
         };
-        c.routes.push(route(Some("example.com"), Some("/api"), "api"));
+        c.routes
+            .push(route(Some("example.com"), Some("/api"), "api"));
         c.routes.push(route(Some("example.com"), None, "www"));
         c.routes.push(route(Some("*.example.com"), None, "wild"));
         c
@@ -271,7 +281,11 @@ mod tests {
         let l = t.listener("127.0.0.1:8080".parse().unwrap()).unwrap();
         let to = |host, path| l.route(host, path).map(|s| s.name.as_str());
         assert_eq!(to("example.com", "/api/users"), Some("api"));
-        assert_eq!(to("EXAMPLE.com", "/apix"), Some("api"), "prefixes match bytes, hosts any case");
+        assert_eq!(
+            to("EXAMPLE.com", "/apix"),
+            Some("api"),
+            "prefixes match bytes, hosts any case"
+        );
         assert_eq!(to("example.com", "/"), Some("www"));
         assert_eq!(to("a.example.com", "/api"), Some("wild"));
         assert_eq!(to("example.org", "/api"), Some("default"));
@@ -281,7 +295,10 @@ mod tests {
     #[test]
     fn endpoint_state_survives_a_rebuild_and_unchanged_services_are_kept() {
         let mut c = config();
-        let ep = |a: &str| EndpointSpec { address: a.parse().unwrap(), weight: 1 };
+        let ep = |a: &str| EndpointSpec {
+            address: a.parse().unwrap(),
+            weight: 1,
+        };
         c.services.get_mut("api").unwrap().endpoints = vec![ep("127.0.0.1:1"), ep("127.0.0.1:2")];
         let mut b = TableBuilder::default();
         let built = b.build(&effective(c.clone()));
@@ -291,16 +308,27 @@ mod tests {
         c.services.get_mut("api").unwrap().endpoints.remove(0);
         let built = b.build(&effective(c.clone()));
         let t2 = b.commit(built);
-        assert!(Arc::ptr_eq(&t2.service("api").unwrap().endpoints[0], &first));
-        assert!(Arc::ptr_eq(t1.service("www").unwrap(), t2.service("www").unwrap()));
-        assert!(!Arc::ptr_eq(t1.service("api").unwrap(), t2.service("api").unwrap()));
+        assert!(Arc::ptr_eq(
+            &t2.service("api").unwrap().endpoints[0],
+            &first
+        ));
+        assert!(Arc::ptr_eq(
+            t1.service("www").unwrap(),
+            t2.service("www").unwrap()
+        ));
+        assert!(!Arc::ptr_eq(
+            t1.service("api").unwrap(),
+            t2.service("api").unwrap()
+        ));
     }
 
     #[test]
     fn a_build_that_is_not_committed_leaves_no_trace() {
         let mut c = config();
-        c.services.get_mut("api").unwrap().endpoints =
-            vec![EndpointSpec { address: "127.0.0.1:1".parse().unwrap(), weight: 1 }];
+        c.services.get_mut("api").unwrap().endpoints = vec![EndpointSpec {
+            address: "127.0.0.1:1".parse().unwrap(),
+            weight: 1,
+        }];
         let b = TableBuilder::default();
         let _ = b.build(&effective(c));
         assert!(b.endpoints.is_empty() && b.services.is_empty());

@@ -23,7 +23,11 @@ pub type Body = BoxBody<Bytes, Infallible>;
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A drover-echo origin served from this test process.
@@ -39,10 +43,16 @@ impl Origin {
     }
 
     pub async fn start_on(name: &str, port: u16) -> Origin {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(drover_echo::serve(listener, name.to_string()));
-        Origin { addr, name: name.to_string(), task }
+        Origin {
+            addr,
+            name: name.to_string(),
+            task,
+        }
     }
 
     /// Stops accepting. Connections already open are served by their own tasks.
@@ -90,14 +100,25 @@ impl Drover {
         let child = Command::new(env!("CARGO_BIN_EXE_drover"))
             .arg("run")
             .args(args)
-            .args(["--admin", &admin.to_string(), "--log-level", "info,drover_proxy=debug"])
+            .args([
+                "--admin",
+                &admin.to_string(),
+                "--log-level",
+                "info,drover_proxy=debug",
+            ])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .stdout(Stdio::from(out.try_clone().unwrap()))
             .stderr(Stdio::from(out))
             .spawn()
             .expect("drover starts");
-        let mut d = Drover { child, dir, config, log, admin };
+        let mut d = Drover {
+            child,
+            dir,
+            config,
+            log,
+            admin,
+        };
         d.wait_ready().await;
         d
     }
@@ -106,14 +127,21 @@ impl Drover {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("drover exited with {status} while starting:\n{}", self.log_text());
+                panic!(
+                    "drover exited with {status} while starting:\n{}",
+                    self.log_text()
+                );
             }
             if let Ok(s) = self.status().await
                 && s["generation"].as_u64() >= Some(1)
             {
                 return;
             }
-            assert!(Instant::now() < deadline, "drover not ready:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "drover not ready:\n{}",
+                self.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -144,7 +172,11 @@ impl Drover {
     pub async fn wait_generation(&self, n: u64) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.generation().await < n {
-            assert!(Instant::now() < deadline, "generation {n} never came:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "generation {n} never came:\n{}",
+                self.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -164,7 +196,10 @@ impl Drover {
             if text.matches(needle).count() >= count {
                 return text;
             }
-            assert!(Instant::now() < deadline, "{needle:?} x{count} never logged:\n{text}");
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} x{count} never logged:\n{text}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -184,7 +219,11 @@ impl Drover {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "drover did not exit:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "drover did not exit:\n{}",
+                self.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -231,8 +270,13 @@ pub async fn try_get(
     send(client, req).await
 }
 
-pub async fn get(client: &Client<HttpConnector, Body>, url: &str) -> (StatusCode, HeaderMap, Bytes) {
-    try_get(client, url).await.unwrap_or_else(|e| panic!("GET {url}: {e}"))
+pub async fn get(
+    client: &Client<HttpConnector, Body>,
+    url: &str,
+) -> (StatusCode, HeaderMap, Bytes) {
+    try_get(client, url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
 }
 
 pub async fn send(
@@ -241,13 +285,19 @@ pub async fn send(
 ) -> Result<(StatusCode, HeaderMap, Bytes), String> {
     let res = client.request(req).await.map_err(|e| format!("{e:?}"))?;
     let (parts, body) = res.into_parts();
-    let body = body.collect().await.map_err(|e| format!("{e:?}"))?.to_bytes();
+    let body = body
+        .collect()
+        .await
+        .map_err(|e| format!("{e:?}"))?
+        .to_bytes();
     Ok((parts.status, parts.headers, body))
 }
 
 /// GET on a new connection that is closed afterwards.
 pub async fn get_fresh(addr: SocketAddr, path: &str) -> Result<(StatusCode, Bytes), String> {
-    let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream))
         .await
         .map_err(|e| format!("handshake: {e}"))?;
@@ -257,9 +307,17 @@ pub async fn get_fresh(addr: SocketAddr, path: &str) -> Result<(StatusCode, Byte
         .header("connection", "close")
         .body(empty())
         .unwrap();
-    let res = sender.send_request(req).await.map_err(|e| format!("send: {e}"))?;
+    let res = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("send: {e}"))?;
     let status = res.status();
-    let body = res.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
     let _ = driver.await;
     Ok((status, body))
 }

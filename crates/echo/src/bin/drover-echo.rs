@@ -18,7 +18,11 @@ struct Args {
 async fn main() -> std::io::Result<()> {
     let args = Args::parse();
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    println!("drover-echo {} listening on {}", args.name, listener.local_addr()?);
+    println!(
+        "drover-echo {} listening on {}",
+        args.name,
+        listener.local_addr()?
+    );
     drover_echo::serve(listener, args.name).await;
     Ok(())
 }
