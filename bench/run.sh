@@ -329,6 +329,62 @@ run_wrk() {
     return $rc
 }
 
+# ------------------------------------------------------ proxy CPU accounting
+# On 2 cores the load-generator core (wrk + origin) is usually the bound, so
+# req/s alone cannot rank the proxies; the CPU the proxy spends per request can.
+CLK_TCK=$(getconf CLK_TCK)
+
+# proc_tree PID: PID and all of its descendants (nginx: master + worker).
+proc_tree() {
+    local child
+    echo "$1"
+    for child in $(pgrep -P "$1" 2>/dev/null || true); do proc_tree "$child"; done
+}
+
+# cpu_snapshot PID: one line "pid:starttime utime+stime" (clock ticks) for PID
+# and each descendant. /proc/PID/stat of a process already sums its threads.
+# The comm field (2) may contain spaces, so split after its closing ")":
+# the rest starts at field 3, putting utime (14) / stime (15) / starttime (22)
+# at indexes 11 / 12 / 19.
+cpu_snapshot() {
+    local pid stat f
+    for pid in $(proc_tree "$1"); do
+        read -r stat 2>/dev/null <"/proc/$pid/stat" || continue
+        read -ra f <<<"${stat##*) }"
+        echo "$pid:${f[19]} $((f[11] + f[12]))"
+    done
+}
+
+# cpu_measure_start PID / cpu_measure_end PID OUTFILE: CPU seconds PID and its
+# descendants used in between, and the wall time, written to OUTFILE as
+# "cpu_seconds=..." and "wall_seconds=..." lines. Processes are matched by pid
+# and start time; one that appeared in between counts in full, one that
+# vanished is reported (its CPU since the start is lost).
+cpu_measure_start() {
+    CPU_BEFORE=$(cpu_snapshot "$1")
+    CPU_T0=$EPOCHREALTIME
+}
+cpu_measure_end() {
+    local pid=$1 out=$2 t1 after
+    t1=$EPOCHREALTIME
+    after=$(cpu_snapshot "$pid")
+    if [[ -z $after ]]; then
+        log "cpu: pid $pid is gone, no CPU figure for this run"
+        return 0
+    fi
+    awk -v hz="$CLK_TCK" -v t0="$CPU_T0" -v t1="$t1" -v pid="$pid" '
+        FNR == NR { before[$1] = $2; next }
+        { n++; seen[$1] = 1; d += ($1 in before) ? $2 - before[$1] : $2 }
+        END {
+            for (k in before) if (!(k in seen)) gone++
+            printf "cpu_seconds=%.4f\nwall_seconds=%.4f\nclk_tck=%d\nprocesses=%d\n", d / hz, t1 - t0, hz, n
+            printf "vanished_processes=%d\nmain_pid=%s\n", gone, pid
+        }' <(printf '%s\n' "$CPU_BEFORE") <(printf '%s\n' "$after") >"$out"
+    if grep -q '^vanished_processes=[1-9]' "$out"; then
+        log "cpu: a process of pid $pid exited during the run; CPU figure may be low ($out)"
+    fi
+}
+
 for proxy in $PROXIES; do
     echo "available" >"$TMP/status-$proxy"
     url="http://$HOST:$LISTEN_PORT/"
@@ -357,10 +413,13 @@ for proxy in $PROXIES; do
     fi
     for ((run = 1; run <= RUNS; run++)); do
         out="$TMP/wrk-$proxy-$run.txt"
+        cpu_out="$TMP/cpu-$proxy-$run.txt"
+        [[ -n $PROXY_PID ]] && cpu_measure_start "$PROXY_PID"
         if ! run_wrk "$out" "$url" "$DURATION"; then
             log "$proxy run $run: wrk failed"
         fi
-        log "$proxy run $run/$RUNS: $(python3 "$BENCH_DIR/report.py" parse "$out")"
+        [[ -n $PROXY_PID ]] && cpu_measure_end "$PROXY_PID" "$cpu_out"
+        log "$proxy run $run/$RUNS: $(python3 "$BENCH_DIR/report.py" parse "$out" ${PROXY_PID:+"$cpu_out"})"
     done
 
     if [[ -n $PROXY_PID ]]; then
