@@ -330,7 +330,7 @@ run_wrk() {
 }
 
 # ------------------------------------------------------ proxy CPU accounting
-# On 2 cores the load-generator core (wrk + origin) is usually the bound, so
+# On 2 cores the load-generator core (wrk + origin) can be the bound, so
 # req/s alone cannot rank the proxies; the CPU the proxy spends per request can.
 CLK_TCK=$(getconf CLK_TCK)
 
@@ -373,6 +373,7 @@ cpu_measure_end() {
         return 0
     fi
     awk -v hz="$CLK_TCK" -v t0="$CPU_T0" -v t1="$t1" -v pid="$pid" '
+        BEGIN { sub(",", ".", t0); sub(",", ".", t1) }   # locale decimal comma
         FNR == NR { before[$1] = $2; next }
         { n++; seen[$1] = 1; d += ($1 in before) ? $2 - before[$1] : $2 }
         END {
