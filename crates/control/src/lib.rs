@@ -258,10 +258,7 @@ mod tests {
         let mut c = Config::embedded_default("127.0.0.1:8080".parse().unwrap());
         c.services.get_mut("default").unwrap().endpoints = endpoints
             .iter()
-            .map(|a| EndpointSpec {
-                address: a.parse().unwrap(),
-                weight: 1,
-            })
+            .map(|a| EndpointSpec::new(a.parse().unwrap(), 1))
             .collect();
         c
     }

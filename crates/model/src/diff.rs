@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
-use crate::{Config, RouteSpec};
+use crate::{AdminState, Config, EndpointSpec, RouteSpec};
 
 /// One difference between two configurations.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -54,6 +54,12 @@ pub enum Change {
         from: u32,
         to: u32,
     },
+    EndpointStateChanged {
+        service: String,
+        address: SocketAddr,
+        from: AdminState,
+        to: AdminState,
+    },
     GlobalChanged,
 }
 
@@ -94,6 +100,17 @@ impl fmt::Display for Change {
                 write!(
                     f,
                     "service {service}: endpoint {address} weight {from} -> {to}"
+                )
+            }
+            Change::EndpointStateChanged {
+                service,
+                address,
+                from,
+                to,
+            } => {
+                write!(
+                    f,
+                    "service {service}: endpoint {address} state {from} -> {to}"
                 )
             }
             Change::GlobalChanged => f.write_str("global settings changed"),
@@ -183,29 +200,39 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
         if settings(o) != settings(n) {
             out.push(Change::ServiceSettingsChanged { name: name.clone() });
         }
-        let oe: BTreeMap<_, _> = o.endpoints.iter().map(|e| (e.address, e.weight)).collect();
-        let ne: BTreeMap<_, _> = n.endpoints.iter().map(|e| (e.address, e.weight)).collect();
-        for (&address, &from) in &oe {
-            match ne.get(&address) {
-                None => out.push(Change::EndpointRemoved {
+        let oe: BTreeMap<_, &EndpointSpec> = o.endpoints.iter().map(|e| (e.address, e)).collect();
+        let ne: BTreeMap<_, &EndpointSpec> = n.endpoints.iter().map(|e| (e.address, e)).collect();
+        for (&address, from) in &oe {
+            let Some(to) = ne.get(&address) else {
+                out.push(Change::EndpointRemoved {
                     service: name.clone(),
                     address,
-                }),
-                Some(&to) if to != from => out.push(Change::EndpointWeightChanged {
+                });
+                continue;
+            };
+            if to.weight != from.weight {
+                out.push(Change::EndpointWeightChanged {
                     service: name.clone(),
                     address,
-                    from,
-                    to,
-                }),
-                Some(_) => {}
+                    from: from.weight,
+                    to: to.weight,
+                });
+            }
+            if to.state != from.state {
+                out.push(Change::EndpointStateChanged {
+                    service: name.clone(),
+                    address,
+                    from: from.state,
+                    to: to.state,
+                });
             }
         }
-        for (&address, &weight) in &ne {
+        for (&address, e) in &ne {
             if !oe.contains_key(&address) {
                 out.push(Change::EndpointAdded {
                     service: name.clone(),
                     address,
-                    weight,
+                    weight: e.weight,
                 });
             }
         }
@@ -223,10 +250,8 @@ mod tests {
         let old = Config::embedded_default("127.0.0.1:8080".parse().unwrap());
         let mut new = old.clone();
         let svc = new.services.get_mut("default").unwrap();
-        svc.endpoints.push(EndpointSpec {
-            address: "127.0.0.1:9001".parse().unwrap(),
-            weight: 2,
-        });
+        svc.endpoints
+            .push(EndpointSpec::new("127.0.0.1:9001".parse().unwrap(), 2));
         new.listeners[0].listen = "127.0.0.1:8081".parse().unwrap();
         let text: Vec<String> = diff(&old, &new).iter().map(ToString::to_string).collect();
         assert_eq!(
@@ -238,5 +263,16 @@ mod tests {
             ]
         );
         assert!(diff(&new, &new).is_empty());
+
+        let mut drained = new.clone();
+        drained.services.get_mut("default").unwrap().endpoints[0].state = AdminState::Drain;
+        let text: Vec<String> = diff(&new, &drained)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            text,
+            ["service default: endpoint 127.0.0.1:9001 state enabled -> drain"]
+        );
     }
 }

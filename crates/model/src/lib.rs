@@ -17,6 +17,7 @@ pub use diff::{Change, diff};
 pub use duration::Duration;
 pub use merge::{Effective, MergeError, SourceId, merge};
 pub use spec::{
-    Config, EndpointSpec, Global, ListenerSpec, Policy, Protocol, RouteSpec, ServiceSpec,
+    AdminState, Config, EndpointOverride, EndpointSpec, Global, ListenerSpec, Patches, Policy,
+    Protocol, RouteSpec, ServiceSpec,
 };
 pub use validate::{FieldError, FieldPath, Segment, validate};

@@ -2,14 +2,16 @@
 //!
 //! Each source owns a slice of the world and always sends its whole slice. Merging is a union:
 //! a listener or service named by two sources is a conflict, reported with both sources, never
-//! resolved by silently letting one win.
+//! resolved by silently letting one win. Then each source's patches apply: endpoints it adds
+//! to services others own (an address the owner already lists stays the owner's), and the
+//! weights and admin states it sets.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::Serialize;
 
-use crate::Config;
+use crate::{Config, Patches};
 
 /// Which source a piece of configuration came from: `file:/etc/drover.toml`, `default`, `api`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -29,32 +31,41 @@ pub struct Effective {
     pub service_sources: BTreeMap<String, SourceId>,
 }
 
-/// Two sources define the same name.
+/// Why sources cannot be merged.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{kind} {name:?} is defined by both {first} and {second}; rename one of them")]
-pub struct MergeError {
-    pub kind: &'static str,
-    pub name: String,
-    pub first: SourceId,
-    pub second: SourceId,
+pub enum MergeError {
+    #[error("{kind} {name:?} is defined by both {first} and {second}; rename one of them")]
+    Duplicate {
+        kind: &'static str,
+        name: String,
+        first: SourceId,
+        second: SourceId,
+    },
+    #[error(
+        "service {service:?} is not defined by any source, but {source_id} added endpoints to it; remove them through {source_id} first"
+    )]
+    Orphaned {
+        service: String,
+        source_id: SourceId,
+    },
 }
 
 /// Unites the configurations of all sources. Global settings come from the first source (in
 /// source order) that has any listener, so the file's settings apply when a file is used.
 pub fn merge<'a>(
-    sources: impl IntoIterator<Item = (&'a SourceId, &'a Config)>,
+    sources: impl IntoIterator<Item = (&'a SourceId, &'a Config)> + Clone,
 ) -> Result<Effective, Vec<MergeError>> {
     let mut out = Effective::default();
     let mut errors = Vec::new();
     let mut have_global = false;
-    for (source, config) in sources {
+    for (source, config) in sources.clone() {
         if !have_global && !config.listeners.is_empty() {
             out.config.global = config.global.clone();
             have_global = true;
         }
         for l in &config.listeners {
             if let Some(first) = out.listener_sources.get(&l.name) {
-                errors.push(MergeError {
+                errors.push(MergeError::Duplicate {
                     kind: "listener",
                     name: l.name.clone(),
                     first: first.clone(),
@@ -67,7 +78,7 @@ pub fn merge<'a>(
         }
         for (name, s) in &config.services {
             if let Some(first) = out.service_sources.get(name) {
-                errors.push(MergeError {
+                errors.push(MergeError::Duplicate {
                     kind: "service",
                     name: name.clone(),
                     first: first.clone(),
@@ -80,10 +91,46 @@ pub fn merge<'a>(
         }
         out.config.routes.extend(config.routes.iter().cloned());
     }
+    for (source, config) in sources {
+        apply_patches(&mut out.config, source, &config.patches, &mut errors);
+    }
     if errors.is_empty() {
         Ok(out)
     } else {
         Err(errors)
+    }
+}
+
+fn apply_patches(
+    config: &mut Config,
+    source: &SourceId,
+    patches: &Patches,
+    errors: &mut Vec<MergeError>,
+) {
+    for (service, endpoints) in &patches.added {
+        let Some(spec) = config.services.get_mut(service) else {
+            errors.push(MergeError::Orphaned {
+                service: service.clone(),
+                source_id: source.clone(),
+            });
+            continue;
+        };
+        for e in endpoints {
+            if !spec.endpoints.iter().any(|o| o.address == e.address) {
+                spec.endpoints.push(*e);
+            }
+        }
+    }
+    for (service, overrides) in &patches.overrides {
+        let Some(spec) = config.services.get_mut(service) else {
+            continue;
+        };
+        for e in &mut spec.endpoints {
+            if let Some(o) = overrides.get(&e.address) {
+                e.weight = o.weight.unwrap_or(e.weight);
+                e.state = o.state.unwrap_or(e.state);
+            }
+        }
     }
 }
 
@@ -102,6 +149,51 @@ mod tests {
             r#"listener "default" is defined by both file:/a.toml and api; rename one of them"#
         );
         assert_eq!(errs.len(), 2, "the service clashes too");
+    }
+
+    #[test]
+    fn patches_add_endpoints_and_override_weight_and_state_wherever_they_are() {
+        use crate::{AdminState, EndpointOverride, EndpointSpec};
+        let file = SourceId("file".into());
+        let api = SourceId("api".into());
+        let mut owner = Config::embedded_default("127.0.0.1:1".parse().unwrap());
+        let own: std::net::SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        let added: std::net::SocketAddr = "127.0.0.1:9002".parse().unwrap();
+        owner.services.get_mut("default").unwrap().endpoints = vec![EndpointSpec::new(own, 1)];
+        let mut patcher = Config::default();
+        patcher.patches.added.insert(
+            "default".into(),
+            vec![EndpointSpec::new(added, 1), EndpointSpec::new(own, 7)],
+        );
+        patcher
+            .patches
+            .overrides
+            .entry("default".into())
+            .or_default()
+            .insert(
+                own,
+                EndpointOverride {
+                    weight: Some(3),
+                    state: Some(AdminState::Drain),
+                },
+            );
+        let e = merge([(&file, &owner), (&api, &patcher)]).unwrap();
+        let eps = &e.config.services["default"].endpoints;
+        assert_eq!(
+            eps.len(),
+            2,
+            "an address the owner lists is not added twice"
+        );
+        assert_eq!((eps[0].weight, eps[0].state), (3, AdminState::Drain));
+        assert_eq!((eps[1].address, eps[1].weight), (added, 1));
+
+        // Endpoints added to a service no source defines are an error naming the patcher.
+        let errs = merge([(&api, &patcher)]).unwrap_err();
+        assert!(
+            errs[0].to_string().contains("api added endpoints to it"),
+            "{}",
+            errs[0]
+        );
     }
 
     #[test]

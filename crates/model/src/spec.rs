@@ -25,6 +25,40 @@ pub struct Config {
     /// Services by name. A `BTreeMap` so that output and diffs come in a stable order.
     #[serde(default)]
     pub services: BTreeMap<String, ServiceSpec>,
+    /// Changes to endpoints of services that other sources define. Only the management API
+    /// makes them; they are not part of the file's schema.
+    #[serde(skip)]
+    pub patches: Patches,
+}
+
+/// What a source may change in services it does not own: endpoints it adds, and the weight
+/// and admin state it sets on any endpoint. An override for an endpoint that is not there
+/// (a container that stopped) is kept, and applies again when the endpoint comes back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Patches {
+    /// Endpoints added, by service name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub added: BTreeMap<String, Vec<EndpointSpec>>,
+    /// Weight and state set, by service name and endpoint address.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub overrides: BTreeMap<String, BTreeMap<SocketAddr, EndpointOverride>>,
+}
+
+impl Patches {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.overrides.is_empty()
+    }
+}
+
+/// A weight or admin state set on an endpoint from outside its source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointOverride {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<AdminState>,
 }
 
 /// Process-wide settings.
@@ -182,6 +216,50 @@ pub struct EndpointSpec {
     /// Relative share of requests, 1 to 256 (HAProxy's range). 1.
     #[serde(default = "defaults::weight")]
     pub weight: u32,
+    /// Whether it takes new requests. `enabled`.
+    #[serde(default, skip_serializing_if = "AdminState::is_enabled")]
+    pub state: AdminState,
+}
+
+impl EndpointSpec {
+    pub fn new(address: SocketAddr, weight: u32) -> Self {
+        Self {
+            address,
+            weight,
+            state: AdminState::Enabled,
+        }
+    }
+}
+
+/// An endpoint's administrative state, set by an operator (HAProxy's `ready`, `drain` and
+/// `maint`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminState {
+    /// Takes requests.
+    #[default]
+    Enabled,
+    /// Takes no new requests; those in flight finish.
+    Drain,
+    /// Out of service: takes no new requests; those in flight finish. Unlike `drain`, health
+    /// checks of it stop too.
+    Disabled,
+}
+
+impl AdminState {
+    pub fn is_enabled(&self) -> bool {
+        *self == AdminState::Enabled
+    }
+}
+
+impl fmt::Display for AdminState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(match self {
+            AdminState::Enabled => "enabled",
+            AdminState::Drain => "drain",
+            AdminState::Disabled => "disabled",
+        })
+    }
 }
 
 /// Highest endpoint weight accepted.
@@ -282,6 +360,7 @@ impl Config {
                 service: "default".into(),
             }],
             services: BTreeMap::from([("default".to_string(), ServiceSpec::default())]),
+            patches: Patches::default(),
         }
     }
 }

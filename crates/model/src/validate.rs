@@ -314,10 +314,7 @@ mod tests {
     #[test]
     fn weights_hosts_prefixes_and_duplicates_are_checked() {
         let mut c = base();
-        let ep = |a: &str, w| EndpointSpec {
-            address: a.parse().unwrap(),
-            weight: w,
-        };
+        let ep = |a: &str, w| EndpointSpec::new(a.parse().unwrap(), w);
         c.services.insert(
             "web".into(),
             ServiceSpec {

@@ -197,6 +197,12 @@ async fn forward(service: &Arc<Service>, req: Request<Incoming>) -> Response<Kin
     let mut failure = Failure::Unreachable;
     while tries < MAX_TRIES {
         let Some(endpoint) = pick_untried(service, &tried[..tries]) else {
+            if tries == 0 {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "every endpoint of the service is drained or disabled",
+                );
+            }
             break;
         };
         let in_flight = InFlight::start(endpoint);

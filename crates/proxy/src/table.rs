@@ -194,7 +194,13 @@ impl TableBuilder {
                     state
                 })
                 .collect();
-            let weights: Vec<u32> = spec.endpoints.iter().map(|e| e.weight).collect();
+            // Drained and disabled endpoints stay in the list, so that their requests in
+            // flight finish and their counters show, but get no turn.
+            let weights: Vec<u32> = spec
+                .endpoints
+                .iter()
+                .map(|e| if e.state.is_enabled() { e.weight } else { 0 })
+                .collect();
             next.services.insert(
                 name.clone(),
                 Arc::new(Service {
@@ -295,10 +301,7 @@ mod tests {
     #[test]
     fn endpoint_state_survives_a_rebuild_and_unchanged_services_are_kept() {
         let mut c = config();
-        let ep = |a: &str| EndpointSpec {
-            address: a.parse().unwrap(),
-            weight: 1,
-        };
+        let ep = |a: &str| EndpointSpec::new(a.parse().unwrap(), 1);
         c.services.get_mut("api").unwrap().endpoints = vec![ep("127.0.0.1:1"), ep("127.0.0.1:2")];
         let mut b = TableBuilder::default();
         let built = b.build(&effective(c.clone()));
@@ -325,10 +328,8 @@ mod tests {
     #[test]
     fn a_build_that_is_not_committed_leaves_no_trace() {
         let mut c = config();
-        c.services.get_mut("api").unwrap().endpoints = vec![EndpointSpec {
-            address: "127.0.0.1:1".parse().unwrap(),
-            weight: 1,
-        }];
+        c.services.get_mut("api").unwrap().endpoints =
+            vec![EndpointSpec::new("127.0.0.1:1".parse().unwrap(), 1)];
         let b = TableBuilder::default();
         let _ = b.build(&effective(c));
         assert!(b.endpoints.is_empty() && b.services.is_empty());
