@@ -7,6 +7,8 @@
 //! The management API (weldr's `/servers` and `/stats`, and the rest of `/api/v1`) is built
 //! on this listener by its own issue.
 
+pub mod openapi;
+
 use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
 

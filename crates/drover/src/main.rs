@@ -15,6 +15,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+mod ctl;
+
 /// A dynamic reverse proxy and load balancer.
 #[derive(Parser)]
 #[command(name = "drover", version, about)]
@@ -33,6 +35,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Manage a running drover through its admin API.
+    Ctl(ctl::CtlArgs),
 }
 
 #[derive(clap::Args)]
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Ctl(args) => ctl::main(args),
         Command::Run(args) => {
             let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| args.log_level.clone());
             // Logs go through a bounded queue to a writer thread: nothing logs synchronously.
