@@ -11,12 +11,17 @@
 //! Snapshots that arrive together are applied together, so a burst of events costs one
 //! rebuild.
 
+pub mod api;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use drover_model::{Change, Config, Effective, SourceId};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+/// Events kept for subscribers that fall behind before they lose some.
+const EVENT_BACKLOG: usize = 256;
 
 /// A source's whole slice of the configuration, and why it was sent.
 #[derive(Debug)]
@@ -61,6 +66,25 @@ pub struct Status {
     pub last_rejection: Option<Rejection>,
 }
 
+/// What the change stream carries: every accepted change and every rejection.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Change {
+        generation: u64,
+        /// The sources of the snapshots applied together, comma-separated.
+        source: String,
+        /// Why they were sent, comma-separated in the same order.
+        reason: String,
+        at: SystemTime,
+        changes: Arc<Vec<Change>>,
+    },
+    Rejected {
+        source: SourceId,
+        error: String,
+        at: SystemTime,
+    },
+}
+
 /// A snapshot that was not accepted.
 #[derive(Debug, Clone)]
 pub struct Rejection {
@@ -77,6 +101,7 @@ pub struct Reconciler<A> {
     accepted: BTreeMap<SourceId, Config>,
     applier: A,
     status: watch::Sender<Status>,
+    events: broadcast::Sender<Arc<Event>>,
 }
 
 impl<A: Applier> Reconciler<A> {
@@ -93,7 +118,13 @@ impl<A: Applier> Reconciler<A> {
             accepted: BTreeMap::new(),
             applier,
             status,
+            events: broadcast::channel(EVENT_BACKLOG).0,
         }
+    }
+
+    /// The change stream; call `subscribe` on it for a receiver.
+    pub fn events(&self) -> broadcast::Sender<Arc<Event>> {
+        self.events.clone()
     }
 
     /// Follows the configuration in force.
@@ -176,19 +207,31 @@ impl<A: Applier> Reconciler<A> {
             .map(|s| format!("{} ({})", s.source, s.reason))
             .collect();
         let sources = sources.join(", ");
+        let changes = Arc::new(changes);
+        let at = SystemTime::now();
         let mut generation = 0;
         self.status.send_modify(|st| {
             st.generation += 1;
             generation = st.generation;
             st.effective = next.clone();
-            st.last_changes = Arc::new(changes.clone());
+            st.last_changes = changes.clone();
             st.last_source = taken.last().map(|s| s.source.clone());
-            st.last_change_at = Some(SystemTime::now());
+            st.last_change_at = Some(at);
         });
+        let joined =
+            |f: fn(&Snapshot) -> String| taken.iter().map(f).collect::<Vec<_>>().join(", ");
+        // No subscriber is not an error.
+        let _ = self.events.send(Arc::new(Event::Change {
+            generation,
+            source: joined(|s| s.source.to_string()),
+            reason: joined(|s| s.reason.clone()),
+            at,
+            changes: changes.clone(),
+        }));
         if changes.is_empty() {
             tracing::info!(generation, from = %sources, "configuration applied (empty)");
         }
-        for change in &changes {
+        for change in changes.iter() {
             tracing::info!(generation, from = %sources, "{change}");
         }
         for s in taken {
@@ -204,13 +247,19 @@ impl<A: Applier> Reconciler<A> {
             reason = %snapshot.reason,
             "configuration rejected, the previous one keeps serving: {error}"
         );
+        let at = SystemTime::now();
         self.status.send_modify(|st| {
             st.last_rejection = Some(Rejection {
                 source: snapshot.source.clone(),
                 error: error.clone(),
-                at: SystemTime::now(),
+                at,
             });
         });
+        let _ = self.events.send(Arc::new(Event::Rejected {
+            source: snapshot.source.clone(),
+            error: error.clone(),
+            at,
+        }));
         if let Some(reply) = snapshot.reply {
             let _ = reply.send(Err(error));
         }

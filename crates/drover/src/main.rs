@@ -4,9 +4,12 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use drover_admin::Admin;
+use drover_control::api::{self, ApiStore};
 use drover_control::{Reconciler, Snapshot};
 use drover_discovery::file::{self, FileSource};
 use drover_model::{Config, SourceId};
@@ -50,6 +53,10 @@ struct RunArgs {
     /// Address of the admin listener.
     #[arg(long, default_value = "127.0.0.1:8687", value_parser = parse_listen)]
     admin: SocketAddr,
+    /// Bearer token the admin API requires (from DROVER_ADMIN_TOKEN when not given here).
+    /// Needed when --admin is not a loopback address.
+    #[arg(long, env = "DROVER_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// Directory for state made through the management API.
     #[arg(long, default_value = "./drover-data")]
     data_dir: PathBuf,
@@ -149,6 +156,13 @@ fn describe(c: &Config) -> String {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let token = args.admin_token.clone().filter(|t| !t.is_empty());
+    anyhow::ensure!(
+        token.is_some() || args.admin.ip().is_loopback(),
+        "the admin API on {} would be reachable from other hosts without a token; set --admin-token or DROVER_ADMIN_TOKEN, or bind it to a loopback address such as 127.0.0.1:8687",
+        args.admin
+    );
+    let api_state = api::load(&args.data_dir).map_err(|e| anyhow::anyhow!(e))?;
     let proxy = Proxy::new();
     let data_plane = proxy.handle();
     let mut reconciler = Reconciler::new(proxy);
@@ -187,13 +201,44 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
 
-    let admin = tokio::net::TcpListener::bind(args.admin)
+    if !api_state.is_empty() {
+        let state_file = args.data_dir.join(api::STATE_FILE);
+        reconciler
+            .apply_now(Snapshot::new(api::source_id(), api_state.to_config(), "startup (saved API state)"))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "the state made through the API, saved in {}, does not fit the configuration: {e}",
+                    state_file.display()
+                )
+            })?;
+    }
+    let admin_listener = tokio::net::TcpListener::bind(args.admin)
         .await
         .with_context(|| format!("admin listener: cannot listen on {}", args.admin))?;
-    tracing::info!("admin API on {}", args.admin);
-    tracing::debug!(data_dir = %args.data_dir.display(), "state directory");
+    tracing::info!(
+        "admin API on {}{}",
+        args.admin,
+        if token.is_some() {
+            " (token required)"
+        } else {
+            ""
+        }
+    );
     let stop_admin = CancellationToken::new();
-    tokio::spawn(drover_admin::serve(admin, status, stop_admin.clone()));
+    let admin = Arc::new(Admin {
+        api: Arc::new(ApiStore::new(
+            api_state,
+            &args.data_dir,
+            snapshots.clone(),
+            status.clone(),
+        )),
+        status,
+        proxy: data_plane.clone(),
+        events: reconciler.events(),
+        token,
+        stop: stop_admin.clone(),
+    });
+    tokio::spawn(drover_admin::serve(admin_listener, admin));
 
     tokio::spawn(reconciler.run(inbox));
     if let Some((source, text)) = watched {

@@ -29,11 +29,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::stats::Stats;
 use crate::table::RoutingTable;
 
 /// What the requests of one connection share.
 pub(crate) struct ConnCtx {
     pub tables: Arc<ArcSwap<RoutingTable>>,
+    pub stats: Arc<Stats>,
     /// The listener address the client connected to.
     pub local: SocketAddr,
     /// The client's IP, ready for X-Forwarded-For.
@@ -155,6 +157,7 @@ pub(crate) async fn serve(
     peer: SocketAddr,
     local: SocketAddr,
     tables: Arc<ArcSwap<RoutingTable>>,
+    stats: Arc<Stats>,
     deadlines: Deadlines,
     drain: CancellationToken,
 ) {
@@ -165,6 +168,7 @@ pub(crate) async fn serve(
     };
     let ctx = Arc::new(ConnCtx {
         tables,
+        stats,
         local,
         client_ip,
         local_ip,

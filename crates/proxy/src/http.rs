@@ -27,6 +27,7 @@ use hyper::body::Incoming;
 
 use crate::conn::{Active, ConnCtx};
 use crate::pool::{ConnectError, EndpointState, Sender};
+use crate::stats::Stats;
 use crate::table::Service;
 
 /// Endpoints a request is tried on when it cannot be sent at all.
@@ -64,6 +65,10 @@ pub(crate) async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let active = ctx.begin();
     let response = proxy(&ctx, req).await;
+    Stats::count(match response.body() {
+        Kind::Upstream(_) => &ctx.stats.client_success,
+        Kind::Full(_) => &ctx.stats.client_failed,
+    });
     Ok(response.map(|kind| ResponseBody {
         kind,
         _active: active,
@@ -88,7 +93,7 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<Kind> {
         );
     }
     prepare_upstream_request(&mut req, ctx);
-    forward(&service, req).await
+    forward(&ctx.stats, &service, req).await
 }
 
 /// The host a request is for, without its port: the Host header, or for HTTP/2 the
@@ -188,7 +193,7 @@ enum Failure {
     TimedOut,
 }
 
-async fn forward(service: &Arc<Service>, req: Request<Incoming>) -> Response<Kind> {
+async fn forward(stats: &Stats, service: &Arc<Service>, req: Request<Incoming>) -> Response<Kind> {
     let spec = &service.spec;
     let mut req = req;
     let mut tried: [Option<SocketAddr>; MAX_TRIES] = [None; MAX_TRIES];
@@ -212,6 +217,7 @@ async fn forward(service: &Arc<Service>, req: Request<Incoming>) -> Response<Kin
                 Ok(s) => s,
                 Err(e) => {
                     endpoint.failures.fetch_add(1, Ordering::Relaxed);
+                    Stats::count(&stats.server_failed);
                     tracing::debug!(service = %service.name, "{e}");
                     failure = match e {
                         ConnectError::Timeout(_) => Failure::TimedOut,
@@ -235,6 +241,7 @@ async fn forward(service: &Arc<Service>, req: Request<Incoming>) -> Response<Kin
         match sent.await {
             Ok(Ok(mut response)) => {
                 endpoint.responses.fetch_add(1, Ordering::Relaxed);
+                Stats::count(&stats.server_success);
                 strip_hop_by_hop(response.headers_mut());
                 return response.map(|body| {
                     Kind::Upstream(UpstreamBody {
@@ -256,6 +263,7 @@ async fn forward(service: &Arc<Service>, req: Request<Incoming>) -> Response<Kin
                 }
                 None => {
                     endpoint.failures.fetch_add(1, Ordering::Relaxed);
+                    Stats::count(&stats.server_failed);
                     tracing::debug!(service = %service.name, endpoint = %endpoint.address, "upstream failed: {}", e.into_error());
                     return error(
                         StatusCode::BAD_GATEWAY,
@@ -265,6 +273,7 @@ async fn forward(service: &Arc<Service>, req: Request<Incoming>) -> Response<Kin
             },
             Err(_) => {
                 endpoint.failures.fetch_add(1, Ordering::Relaxed);
+                Stats::count(&stats.server_failed);
                 return error(
                     StatusCode::GATEWAY_TIMEOUT,
                     "the upstream did not answer in time",

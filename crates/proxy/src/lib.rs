@@ -15,8 +15,10 @@ mod conn;
 mod http;
 mod listener;
 mod pool;
+mod stats;
 pub mod table;
 
 pub use listener::{Proxy, ProxyHandle};
 pub use pool::EndpointState;
+pub use stats::Stats;
 pub use table::RoutingTable;

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::conn::{self, Deadlines};
+use crate::stats::Stats;
 use crate::table::{RoutingTable, TableBuilder};
 
 /// Pending connections the kernel queues for each listener.
@@ -34,6 +35,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug)]
 pub struct ProxyHandle {
     tables: Arc<ArcSwap<RoutingTable>>,
+    stats: Arc<Stats>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -42,6 +44,11 @@ impl ProxyHandle {
     /// The table in force.
     pub fn table(&self) -> Arc<RoutingTable> {
         self.tables.load_full()
+    }
+
+    /// The process-wide request counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
     }
 
     /// Stops accepting on every listener, lets in-flight requests finish within the shutdown
@@ -87,6 +94,7 @@ impl Proxy {
     pub fn new() -> Self {
         let handle = ProxyHandle {
             tables: Arc::new(ArcSwap::from_pointee(RoutingTable::default())),
+            stats: Arc::new(Stats::default()),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
         };
@@ -239,10 +247,10 @@ async fn accept(
             },
             None => return,
         };
-        let tables = handle.tables.clone();
+        let (tables, stats) = (handle.tables.clone(), handle.stats.clone());
         let (server, drain) = (server.clone(), drain.clone());
         handle.tracker.spawn(async move {
-            conn::serve(server, stream, peer, local, tables, deadlines, drain).await;
+            conn::serve(server, stream, peer, local, tables, stats, deadlines, drain).await;
             drop(permit);
         });
     }
@@ -257,8 +265,14 @@ async fn sweep_pools(tables: Arc<ArcSwap<RoutingTable>>, stop: CancellationToken
         }
         let table = tables.load_full();
         for service in table.services() {
-            for endpoint in &service.endpoints {
-                endpoint.sweep(service.spec.pool_idle_timeout.get());
+            for (endpoint, spec) in service.endpoints.iter().zip(&service.spec.endpoints) {
+                // A drained or disabled endpoint keeps no idle connections.
+                let max_age = if spec.state.is_enabled() {
+                    service.spec.pool_idle_timeout.get()
+                } else {
+                    Duration::ZERO
+                };
+                endpoint.sweep(max_age);
             }
         }
     }
