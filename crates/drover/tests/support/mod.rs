@@ -74,6 +74,10 @@ pub struct Drover {
     pub config: PathBuf,
     pub log: PathBuf,
     pub admin: SocketAddr,
+    /// The arguments after `run`, for a restart.
+    args: Vec<String>,
+    /// Sent as a bearer token by `api`.
+    pub token: Option<String>,
 }
 
 impl Drover {
@@ -93,34 +97,95 @@ impl Drover {
         Self::spawn(dir, path, args).await
     }
 
+    /// Starts drover with the config file `config` and more arguments.
+    pub async fn start_with(config: &str, args: &[&str]) -> Drover {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("drover.toml");
+        std::fs::write(&path, config).unwrap();
+        let path_arg = path.to_str().unwrap().to_string();
+        let mut all = vec!["--config", path_arg.as_str()];
+        all.extend_from_slice(args);
+        Self::spawn(dir, path.clone(), &all).await
+    }
+
     async fn spawn(dir: tempfile::TempDir, config: PathBuf, args: &[&str]) -> Drover {
         let log = dir.path().join("drover.log");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_drover"))
-            .arg("run")
-            .args(args)
-            .args([
-                "--admin",
-                &admin.to_string(),
-                "--log-level",
-                "info,drover_proxy=debug",
-            ])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .stdout(Stdio::from(out.try_clone().unwrap()))
-            .stderr(Stdio::from(out))
-            .spawn()
-            .expect("drover starts");
+        let data = dir.path().join("data");
+        let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        for extra in [
+            "--admin",
+            &admin.to_string(),
+            "--log-level",
+            "info,drover_proxy=debug",
+        ] {
+            args.push(extra.to_string());
+        }
+        args.push("--data-dir".into());
+        args.push(data.to_str().unwrap().to_string());
+        let token = args
+            .iter()
+            .position(|a| a == "--admin-token")
+            .map(|i| args[i + 1].clone());
+        let child = Self::launch(&args, &log);
         let mut d = Drover {
             child,
             dir,
             config,
             log,
             admin,
+            args,
+            token,
         };
         d.wait_ready().await;
         d
+    }
+
+    fn launch(args: &[String], log: &std::path::Path) -> Child {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        Command::new(env!("CARGO_BIN_EXE_drover"))
+            .arg("run")
+            .args(args)
+            .env_remove("DROVER_ADMIN_TOKEN")
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .expect("drover starts")
+    }
+
+    /// Kills drover with SIGKILL (no chance to save or clean up anything), then starts it
+    /// again with the same arguments, config file and data directory.
+    pub async fn kill_and_restart(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = Self::launch(&self.args, &self.log);
+        self.wait_ready().await;
+    }
+
+    /// Calls the admin API with the token, if any; returns the status and the JSON body
+    /// (Null when the body is not JSON).
+    pub async fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> (StatusCode, serde_json::Value) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{}", self.admin, path));
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req.body(full(body.unwrap_or("").to_string())).unwrap();
+        let (status, _, bytes) = send(&client(), req).await.unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     async fn wait_ready(&mut self) {
@@ -156,8 +221,11 @@ impl Drover {
 
     /// The admin API's `/api/v1/status`.
     pub async fn status(&self) -> Result<serde_json::Value, String> {
-        let url = format!("http://{}/api/v1/status", self.admin);
-        let (status, _, body) = try_get(&client(), &url).await?;
+        let mut req = Request::get(format!("http://{}/api/v1/status", self.admin));
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let (status, _, body) = send(&client(), req.body(empty()).unwrap()).await?;
         if status != StatusCode::OK {
             return Err(format!("status {status}"));
         }
