@@ -38,7 +38,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::reply::{Body, api_error, error, ok, read_json};
+use crate::reply::{Body, Failure, fail, ok, read_json};
 use crate::routes::{Found, Op};
 
 /// What the admin API reads and changes.
@@ -103,46 +103,50 @@ struct EndpointPatch {
 
 impl Admin {
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        match self.route(req).await {
+            Ok(r) => r,
+            Err(f) => f.into_response(),
+        }
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Result<Response<Body>, Failure> {
         let (op, params) = match routes::find(req.method(), req.uri().path()) {
             Found::Route(op, params) => (op, params),
             Found::WrongMethod(allowed) => {
                 let allowed: Vec<&str> = allowed.iter().map(Method::as_str).collect();
-                let mut r = error(
+                let mut r = fail(
                     StatusCode::METHOD_NOT_ALLOWED,
                     format!(
                         "{} is not allowed here; use {}",
                         req.method(),
                         allowed.join(" or ")
                     ),
-                    None,
-                );
+                )
+                .into_response();
                 if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
                     r.headers_mut().insert(header::ALLOW, v);
                 }
-                return r;
+                return Ok(r);
             }
             Found::NotFound => {
-                return error(
+                return Err(fail(
                     StatusCode::NOT_FOUND,
                     format!(
                         "no such admin path: {}; see /api/v1/openapi.json",
                         req.uri().path()
                     ),
-                    None,
-                );
+                ));
             }
         };
-        if op != Op::Healthz
-            && let Err(refusal) = self.check_access(&req)
-        {
-            return refusal;
+        if op != Op::Healthz {
+            self.check_access(&req)?;
         }
         let reason = format!("{} {}", req.method(), req.uri().path());
-        self.dispatch(op, params, req, &reason).await
+        self.dispatch(op, &params, req, &reason).await
     }
 
     /// The token and Origin rules.
-    fn check_access(&self, req: &Request<Incoming>) -> Result<(), Response<Body>> {
+    fn check_access(&self, req: &Request<Incoming>) -> Result<(), Failure> {
         if let Some(token) = &self.token {
             let given = req
                 .headers()
@@ -150,14 +154,10 @@ impl Admin {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "));
             if !given.is_some_and(|g| same_secret(g.trim().as_bytes(), token.as_bytes())) {
-                let mut r = error(
+                return Err(fail(
                     StatusCode::UNAUTHORIZED,
                     "this admin API needs a token: send Authorization: Bearer <token>",
-                    None,
-                );
-                r.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                return Err(r);
+                ));
             }
         }
         if let Some(origin) = req.headers().get(header::ORIGIN) {
@@ -171,10 +171,9 @@ impl Admin {
                     .is_ok_and(|o| o.eq_ignore_ascii_case(&format!("http://{h}")))
             });
             if !same {
-                return Err(error(
+                return Err(fail(
                     StatusCode::FORBIDDEN,
                     "requests from a page of another origin are refused",
-                    None,
                 ));
             }
         }
@@ -184,12 +183,16 @@ impl Admin {
     async fn dispatch(
         &self,
         op: Op,
-        params: Vec<String>,
+        params: &[String],
         req: Request<Incoming>,
         reason: &str,
-    ) -> Response<Body> {
+    ) -> Result<Response<Body>, Failure> {
         let param = |i: usize| params.get(i).map(String::as_str).unwrap_or_default();
-        match op {
+        let created = |outcome| match outcome {
+            Outcome::Created => StatusCode::CREATED,
+            Outcome::Existed => StatusCode::OK,
+        };
+        Ok(match op {
             Op::Healthz => reply::text(StatusCode::OK, "ok\n"),
             Op::OpenApi => ok(&openapi::document()),
             Op::Status => ok(&views::status(&self.status.borrow())),
@@ -212,186 +215,104 @@ impl Admin {
             Op::Config => self.view(|v| ok(&v.config())).await,
             Op::ServiceGet => {
                 let name = param(0);
-                self.view(|v| match v.service(name) {
-                    Some(s) => ok(&s),
-                    None => error(
-                        StatusCode::NOT_FOUND,
-                        format!("no service named {name:?}"),
-                        None,
-                    ),
-                })
-                .await
+                let found = self.view(|v| v.service(name).map(|s| ok(&s))).await;
+                found.ok_or_else(|| {
+                    fail(StatusCode::NOT_FOUND, format!("no service named {name:?}"))
+                })?
             }
             Op::ServersAdd => {
-                let body: ServerBody = match read_json(req).await {
-                    Ok(b) => b,
-                    Err(r) => return r,
-                };
-                let address = match parse_server_url(&body.url) {
-                    Ok(a) => a,
-                    Err(m) => return error(StatusCode::BAD_REQUEST, m, Some("url")),
-                };
-                match self
+                let body: ServerBody = read_json(req).await?;
+                let address = parse_server_url(&body.url)
+                    .map_err(|m| fail(StatusCode::BAD_REQUEST, m).field("url"))?;
+                let outcome = self
                     .api
                     .add_endpoint("default", EndpointSpec::new(address, 1), reason)
-                    .await
-                {
-                    Ok(outcome) => {
-                        let added = outcome == Outcome::Created;
-                        let status = if added {
-                            StatusCode::CREATED
-                        } else {
-                            StatusCode::OK
-                        };
-                        reply::json(
-                            status,
-                            &json!({"service": "default", "address": address.to_string(), "added": added}),
-                        )
-                    }
-                    Err(e) => api_error(e),
-                }
+                    .await?;
+                let added = outcome == Outcome::Created;
+                reply::json(
+                    created(outcome),
+                    &json!({"service": "default", "address": address.to_string(), "added": added}),
+                )
             }
             Op::ServersRemove => {
-                let address = match parse_ip_port(param(0), param(1)) {
-                    Ok(a) => a,
-                    Err(m) => return error(StatusCode::BAD_REQUEST, m, None),
-                };
-                match self.api.remove_endpoint("default", address, reason).await {
-                    Ok(()) => ok(
-                        &json!({"service": "default", "address": address.to_string(), "removed": true}),
-                    ),
-                    Err(e) => api_error(e),
-                }
+                let address = parse_ip_port(param(0), param(1))?;
+                self.api.remove_endpoint("default", address, reason).await?;
+                ok(&json!({"service": "default", "address": address.to_string(), "removed": true}))
             }
             Op::ServicePut => {
                 let name = param(0);
-                let spec: ServiceSpec = match read_json(req).await {
-                    Ok(b) => b,
-                    Err(r) => return r,
-                };
-                match self.api.put_service(name, spec, reason).await {
-                    Ok(outcome) => {
-                        let status = match outcome {
-                            Outcome::Created => StatusCode::CREATED,
-                            Outcome::Existed => StatusCode::OK,
-                        };
-                        self.view(|v| reply::json(status, &v.service(name).unwrap_or_default()))
-                            .await
-                    }
-                    Err(e) => api_error(e),
-                }
+                let spec: ServiceSpec = read_json(req).await?;
+                let outcome = self.api.put_service(name, spec, reason).await?;
+                self.view(|v| reply::json(created(outcome), &v.service(name).unwrap_or_default()))
+                    .await
             }
-            Op::ServiceDelete => match self.api.delete_service(param(0), reason).await {
-                Ok(()) => ok(&json!({"deleted": param(0)})),
-                Err(e) => api_error(e),
-            },
+            Op::ServiceDelete => {
+                self.api.delete_service(param(0), reason).await?;
+                ok(&json!({"deleted": param(0)}))
+            }
             Op::EndpointAdd => {
                 let service = param(0);
-                let endpoint: EndpointSpec = match read_json(req).await {
-                    Ok(b) => b,
-                    Err(r) => return r,
-                };
-                match self.api.add_endpoint(service, endpoint, reason).await {
-                    Ok(Outcome::Created) => {
-                        self.view(|v| {
-                            reply::json(
-                                StatusCode::CREATED,
-                                &v.endpoint(service, endpoint.address).unwrap_or_default(),
-                            )
-                        })
-                        .await
-                    }
-                    Ok(Outcome::Existed) => error(
+                let endpoint: EndpointSpec = read_json(req).await?;
+                if self.api.add_endpoint(service, endpoint, reason).await? == Outcome::Existed {
+                    return Err(fail(
                         StatusCode::CONFLICT,
                         format!(
                             "service {service:?} has endpoint {} already; PATCH it to change its weight or state",
                             endpoint.address
                         ),
-                        Some("address"),
-                    ),
-                    Err(e) => api_error(e),
+                    )
+                    .field("address"));
                 }
+                self.view(|v| {
+                    let view = v.endpoint(service, endpoint.address).unwrap_or_default();
+                    reply::json(StatusCode::CREATED, &view)
+                })
+                .await
             }
             Op::EndpointPatch => {
-                let service = param(0);
-                let address = match parse_address(param(1)) {
-                    Ok(a) => a,
-                    Err(r) => return r,
-                };
-                let patch: EndpointPatch = match read_json(req).await {
-                    Ok(b) => b,
-                    Err(r) => return r,
-                };
+                let (service, address) = (param(0), parse_address(param(1))?);
+                let patch: EndpointPatch = read_json(req).await?;
                 let patch = EndpointOverride {
                     weight: patch.weight,
                     state: patch.state,
                 };
-                match self
-                    .api
+                self.api
                     .patch_endpoint(service, address, patch, reason)
+                    .await?;
+                self.view(|v| ok(&v.endpoint(service, address).unwrap_or_default()))
                     .await
-                {
-                    Ok(()) => {
-                        self.view(|v| ok(&v.endpoint(service, address).unwrap_or_default()))
-                            .await
-                    }
-                    Err(e) => api_error(e),
-                }
             }
             Op::EndpointDelete => {
-                let address = match parse_address(param(1)) {
-                    Ok(a) => a,
-                    Err(r) => return r,
-                };
-                match self.api.remove_endpoint(param(0), address, reason).await {
-                    Ok(()) => ok(&json!({"removed": address.to_string()})),
-                    Err(e) => api_error(e),
-                }
+                let address = parse_address(param(1))?;
+                self.api.remove_endpoint(param(0), address, reason).await?;
+                ok(&json!({"removed": address.to_string()}))
             }
             Op::RouteAdd => {
-                let route: RouteSpec = match read_json(req).await {
-                    Ok(b) => b,
-                    Err(r) => return r,
-                };
-                match self.api.add_route(route.clone(), reason).await {
-                    Ok(outcome) => {
-                        let status = match outcome {
-                            Outcome::Created => StatusCode::CREATED,
-                            Outcome::Existed => StatusCode::OK,
-                        };
-                        self.view(|v| reply::json(status, &v.route(&route))).await
-                    }
-                    Err(e) => api_error(e),
-                }
+                let route: RouteSpec = read_json(req).await?;
+                let outcome = self.api.add_route(route.clone(), reason).await?;
+                self.view(|v| reply::json(created(outcome), &v.route(&route)))
+                    .await
             }
             Op::RouteDelete => {
-                let query = match RouteQuery::parse(req.uri().query().unwrap_or("")) {
-                    Ok(q) => q,
-                    Err(r) => return r,
-                };
-                let removed = self
+                let q = RouteQuery::parse(req.uri().query().unwrap_or(""))?;
+                let route = self
                     .api
                     .remove_route(
-                        &query.listener,
-                        query.host.as_deref(),
-                        query.path_prefix.as_deref(),
+                        &q.listener,
+                        q.host.as_deref(),
+                        q.path_prefix.as_deref(),
                         reason,
                     )
-                    .await;
-                match removed {
-                    Ok(route) => {
-                        let mut v = serde_json::to_value(&route).unwrap_or_default();
-                        v["source"] = json!(drover_control::api::source_id().to_string());
-                        ok(&json!({ "removed": v }))
-                    }
-                    Err(e) => api_error(e),
-                }
+                    .await?;
+                let mut v = serde_json::to_value(&route).unwrap_or_default();
+                v["source"] = json!(drover_control::api::source_id().to_string());
+                ok(&json!({ "removed": v }))
             }
-        }
+        })
     }
 
     /// Answers from one consistent read of the configuration, table and API state.
-    async fn view(&self, f: impl FnOnce(&views::Snapshot<'_>) -> Response<Body>) -> Response<Body> {
+    async fn view<R>(&self, f: impl FnOnce(&views::Snapshot<'_>) -> R) -> R {
         let api = self.api.state().await;
         let status = self.status.borrow().clone();
         let table = self.proxy.table();
@@ -411,39 +332,39 @@ struct RouteQuery {
 }
 
 impl RouteQuery {
-    fn parse(query: &str) -> Result<Self, Response<Body>> {
+    fn parse(query: &str) -> Result<Self, Failure> {
         let (mut listener, mut host, mut path_prefix) = (None, None, None);
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let Some(v) = routes::percent_decode(&v.replace('+', " ")) else {
-                return Err(error(
+            let v = routes::percent_decode(&v.replace('+', " ")).ok_or_else(|| {
+                fail(
                     StatusCode::BAD_REQUEST,
                     format!("{k}: bad percent-encoding"),
-                    Some(k),
-                ));
-            };
+                )
+                .field(k)
+            })?;
             match k {
                 "listener" => listener = Some(v),
                 "host" => host = Some(v),
                 "path_prefix" => path_prefix = Some(v),
                 _ => {
-                    return Err(error(
+                    return Err(fail(
                         StatusCode::BAD_REQUEST,
                         format!(
                             "unknown query parameter {k:?}; use listener, host and path_prefix"
                         ),
-                        Some(k),
-                    ));
+                    )
+                    .field(k));
                 }
             }
         }
-        let Some(listener) = listener else {
-            return Err(error(
+        let listener = listener.ok_or_else(|| {
+            fail(
                 StatusCode::BAD_REQUEST,
                 "say which route: ?listener=NAME, and host and path_prefix if the route has them",
-                Some("listener"),
-            ));
-        };
+            )
+            .field("listener")
+        })?;
         Ok(Self {
             listener,
             host,
@@ -476,21 +397,23 @@ fn parse_server_url(url: &str) -> Result<SocketAddr, String> {
         .map_err(|_| bad("the host must be an IP address"))
 }
 
-fn parse_ip_port(ip: &str, port: &str) -> Result<SocketAddr, String> {
+/// weldr's `/servers/{ip}/{port}`.
+fn parse_ip_port(ip: &str, port: &str) -> Result<SocketAddr, Failure> {
+    let bad = |m: String| fail(StatusCode::BAD_REQUEST, m);
     let ip: IpAddr = ip
         .trim_start_matches('[')
         .trim_end_matches(']')
         .parse()
-        .map_err(|_| format!("{ip:?} is not an IP address"))?;
+        .map_err(|_| bad(format!("{ip:?} is not an IP address")))?;
     let port: u16 = port
         .parse()
-        .map_err(|_| format!("{port:?} is not a port number"))?;
+        .map_err(|_| bad(format!("{port:?} is not a port number")))?;
     Ok(SocketAddr::new(ip, port))
 }
 
-fn parse_address(s: &str) -> Result<SocketAddr, Response<Body>> {
+fn parse_address(s: &str) -> Result<SocketAddr, Failure> {
     drover_model::spec::parse_endpoint_addr(s)
-        .map_err(|m| error(StatusCode::BAD_REQUEST, m, Some("address")))
+        .map_err(|m| fail(StatusCode::BAD_REQUEST, m).field("address"))
 }
 
 /// Compares secrets in time that does not depend on where they differ.
@@ -504,22 +427,14 @@ mod tests {
 
     #[test]
     fn weldr_urls() {
+        let addr = |s: &str| Ok(s.parse().unwrap());
         assert_eq!(
             parse_server_url("http://127.0.0.1:12345"),
-            Ok("127.0.0.1:12345".parse().unwrap())
+            addr("127.0.0.1:12345")
         );
-        assert_eq!(
-            parse_server_url("HTTP://127.0.0.1/"),
-            Ok("127.0.0.1:80".parse().unwrap())
-        );
-        assert_eq!(
-            parse_server_url("http://[::1]:81"),
-            Ok("[::1]:81".parse().unwrap())
-        );
-        assert_eq!(
-            parse_server_url("http://[::1]"),
-            Ok("[::1]:80".parse().unwrap())
-        );
+        assert_eq!(parse_server_url("HTTP://127.0.0.1/"), addr("127.0.0.1:80"));
+        assert_eq!(parse_server_url("http://[::1]:81"), addr("[::1]:81"));
+        assert_eq!(parse_server_url("http://[::1]"), addr("[::1]:80"));
         for bad in [
             "https://127.0.0.1",
             "127.0.0.1:80",

@@ -41,69 +41,95 @@ pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
-pub fn error(
-    status: StatusCode,
-    message: impl Into<String>,
-    field: Option<&str>,
-) -> Response<Body> {
-    let mut body = json!({ "error": message.into() });
-    if let Some(f) = field {
-        body["field"] = json!(f);
+/// A request answered with an error: its status, what was wrong, and the body field it was
+/// about.
+#[derive(Debug)]
+pub struct Failure {
+    pub status: StatusCode,
+    pub message: String,
+    pub field: Option<String>,
+}
+
+/// A failure about no particular field.
+pub fn fail(status: StatusCode, message: impl Into<String>) -> Failure {
+    Failure {
+        status,
+        message: message.into(),
+        field: None,
     }
-    json(status, &body)
+}
+
+impl Failure {
+    pub fn field(mut self, field: &str) -> Self {
+        self.field = Some(field.to_string());
+        self
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let mut body = json!({ "error": self.message });
+        if let Some(f) = self.field {
+            body["field"] = json!(f);
+        }
+        let mut r = json(self.status, &body);
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
 }
 
 /// The HTTP form of an API store error.
-pub fn api_error(e: ApiError) -> Response<Body> {
-    let status = match e.kind {
-        ErrorKind::NotFound => StatusCode::NOT_FOUND,
-        ErrorKind::Conflict => StatusCode::CONFLICT,
-        ErrorKind::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
-        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-    };
-    error(status, e.message, e.field.as_deref())
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Self {
+        let status = match e.kind {
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        Failure {
+            status,
+            message: e.message,
+            field: e.field,
+        }
+    }
 }
 
 /// Reads a JSON body whatever its Content-Type says (weldr's users send `curl -d`, which says
 /// form data). Errors name the field where serde can tell.
-pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Body>> {
+pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Failure> {
     let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(error(
+            return Err(fail(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("the body is larger than {MAX_BODY} bytes"),
-                None,
             ));
         }
         Err(e) => {
-            return Err(error(
+            return Err(fail(
                 StatusCode::BAD_REQUEST,
                 format!("cannot read the body: {e}"),
-                None,
             ));
         }
     };
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(error(
+        return Err(fail(
             StatusCode::BAD_REQUEST,
             "the request needs a JSON body",
-            None,
         ));
     }
     let mut de = serde_json::Deserializer::from_slice(&bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        let field = (path != ".").then_some(path);
-        let message = format!("invalid JSON body: {}", e.inner());
-        error(StatusCode::BAD_REQUEST, message, field.as_deref())
+        Failure {
+            status: StatusCode::BAD_REQUEST,
+            message: format!("invalid JSON body: {}", e.inner()),
+            field: (path != ".").then_some(path),
+        }
     })?;
-    de.end().map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            format!("invalid JSON body: {e}"),
-            None,
-        )
-    })?;
+    de.end()
+        .map_err(|e| fail(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))?;
     Ok(value)
 }

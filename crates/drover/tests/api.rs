@@ -12,6 +12,10 @@ use http::StatusCode;
 use serde_json::{Value, json};
 use support::*;
 
+/// A bad request and what it must get: method, path, body, status, field named, words in
+/// the error.
+type BadCase<'a> = (&'a str, String, &'a str, u16, Option<&'a str>, &'a str);
+
 /// Runs curl as a weldr user would; returns (HTTP status, body).
 fn curl(args: &[&str]) -> (u16, String) {
     let out = Command::new("curl")
@@ -191,7 +195,7 @@ async fn bad_input_on_every_route_gets_its_error_and_changes_nothing() {
 
     let existing = format!(r#"{{"address":"{ep}"}}"#);
     // (method, path, body, status, field, words in the error)
-    let cases: Vec<(&str, String, &str, u16, Option<&str>, &str)> = vec![
+    let cases: Vec<BadCase> = vec![
         (
             "POST",
             "/servers".into(),

@@ -150,17 +150,32 @@ pub(crate) struct Deadlines {
     pub idle: Duration,
 }
 
+/// What every connection of one listener shares.
+#[derive(Clone)]
+pub(crate) struct Listening {
+    pub server: Arc<auto::Builder<TokioExecutor>>,
+    pub tables: Arc<ArcSwap<RoutingTable>>,
+    pub stats: Arc<Stats>,
+    /// The listener's address.
+    pub local: SocketAddr,
+    /// Cancelled when the listener is removed or drover shuts down.
+    pub drain: CancellationToken,
+}
+
 /// Serves a connection until it closes, breaks a deadline, or is drained.
 pub(crate) async fn serve(
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    listening: Listening,
     stream: TcpStream,
     peer: SocketAddr,
-    local: SocketAddr,
-    tables: Arc<ArcSwap<RoutingTable>>,
-    stats: Arc<Stats>,
     deadlines: Deadlines,
-    drain: CancellationToken,
 ) {
+    let Listening {
+        server,
+        tables,
+        stats,
+        local,
+        drain,
+    } = listening;
     let ip_value =
         |ip: std::net::IpAddr| HeaderValue::from_str(&ip.to_canonical().to_string()).ok();
     let (Some(client_ip), Some(local_ip)) = (ip_value(peer.ip()), ip_value(local.ip())) else {
@@ -185,7 +200,7 @@ pub(crate) async fn serve(
     });
     let service_ctx = ctx.clone();
     let service = service_fn(move |req| crate::http::handle(service_ctx.clone(), req));
-    let conn = builder.serve_connection(io, service);
+    let conn = server.serve_connection(io, service);
     tokio::pin!(conn);
 
     let check_every = deadlines.request_header.min(deadlines.idle);

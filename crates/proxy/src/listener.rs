@@ -22,7 +22,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::conn::{self, Deadlines};
+use crate::conn::{self, Deadlines, Listening};
 use crate::stats::Stats;
 use crate::table::{RoutingTable, TableBuilder};
 
@@ -118,14 +118,17 @@ impl Proxy {
             max_connections: spec.max_connections,
         };
         tracing::info!(listener = %spec.name, "accepting {} on {}", spec.protocol, spec.listen);
-        self.handle.tracker.spawn(accept(
-            socket,
-            spec.listen,
-            self.handle.clone(),
-            self.server.clone(),
-            running.slots.clone(),
-            running.drain.clone(),
-        ));
+        let listening = Listening {
+            server: self.server.clone(),
+            tables: self.handle.tables.clone(),
+            stats: self.handle.stats.clone(),
+            local: spec.listen,
+            drain: running.drain.clone(),
+        };
+        let tracker = self.handle.tracker.clone();
+        self.handle
+            .tracker
+            .spawn(accept(socket, listening, tracker, running.slots.clone()));
         running
     }
 }
@@ -211,12 +214,11 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 async fn accept(
     socket: TcpListener,
-    local: SocketAddr,
-    handle: ProxyHandle,
-    server: Arc<auto::Builder<TokioExecutor>>,
+    listening: Listening,
+    tracker: TaskTracker,
     slots: Arc<Semaphore>,
-    drain: CancellationToken,
 ) {
+    let (local, drain) = (listening.local, listening.drain.clone());
     loop {
         // At the connection limit, wait here: new clients queue in the kernel's backlog.
         let permit = tokio::select! {
@@ -240,17 +242,16 @@ async fn accept(
             _ = drain.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
-        let deadlines = match handle.tables.load().listener(local) {
+        let deadlines = match listening.tables.load().listener(local) {
             Some(l) => Deadlines {
                 request_header: l.spec.request_header_timeout.get(),
                 idle: l.spec.idle_timeout.get(),
             },
             None => return,
         };
-        let (tables, stats) = (handle.tables.clone(), handle.stats.clone());
-        let (server, drain) = (server.clone(), drain.clone());
-        handle.tracker.spawn(async move {
-            conn::serve(server, stream, peer, local, tables, stats, deadlines, drain).await;
+        let listening = listening.clone();
+        tracker.spawn(async move {
+            conn::serve(listening, stream, peer, deadlines).await;
             drop(permit);
         });
     }
