@@ -126,7 +126,8 @@ pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T,
         Failure {
             status: StatusCode::BAD_REQUEST,
             message: format!("invalid JSON body: {}", e.inner()),
-            field: (path != ".").then_some(path),
+            // "." is the whole body, "?" a place serde could not name.
+            field: (path != "." && path != "?").then_some(path),
         }
     })?;
     de.end()
