@@ -14,7 +14,14 @@ fn the_api_page_has_a_section_for_every_route_and_no_other() {
         .collect();
     for (method, path, _) in ROUTES {
         let wanted = format!("{method} {path}");
-        assert!(headings.contains(&wanted.as_str()), "docs/api.md has no section for {wanted}");
+        assert!(
+            headings.contains(&wanted.as_str()),
+            "docs/api.md has no section for {wanted}"
+        );
     }
-    assert_eq!(headings.len(), ROUTES.len(), "sections for routes that do not exist: {headings:?}");
+    assert_eq!(
+        headings.len(),
+        ROUTES.len(),
+        "sections for routes that do not exist: {headings:?}"
+    );
 }
