@@ -188,16 +188,7 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
             }
             continue;
         };
-        let settings = |s: &crate::ServiceSpec| {
-            (
-                s.policy,
-                s.connect_timeout,
-                s.response_timeout,
-                s.pool_max_idle,
-                s.pool_idle_timeout,
-            )
-        };
-        if settings(o) != settings(n) {
+        if !o.same_settings(n) {
             out.push(Change::ServiceSettingsChanged { name: name.clone() });
         }
         let oe: BTreeMap<_, &EndpointSpec> = o.endpoints.iter().map(|e| (e.address, e)).collect();

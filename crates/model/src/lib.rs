@@ -11,6 +11,7 @@ pub mod diff;
 pub mod duration;
 pub mod merge;
 pub mod spec;
+pub mod traffic;
 pub mod validate;
 
 pub use diff::{Change, diff};
@@ -19,5 +20,8 @@ pub use merge::{Effective, MergeError, SourceId, merge};
 pub use spec::{
     AdminState, Config, EndpointOverride, EndpointSpec, Global, ListenerSpec, Patches, Policy,
     Protocol, RouteSpec, ServiceSpec,
+};
+pub use traffic::{
+    CheckKind, HashOn, HealthCheck, Outlier, Retries, StatusRange, Sticky, StickyMode,
 };
 pub use validate::{FieldError, FieldPath, Segment, validate};

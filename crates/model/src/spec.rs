@@ -11,6 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::Duration;
+use crate::traffic::{HashOn, HealthCheck, Outlier, Retries, Sticky};
 
 /// One source's whole view of the world, and after merging, the effective configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -175,6 +176,37 @@ pub struct ServiceSpec {
     /// `keepalive_timeout`.
     #[serde(default = "defaults::pool_idle_timeout")]
     pub pool_idle_timeout: Duration,
+    /// What `consistent_hash` hashes. `source_ip`.
+    #[serde(default)]
+    pub hash_on: HashOn,
+    /// Keeps each client on one endpoint while it is healthy. Off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<Sticky>,
+    /// Active health checks. Off: endpoints are healthy until passive checks say otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+    /// New endpoints get traffic only after a first passing check, rather than at once
+    /// (weldr assumes them healthy). Off.
+    #[serde(default)]
+    pub wait_for_first_check: bool,
+    #[serde(default)]
+    pub outlier: Outlier,
+    #[serde(default)]
+    pub retries: Retries,
+    /// A new or recovered endpoint's share ramps up over this window. 0 s: off.
+    #[serde(default)]
+    pub slow_start: Duration,
+}
+
+impl ServiceSpec {
+    /// Whether two specs differ in anything but their endpoints.
+    pub fn same_settings(&self, other: &ServiceSpec) -> bool {
+        let strip = |s: &ServiceSpec| ServiceSpec {
+            endpoints: Vec::new(),
+            ..s.clone()
+        };
+        strip(self) == strip(other)
+    }
 }
 
 impl Default for ServiceSpec {
@@ -186,6 +218,13 @@ impl Default for ServiceSpec {
             response_timeout: defaults::response_timeout(),
             pool_max_idle: defaults::pool_max_idle(),
             pool_idle_timeout: defaults::pool_idle_timeout(),
+            hash_on: HashOn::default(),
+            sticky: None,
+            health_check: None,
+            wait_for_first_check: false,
+            outlier: Outlier::default(),
+            retries: Retries::default(),
+            slow_start: Duration::default(),
         }
     }
 }
@@ -197,12 +236,27 @@ pub enum Policy {
     /// nginx's smooth weighted round robin.
     #[default]
     RoundRobin,
+    /// The endpoint with the fewest requests in flight for its weight (HAProxy's
+    /// `leastconn`).
+    LeastConn,
+    /// A weighted random endpoint.
+    Random,
+    /// The better of two random endpoints by peak-EWMA latency times load (Finagle's and
+    /// Linkerd's power of two choices).
+    P2cEwma,
+    /// The same key (see `hash_on`) always goes to the same endpoint while it is available;
+    /// when one of n endpoints leaves, about 1/n of keys move (Maglev).
+    ConsistentHash,
 }
 
 impl fmt::Display for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.pad(match self {
             Policy::RoundRobin => "round_robin",
+            Policy::LeastConn => "least_conn",
+            Policy::Random => "random",
+            Policy::P2cEwma => "p2c_ewma",
+            Policy::ConsistentHash => "consistent_hash",
         })
     }
 }

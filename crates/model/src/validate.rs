@@ -176,6 +176,77 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
             p.clone().key("response_timeout"),
             s.response_timeout,
         );
+        if let Some(hc) = &s.health_check {
+            let hp = p.clone().key("health_check");
+            positive(&mut err, hp.clone().key("interval"), hc.interval);
+            positive(&mut err, hp.clone().key("timeout"), hc.timeout);
+            for (name, n) in [("fall", hc.fall), ("rise", hc.rise)] {
+                if !(1..=100).contains(&n) {
+                    err(
+                        hp.clone().key(name),
+                        format!("{n} is out of range: use 1 to 100"),
+                    );
+                }
+            }
+            if !hc.path.starts_with('/') || hc.path.bytes().any(|b| b.is_ascii_whitespace()) {
+                err(
+                    hp.clone().key("path"),
+                    format!(
+                        "{:?} must start with '/' and contain no spaces, such as \"/healthz\"",
+                        hc.path
+                    ),
+                );
+            }
+            if let Some(host) = &hc.host
+                && let Err(m) = check_host(host)
+            {
+                err(hp.key("host"), m);
+            }
+        }
+        if s.outlier.max_ejected_percent > 100 {
+            err(
+                p.clone().key("outlier").key("max_ejected_percent"),
+                format!(
+                    "{} is out of range: use 0 to 100",
+                    s.outlier.max_ejected_percent
+                ),
+            );
+        }
+        if !(1..=10).contains(&s.retries.attempts) {
+            err(
+                p.clone().key("retries").key("attempts"),
+                format!(
+                    "{} is out of range: use 1 (no retry) to 10",
+                    s.retries.attempts
+                ),
+            );
+        }
+        if s.retries.budget_percent > 100 {
+            err(
+                p.clone().key("retries").key("budget_percent"),
+                format!("{} is out of range: use 0 to 100", s.retries.budget_percent),
+            );
+        }
+        if let Some(t) = s.retries.per_try_timeout {
+            positive(&mut err, p.clone().key("retries").key("per_try_timeout"), t);
+        }
+        if let Some(sticky) = &s.sticky {
+            let token = |c: u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c);
+            if sticky.cookie.is_empty() || !sticky.cookie.bytes().all(token) {
+                err(
+                    p.clone().key("sticky").key("cookie"),
+                    format!(
+                        "{:?} is not a valid cookie name: use letters, digits, '-' or '_'",
+                        sticky.cookie
+                    ),
+                );
+            }
+            positive(
+                &mut err,
+                p.clone().key("sticky").key("expire"),
+                sticky.expire,
+            );
+        }
         let mut addrs: BTreeMap<SocketAddr, usize> = BTreeMap::new();
         for (j, e) in s.endpoints.iter().enumerate() {
             let ep = p.clone().key("endpoints").index(j);
