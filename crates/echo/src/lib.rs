@@ -6,10 +6,17 @@
 //! - `/large`: a 10 MiB body, streamed in 64 KiB chunks.
 //! - `/bytes/N`: a body of N bytes.
 //! - `/echo`: streams the request body back as it arrives.
+//! - `/health`: 200 `ok`, a health-check target.
 //! - any other path: 200 with a body that starts with the name, then the request line and
 //!   every request header, one per line.
+//!
+//! For health-check demos and tests it can be made to fail: `POST /control/fail?status=500`
+//! makes every other path answer that status until `POST /control/recover`. A test that runs
+//! it in-process does the same through [`EchoState`].
 
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,17 +34,44 @@ const CHUNK: usize = 64 * 1024;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
+/// What can be changed in a running origin.
+#[derive(Debug, Default)]
+pub struct EchoState {
+    /// When not 0, every path but `/control/*` answers this status.
+    forced_status: AtomicU16,
+}
+
+impl EchoState {
+    /// Answers `status` to everything from now on.
+    pub fn fail_with(&self, status: u16) {
+        self.forced_status.store(status, Ordering::Relaxed);
+    }
+
+    /// Answers normally again.
+    pub fn recover(&self) {
+        self.forced_status.store(0, Ordering::Relaxed);
+    }
+}
+
 /// Serves HTTP/1.1 and h2c on `listener` until the returned future is dropped.
 pub async fn serve(listener: TcpListener, name: String) {
+    serve_with(listener, name, Arc::new(EchoState::default())).await;
+}
+
+/// Like [`serve`], with state the caller can change while it runs.
+pub async fn serve_with(listener: TcpListener, name: String, state: Arc<EchoState>) {
     let name: &'static str = Box::leak(name.into_boxed_str());
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let state = state.clone();
         tokio::spawn(async move {
-            let service =
-                service_fn(move |req| async move { Ok::<_, Infallible>(respond(name, req).await) });
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(respond(name, &state, req).await) }
+            });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -45,9 +79,28 @@ pub async fn serve(listener: TcpListener, name: String) {
     }
 }
 
-async fn respond(name: &'static str, req: Request<Incoming>) -> Response<Body> {
+async fn respond(name: &'static str, state: &EchoState, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
-    let mut response = if let Some(code) = path.strip_prefix("/status/") {
+    let forced = state.forced_status.load(Ordering::Relaxed);
+    let mut response = if path == "/control/fail" {
+        let status = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("status=")))
+            .and_then(|v| v.parse::<u16>().ok())
+            .filter(|s| StatusCode::from_u16(*s).is_ok())
+            .unwrap_or(500);
+        state.fail_with(status);
+        Response::new(full(format!("{name} now answers {status}\n")))
+    } else if path == "/control/recover" {
+        state.recover();
+        Response::new(full(format!("{name} answers normally\n")))
+    } else if forced != 0 {
+        let status = StatusCode::from_u16(forced).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        with_status(status, full(format!("{name}\nforced {forced}\n")))
+    } else if path == "/health" {
+        Response::new(full("ok\n".into()))
+    } else if let Some(code) = path.strip_prefix("/status/") {
         match code
             .parse::<u16>()
             .ok()

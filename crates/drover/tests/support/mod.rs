@@ -34,6 +34,8 @@ pub fn free_port() -> u16 {
 pub struct Origin {
     pub addr: SocketAddr,
     pub name: String,
+    /// Makes it fail or recover while it runs.
+    pub state: std::sync::Arc<drover_echo::EchoState>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -47,10 +49,16 @@ impl Origin {
             .await
             .unwrap();
         let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(drover_echo::serve(listener, name.to_string()));
+        let state = std::sync::Arc::new(drover_echo::EchoState::default());
+        let task = tokio::spawn(drover_echo::serve_with(
+            listener,
+            name.to_string(),
+            state.clone(),
+        ));
         Origin {
             addr,
             name: name.to_string(),
+            state,
             task,
         }
     }
