@@ -52,6 +52,8 @@ impl Snapshot<'_> {
             "response_timeout": spec.response_timeout,
             "pool_max_idle": spec.pool_max_idle,
             "pool_idle_timeout": spec.pool_idle_timeout,
+            "panic": self.table.service(name).is_some_and(|s| s.in_panic()),
+            "retries": self.table.service(name).map_or(0, |s| s.retries()),
             "endpoints": spec.endpoints.iter().map(|e| self.endpoint_view(name, e)).collect::<Vec<_>>(),
         })
     }
@@ -85,6 +87,7 @@ impl Snapshot<'_> {
             "responses": count(|r| r.responses.load(Ordering::Relaxed)),
             "failures": count(|r| r.failures.load(Ordering::Relaxed)),
             "idle_connections": count(|r| r.idle_connections() as u64),
+            "health": runtime.map(|r| serde_json::to_value(r.health.report()).unwrap_or_default()),
         })
     }
 

@@ -165,7 +165,7 @@ async fn invalid_files_are_rejected_with_line_and_field_while_the_old_config_ser
         (
             "an unknown policy",
             good.replace("[services.web]", "[services.web]\npolicy = \"fastest\""),
-            "drover.toml:11:10: services.web.policy: unknown variant `fastest`, expected `round_robin`",
+            "drover.toml:11:10: services.web.policy: unknown variant `fastest`, expected one of `round_robin`, `least_conn`, `random`, `p2c_ewma`, `consistent_hash`",
         ),
         (
             "an address that does not parse",

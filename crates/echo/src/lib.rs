@@ -58,16 +58,23 @@ pub async fn serve(listener: TcpListener, name: String) {
     serve_with(listener, name, Arc::new(EchoState::default())).await;
 }
 
-/// Like [`serve`], with state the caller can change while it runs.
+/// Like [`serve`], with state the caller can change while it runs. Dropping the future
+/// closes every connection too, as the death of a process would.
 pub async fn serve_with(listener: TcpListener, name: String, state: Arc<EchoState>) {
     let name: &'static str = Box::leak(name.into_boxed_str());
+    let mut connections = tokio::task::JoinSet::new();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+            // Reap finished connections so that the set does not grow.
+            Some(_) = connections.join_next() => continue,
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(respond(name, &state, req).await) }

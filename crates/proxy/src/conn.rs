@@ -42,6 +42,8 @@ pub(crate) struct ConnCtx {
     pub client_ip: HeaderValue,
     /// The IP the client connected to, for X-Original-To.
     pub local_ip: HeaderValue,
+    /// A hash of the client's IP, for `hash_on = "source_ip"` and the stick table.
+    pub client_hash: u64,
     clock: Clock,
 }
 
@@ -185,6 +187,7 @@ pub(crate) async fn serve(
         tables,
         stats,
         local,
+        client_hash: drover_balance::hash_bytes(client_ip.as_bytes()),
         client_ip,
         local_ip,
         clock: Clock {

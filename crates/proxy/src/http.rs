@@ -1,39 +1,32 @@
-//! Proxying one HTTP request: route it, pick an endpoint, forward it over a pooled
-//! connection, and stream the response back.
+//! Proxying one HTTP request: route it, prepare it for upstream, hand it to [`forward`], and
+//! stream the response back.
 //!
-//! Bodies are never buffered: the client's request body is handed to the upstream connection
-//! as it arrives, and the upstream's response body to the client, with hyper's backpressure
-//! both ways. Errors are answered here with a short text body: 404 no route, 503 a service with
-//! no endpoints, 502 no endpoint could be reached or the upstream broke off, 504 the upstream
+//! Bodies are never buffered on their way through: the client's request body goes upstream
+//! as it arrives (unless it is small enough to be kept for a retry), and the upstream's
+//! response body to the client, with hyper's backpressure both ways. Errors are answered
+//! here with a short text body: 404 no route, 503 a service with no endpoint that can take
+//! the request, 502 no endpoint could be reached or the upstream broke off, 504 the upstream
 //! did not answer in time.
 //!
-//! A request is tried on up to [`MAX_TRIES`] endpoints while the failure happened before
-//! anything was sent (the connection could not be opened), as nginx's `proxy_next_upstream
-//! error` does. A pooled connection that turns out to be closed before the request was written
-//! costs no try: hyper hands the request back and it goes out on another connection.
+//! [`forward`]: crate::forward
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use drover_model::{HashOn, StickyMode};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::conn::{Active, ConnCtx};
-use crate::pool::{ConnectError, EndpointState, Sender};
+use crate::forward::{self, Affinity, InFlight};
+use crate::pool::Sender;
 use crate::stats::Stats;
 use crate::table::Service;
-
-/// Endpoints a request is tried on when it cannot be sent at all.
-pub const MAX_TRIES: usize = 3;
-/// Pooled connections found closed that one request may skip before giving up.
-const MAX_STALE: usize = 16;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -92,8 +85,58 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<Kind> {
             "the service has no endpoints",
         );
     }
+    let affinity = affinity(ctx, &service, &req);
     prepare_upstream_request(&mut req, ctx);
-    forward(&ctx.stats, &service, req).await
+    let (mut response, chosen) = forward::forward(&ctx.stats, &service, req, &affinity).await;
+    if let (Some(index), Some(sticky)) = (chosen, &service.spec.sticky) {
+        match sticky.mode {
+            StickyMode::Cookie if affinity.preferred != Some(index) => {
+                if let Some(v) = forward::set_cookie(&sticky.cookie, &service.cookie_values[index])
+                {
+                    response.headers_mut().append(header::SET_COOKIE, v);
+                }
+            }
+            StickyMode::Cookie => {}
+            StickyMode::SourceIp => service.remember(ctx.client_hash, index),
+        }
+    }
+    response
+}
+
+/// The request's hash for `consistent_hash`, and the endpoint stickiness asks for.
+fn affinity(ctx: &ConnCtx, service: &Service, req: &Request<Incoming>) -> Affinity {
+    let spec = &service.spec;
+    let key = match &spec.hash_on {
+        _ if spec.policy != drover_model::Policy::ConsistentHash => 0,
+        HashOn::SourceIp => ctx.client_hash,
+        HashOn::Path => drover_balance::hash_bytes(req.uri().path().as_bytes()),
+        HashOn::Header(name) => req
+            .headers()
+            .get(name.as_str())
+            .map_or(0, |v| drover_balance::hash_bytes(v.as_bytes())),
+        HashOn::Cookie(name) => {
+            cookie(req.headers(), name).map_or(0, |v| drover_balance::hash_bytes(v.as_bytes()))
+        }
+    };
+    let preferred = spec.sticky.as_ref().and_then(|sticky| match sticky.mode {
+        StickyMode::Cookie => cookie(req.headers(), &sticky.cookie)
+            .and_then(|v| service.cookie_values.iter().position(|c| c == v)),
+        StickyMode::SourceIp => service.remembered(ctx.client_hash),
+    });
+    Affinity { key, preferred }
+}
+
+/// The value of the cookie `name` in the request's Cookie headers.
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name).then_some(v)
+        })
 }
 
 /// The host a request is for, without its port: the Host header, or for HTTP/2 the
@@ -187,137 +230,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// How forwarding ended without a response.
-enum Failure {
-    Unreachable,
-    TimedOut,
-}
-
-async fn forward(stats: &Stats, service: &Arc<Service>, req: Request<Incoming>) -> Response<Kind> {
-    let spec = &service.spec;
-    let mut req = req;
-    let mut tried: [Option<SocketAddr>; MAX_TRIES] = [None; MAX_TRIES];
-    let mut tries = 0;
-    let mut stale = 0;
-    let mut failure = Failure::Unreachable;
-    while tries < MAX_TRIES {
-        let Some(endpoint) = pick_untried(service, &tried[..tries]) else {
-            if tries == 0 {
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "every endpoint of the service is drained or disabled",
-                );
-            }
-            break;
-        };
-        let in_flight = InFlight::start(endpoint);
-        let mut sender = match endpoint.checkout(spec.pool_idle_timeout.get()) {
-            Some(s) => s,
-            None => match endpoint.connect(spec.connect_timeout.get()).await {
-                Ok(s) => s,
-                Err(e) => {
-                    endpoint.failures.fetch_add(1, Ordering::Relaxed);
-                    Stats::count(&stats.server_failed);
-                    tracing::debug!(service = %service.name, "{e}");
-                    failure = match e {
-                        ConnectError::Timeout(_) => Failure::TimedOut,
-                        _ => Failure::Unreachable,
-                    };
-                    tried[tries] = Some(endpoint.address);
-                    tries += 1;
-                    continue;
-                }
-            },
-        };
-        // A connection just given back may still be finishing its last response.
-        if sender.ready().await.is_err() {
-            stale += 1;
-            if stale > MAX_STALE {
-                break;
-            }
-            continue;
-        }
-        let sent = tokio::time::timeout(spec.response_timeout.get(), sender.try_send_request(req));
-        match sent.await {
-            Ok(Ok(mut response)) => {
-                endpoint.responses.fetch_add(1, Ordering::Relaxed);
-                Stats::count(&stats.server_success);
-                strip_hop_by_hop(response.headers_mut());
-                return response.map(|body| {
-                    Kind::Upstream(UpstreamBody {
-                        body,
-                        sender: Some(sender),
-                        max_idle: spec.pool_max_idle as usize,
-                        _in_flight: in_flight,
-                    })
-                });
-            }
-            Ok(Err(mut e)) => match e.take_message() {
-                // Never written: the connection was closing. Send it on another one.
-                Some(back) => {
-                    req = back;
-                    stale += 1;
-                    if stale > MAX_STALE {
-                        break;
-                    }
-                }
-                None => {
-                    endpoint.failures.fetch_add(1, Ordering::Relaxed);
-                    Stats::count(&stats.server_failed);
-                    tracing::debug!(service = %service.name, endpoint = %endpoint.address, "upstream failed: {}", e.into_error());
-                    return error(
-                        StatusCode::BAD_GATEWAY,
-                        "the upstream closed the connection or sent an invalid response",
-                    );
-                }
-            },
-            Err(_) => {
-                endpoint.failures.fetch_add(1, Ordering::Relaxed);
-                Stats::count(&stats.server_failed);
-                return error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "the upstream did not answer in time",
-                );
-            }
-        }
-    }
-    match failure {
-        Failure::TimedOut => error(
-            StatusCode::GATEWAY_TIMEOUT,
-            "no endpoint could be reached in time",
-        ),
-        Failure::Unreachable => error(StatusCode::BAD_GATEWAY, "no endpoint could be reached"),
-    }
-}
-
-/// The picker's next endpoint that has not failed this request yet.
-fn pick_untried<'s>(
-    service: &'s Service,
-    tried: &[Option<SocketAddr>],
-) -> Option<&'s Arc<EndpointState>> {
-    // Each pick moves the cycle on, so a few more picks than endpoints see every one of them.
-    (0..service.endpoints.len() + MAX_TRIES)
-        .filter_map(|_| service.pick())
-        .find(|e| !tried.contains(&Some(e.address)))
-}
-
-/// Counts a request in the endpoint's in-flight figure for as long as it lives.
-struct InFlight(Arc<EndpointState>);
-
-impl InFlight {
-    fn start(endpoint: &Arc<EndpointState>) -> Self {
-        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        Self(endpoint.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-fn error(status: StatusCode, message: &'static str) -> Response<Kind> {
+pub(crate) fn error(status: StatusCode, message: &'static str) -> Response<Kind> {
     let mut r = Response::new(Kind::Full(Some(Bytes::from(format!(
         "drover: {message}\n"
     )))));
@@ -336,17 +249,33 @@ pub struct ResponseBody {
     _active: Active,
 }
 
-enum Kind {
+pub(crate) enum Kind {
     Upstream(UpstreamBody),
     Full(Option<Bytes>),
 }
 
 /// An upstream response body; gives its connection back to the pool once read to the end.
-struct UpstreamBody {
+pub(crate) struct UpstreamBody {
     body: Incoming,
     sender: Option<Sender>,
     max_idle: usize,
-    _in_flight: InFlight,
+    in_flight: InFlight,
+}
+
+impl UpstreamBody {
+    pub(crate) fn new(
+        body: Incoming,
+        sender: Sender,
+        max_idle: usize,
+        in_flight: InFlight,
+    ) -> Self {
+        Self {
+            body,
+            sender: Some(sender),
+            max_idle,
+            in_flight,
+        }
+    }
 }
 
 impl Drop for UpstreamBody {
@@ -354,7 +283,7 @@ impl Drop for UpstreamBody {
         if self.body.is_end_stream()
             && let Some(sender) = self.sender.take()
         {
-            self._in_flight.0.checkin(sender, self.max_idle);
+            self.in_flight.endpoint().checkin(sender, self.max_idle);
         }
     }
 }

@@ -12,12 +12,15 @@
 //! - a configuration is published only once every listener it needs is bound.
 
 mod conn;
+mod forward;
+mod health;
 mod http;
 mod listener;
 mod pool;
 mod stats;
 pub mod table;
 
+pub use health::Report as HealthReport;
 pub use listener::{Proxy, ProxyHandle};
 pub use pool::EndpointState;
 pub use stats::Stats;

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::conn::{self, Deadlines, Listening};
+use crate::health::Checker;
 use crate::stats::Stats;
 use crate::table::{RoutingTable, TableBuilder};
 
@@ -86,6 +87,7 @@ pub struct Proxy {
     builder: TableBuilder,
     listeners: HashMap<SocketAddr, Running>,
     server: Arc<auto::Builder<TokioExecutor>>,
+    checker: Checker,
 }
 
 impl Proxy {
@@ -104,6 +106,7 @@ impl Proxy {
             builder: TableBuilder::default(),
             listeners: HashMap::new(),
             server: Arc::new(conn::server_builder()),
+            checker: Checker::default(),
         }
     }
 
@@ -158,8 +161,9 @@ impl Applier for Proxy {
             bound.push((spec, socket));
         }
 
-        let table = self.builder.commit(built);
-        self.handle.tables.store(Arc::new(table));
+        let table = Arc::new(self.builder.commit(built));
+        self.handle.tables.store(table.clone());
+        self.checker.reconcile(&table, &self.handle.shutdown);
 
         for (spec, socket) in bound {
             let running = self.start(spec, socket);

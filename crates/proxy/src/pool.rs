@@ -12,13 +12,16 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
-use hyper::body::Incoming;
+use drover_balance::{Candidate, PeakEwma};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::forward::ReqBody;
+use crate::health::Health;
+
 /// The sending half of an upstream HTTP/1.1 connection.
-pub type Sender = SendRequest<Incoming>;
+pub type Sender = SendRequest<ReqBody>;
 
 /// Why a new upstream connection could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +34,9 @@ pub enum ConnectError {
     Handshake(SocketAddr, hyper::Error),
 }
 
+/// How fast the latency estimate forgets a slow response: 10 s, Linkerd's default decay.
+const LATENCY_DECAY: Duration = Duration::from_secs(10);
+
 /// The runtime state of one endpoint of one service, shared by every table it appears in.
 #[derive(Debug)]
 pub struct EndpointState {
@@ -41,6 +47,10 @@ pub struct EndpointState {
     pub responses: AtomicU64,
     /// Requests that got no response from it: connect failures, resets, timeouts.
     pub failures: AtomicU64,
+    /// Active checks, outlier ejection, slow start.
+    pub health: Health,
+    /// Peak-EWMA of its response times, for `p2c_ewma`.
+    pub latency: PeakEwma,
     idle: SegQueue<Idle>,
     idle_len: AtomicUsize,
 }
@@ -58,6 +68,8 @@ impl EndpointState {
             in_flight: AtomicU64::new(0),
             responses: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            health: Health::new(),
+            latency: PeakEwma::new(LATENCY_DECAY),
             idle: SegQueue::new(),
             idle_len: AtomicUsize::new(0),
         }
@@ -124,5 +136,24 @@ impl EndpointState {
             let _ = conn.await;
         });
         Ok(sender)
+    }
+}
+
+impl Candidate for EndpointState {
+    #[inline]
+    fn is_available(&self) -> bool {
+        self.health.is_available()
+    }
+    #[inline]
+    fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+    #[inline]
+    fn latency_ewma_ns(&self) -> u64 {
+        self.latency.value_ns()
+    }
+    #[inline]
+    fn ramp(&self) -> f64 {
+        self.health.ramp()
     }
 }

@@ -12,8 +12,10 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use drover_balance::RoundRobin;
-use drover_model::{Effective, ListenerSpec, ServiceSpec};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+
+use drover_balance::{Picker, StickTable};
+use drover_model::{Effective, ListenerSpec, ServiceSpec, StickyMode};
 
 use crate::pool::EndpointState;
 
@@ -138,14 +140,108 @@ pub struct Service {
     pub spec: ServiceSpec,
     /// In the order of `spec.endpoints`; the picker returns indexes into it.
     pub endpoints: Vec<Arc<EndpointState>>,
-    picker: RoundRobin,
+    pub(crate) picker: Picker,
+    pub(crate) budget: RetryBudget,
+    /// The sticky cookie's value for each endpoint.
+    pub(crate) cookie_values: Vec<String>,
+    /// Client IP hash → endpoint, for `sticky.mode = "source_ip"`; kept across rebuilds.
+    stick: Option<Arc<StickTable>>,
+    /// Endpoint address hash → index, to read the stick table back.
+    by_id: HashMap<u32, usize>,
+    /// Whether the last pick found no available endpoint and served an unavailable one.
+    panic: AtomicBool,
+    /// Retries made since this service was last rebuilt.
+    pub(crate) retries: AtomicU64,
+}
+
+/// Slots in a service's source-IP stick table: 64 Ki clients (HAProxy users write sizes
+/// such as `size 100k`); a client whose slot another one took is balanced afresh.
+const STICK_TABLE_SLOTS: usize = 1 << 16;
+
+fn endpoint_id(address: SocketAddr) -> u32 {
+    drover_balance::hash_bytes(address.to_string().as_bytes()) as u32
 }
 
 impl Service {
-    /// The endpoint for the next request.
-    #[inline]
-    pub fn pick(&self) -> Option<&Arc<EndpointState>> {
-        self.picker.pick().map(|i| &self.endpoints[i])
+    /// Records whether a pick had to serve an unavailable endpoint, logging each change.
+    pub(crate) fn note_panic(&self, panic: bool) {
+        if self.panic.load(Ordering::Relaxed) != panic
+            && self.panic.swap(panic, Ordering::Relaxed) != panic
+        {
+            if panic {
+                tracing::warn!(service = %self.name, "panic mode: no endpoint is healthy, so all of them are served");
+            } else {
+                tracing::info!(service = %self.name, "panic mode over: healthy endpoints serve again");
+            }
+        }
+    }
+
+    /// Retries made since the service's settings or endpoints last changed.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    /// Whether the service is in panic mode now.
+    pub fn in_panic(&self) -> bool {
+        self.panic.load(Ordering::Relaxed)
+    }
+
+    /// The endpoint the stick table holds for a client, if it still has it.
+    pub(crate) fn remembered(&self, client: u64) -> Option<usize> {
+        let table = self.stick.as_ref()?;
+        let id = table.get(client, now_secs())?;
+        self.by_id.get(&id).copied()
+    }
+
+    /// Holds `index` for a client for the sticky expiry.
+    pub(crate) fn remember(&self, client: u64, index: usize) {
+        if let (Some(table), Some(sticky)) = (&self.stick, &self.spec.sticky) {
+            let expire = sticky.expire.get().as_secs() as u32;
+            let id = endpoint_id(self.endpoints[index].address);
+            table.put(client, id, now_secs().saturating_add(expire));
+        }
+    }
+}
+
+fn now_secs() -> u32 {
+    (crate::health::now_ms() / 1000) as u32
+}
+
+/// Retries a service may make: each request adds `budget_percent` of a retry, each retry
+/// takes one, and an allowance of [`RETRY_ALLOWANCE`] lets a quiet service retry at all.
+/// Lock-free: a counter of thousandths of a retry.
+#[derive(Debug)]
+pub(crate) struct RetryBudget {
+    milli: AtomicI64,
+    per_request: i64,
+}
+
+/// Retries a service can make before requests have earned any.
+const RETRY_ALLOWANCE: i64 = 10;
+
+impl RetryBudget {
+    fn new(percent: u32) -> Self {
+        Self {
+            milli: AtomicI64::new(RETRY_ALLOWANCE * 1000),
+            per_request: i64::from(percent) * 10,
+        }
+    }
+
+    /// A request arrived.
+    pub(crate) fn deposit(&self) {
+        let cap = RETRY_ALLOWANCE * 1000;
+        if self.per_request > 0 && self.milli.load(Ordering::Relaxed) < cap {
+            self.milli.fetch_add(self.per_request, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes one retry from the budget, if it has one.
+    pub(crate) fn withdraw(&self) -> bool {
+        self.milli
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
+                (m >= 1000).then_some(m - 1000)
+            })
+            .is_ok()
     }
 }
 
@@ -185,11 +281,14 @@ impl TableBuilder {
                 .iter()
                 .map(|e| {
                     let key = (name.clone(), e.address);
-                    let state = self
-                        .endpoints
-                        .get(&key)
-                        .cloned()
-                        .unwrap_or_else(|| Arc::new(EndpointState::new(e.address)));
+                    let state = self.endpoints.get(&key).cloned().unwrap_or_else(|| {
+                        let fresh = EndpointState::new(e.address);
+                        if spec.wait_for_first_check && spec.health_check.is_some() {
+                            fresh.health.wait_for_first_check();
+                        }
+                        Arc::new(fresh)
+                    });
+                    state.health.set_slow_start(spec.slow_start.get());
                     next.endpoints.insert(key, state.clone());
                     state
                 })
@@ -201,13 +300,36 @@ impl TableBuilder {
                 .iter()
                 .map(|e| if e.state.is_enabled() { e.weight } else { 0 })
                 .collect();
+            let stick = spec
+                .sticky
+                .as_ref()
+                .filter(|st| st.mode == StickyMode::SourceIp)
+                .map(|_| {
+                    self.services
+                        .get(name)
+                        .and_then(|old| old.stick.clone())
+                        .unwrap_or_else(|| Arc::new(StickTable::new(STICK_TABLE_SLOTS)))
+                });
             next.services.insert(
                 name.clone(),
                 Arc::new(Service {
                     name: name.clone(),
                     spec: spec.clone(),
+                    picker: Picker::new(spec.policy, &weights),
+                    budget: RetryBudget::new(spec.retries.budget_percent),
+                    cookie_values: endpoints
+                        .iter()
+                        .map(|e| crate::forward::cookie_value(e.address))
+                        .collect(),
+                    by_id: endpoints
+                        .iter()
+                        .enumerate()
+                        .map(|(i, e)| (endpoint_id(e.address), i))
+                        .collect(),
+                    stick,
+                    panic: AtomicBool::new(false),
+                    retries: AtomicU64::new(0),
                     endpoints,
-                    picker: RoundRobin::new(&weights),
                 }),
             );
         }

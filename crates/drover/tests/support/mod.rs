@@ -63,7 +63,7 @@ impl Origin {
         }
     }
 
-    /// Stops accepting. Connections already open are served by their own tasks.
+    /// Stops it as if its process died: no more connections accepted, every open one closed.
     pub fn stop(&self) {
         self.task.abort();
     }

@@ -1,0 +1,391 @@
+//! Sending a request upstream: choosing the endpoint, trying again elsewhere when that is
+//! safe, and telling health what happened.
+//!
+//! When a request may go out again:
+//! - it never left drover (the connection could not be opened, or a pooled connection was
+//!   found closed before the request was written): always, on another endpoint (a closed
+//!   pooled connection does not count as a try at all);
+//! - it was sent, but no response byte came back (reset, or the per-try deadline passed):
+//!   when the request can be replayed, i.e. it had no body or one small enough to have been
+//!   kept (`retries.replay_buffer`); after a per-try timeout only for idempotent methods;
+//! - the answer was 502, 503 or 504: for idempotent methods whose request can be replayed.
+//!
+//! At most `retries.attempts` tries, each on an endpoint this request has not tried, and
+//! only while the service's retry budget allows: retries never add more than
+//! `retries.budget_percent` to the requests a service receives (plus a small allowance, so
+//! that a quiet service can retry at all).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use crate::http::{Kind, UpstreamBody, error, strip_hop_by_hop};
+use crate::pool::{ConnectError, EndpointState};
+use crate::stats::Stats;
+use crate::table::Service;
+
+/// The most tries the configuration allows.
+pub(crate) const MAX_ATTEMPTS: usize = 10;
+/// Pooled connections found closed that one request may skip before giving up.
+const MAX_STALE: usize = 16;
+
+/// A request body as sent upstream: the client's stream, or bytes kept for replay.
+pub enum ReqBody {
+    Stream(Incoming),
+    Bytes(Option<Bytes>),
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ReqBody::Stream(s) => Pin::new(s).poll_frame(cx),
+            ReqBody::Bytes(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Stream(s) => s.is_end_stream(),
+            ReqBody::Bytes(b) => b.as_ref().is_none_or(Bytes::is_empty),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Stream(s) => s.size_hint(),
+            ReqBody::Bytes(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
+
+/// The body of the request being forwarded: kept whole (replayable) or still streaming.
+enum Payload {
+    Kept(Bytes),
+    /// Taken by the try that sends it; back here if hyper returns it unsent.
+    Streaming(Option<Incoming>),
+}
+
+impl Payload {
+    fn replayable(&self) -> bool {
+        matches!(self, Payload::Kept(_))
+    }
+}
+
+/// Keeps the body when it is empty or announced small enough; streams it otherwise.
+async fn take_payload(
+    body: Incoming,
+    headers: &HeaderMap,
+    limit: u32,
+) -> Result<Payload, Response<Kind>> {
+    if body.is_end_stream() {
+        return Ok(Payload::Kept(Bytes::new()));
+    }
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match announced {
+        Some(n) if n <= u64::from(limit) => {
+            match Limited::new(body, limit as usize).collect().await {
+                Ok(b) => Ok(Payload::Kept(b.to_bytes())),
+                Err(_) => Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "the request body could not be read",
+                )),
+            }
+        }
+        _ => Ok(Payload::Streaming(Some(body))),
+    }
+}
+
+/// Where a request should go first, from its affinity (sticky cookie or table).
+pub(crate) struct Affinity {
+    /// The hash `consistent_hash` uses.
+    pub key: u64,
+    /// The endpoint stickiness asks for, by index, when it can take the request.
+    pub preferred: Option<usize>,
+}
+
+/// How the tries ended when none got a usable answer.
+enum Failure {
+    Unreachable,
+    TimedOut,
+    Broken,
+    Answer(Response<Kind>),
+}
+
+/// Forwards `req` to `service`; returns the response and the index of the endpoint that
+/// gave it, if any.
+pub(crate) async fn forward(
+    stats: &Stats,
+    service: &Arc<Service>,
+    req: Request<Incoming>,
+    affinity: &Affinity,
+) -> (Response<Kind>, Option<usize>) {
+    let spec = &service.spec;
+    let (mut parts, body) = req.into_parts();
+    let mut payload = match take_payload(body, &parts.headers, spec.retries.replay_buffer).await {
+        Ok(p) => p,
+        Err(r) => return (r, None),
+    };
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    let attempts = (spec.retries.attempts as usize).clamp(1, MAX_ATTEMPTS);
+    let per_try = spec
+        .retries
+        .per_try_timeout
+        .unwrap_or(spec.response_timeout)
+        .get();
+    service.budget.deposit();
+
+    let mut tried = [0usize; MAX_ATTEMPTS];
+    let mut tries = 0;
+    let mut stale = 0;
+    let mut failure = Failure::Unreachable;
+    while tries < attempts {
+        let preferred = affinity
+            .preferred
+            .filter(|i| tries == 0 && service.endpoints[*i].health.is_available());
+        let index = match preferred {
+            Some(i) => i,
+            None => match service
+                .picker
+                .pick(&service.endpoints, affinity.key, &tried[..tries])
+            {
+                Some(p) => {
+                    service.note_panic(p.panic);
+                    p.index
+                }
+                None if tries == 0 => {
+                    let r = error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "every endpoint of the service is drained or disabled",
+                    );
+                    return (r, None);
+                }
+                None => break,
+            },
+        };
+        if tries > 0 {
+            if !service.budget.withdraw() {
+                tracing::debug!(service = %service.name, "retry budget spent; no retry");
+                break;
+            }
+            service.retries.fetch_add(1, Ordering::Relaxed);
+        }
+        let endpoint = &service.endpoints[index];
+        let in_flight = InFlight::start(endpoint);
+        let mut sender = match endpoint.checkout(spec.pool_idle_timeout.get()) {
+            Some(s) => s,
+            None => match endpoint.connect(spec.connect_timeout.get()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(service = %service.name, "{e}");
+                    record_failure(stats, service, endpoint);
+                    failure = match e {
+                        ConnectError::Timeout(_) => Failure::TimedOut,
+                        _ => Failure::Unreachable,
+                    };
+                    tried[tries] = index;
+                    tries += 1;
+                    continue;
+                }
+            },
+        };
+        // A connection just given back may still be finishing its last response.
+        if sender.ready().await.is_err() {
+            stale += 1;
+            if stale > MAX_STALE {
+                break;
+            }
+            continue;
+        }
+        let last_try = tries + 1 >= attempts;
+        let body = match &mut payload {
+            Payload::Kept(b) => ReqBody::Bytes(Some(b.clone())),
+            Payload::Streaming(s) => match s.take() {
+                Some(s) => ReqBody::Stream(s),
+                // Sent by an earlier try that failed: it cannot go again.
+                None => break,
+            },
+        };
+        // A request that cannot be sent twice needs no copy of its head.
+        let headers = if last_try || !payload.replayable() {
+            std::mem::take(&mut parts.headers)
+        } else {
+            parts.headers.clone()
+        };
+        let req = upstream_request(&parts.method, &parts.uri, headers, body);
+        let started = Instant::now();
+        let sent = tokio::time::timeout(per_try, sender.try_send_request(req)).await;
+        tried[tries] = index;
+        tries += 1;
+        match sent {
+            Ok(Ok(mut response)) => {
+                endpoint.latency.observe(started.elapsed());
+                endpoint.responses.fetch_add(1, Ordering::Relaxed);
+                Stats::count(&stats.server_success);
+                let status = response.status();
+                if status.is_server_error() {
+                    record_outlier(service, endpoint);
+                } else {
+                    endpoint.health.record_success();
+                }
+                let retry = matches!(status.as_u16(), 502..=504)
+                    && idempotent
+                    && payload.replayable()
+                    && tries < attempts;
+                strip_hop_by_hop(response.headers_mut());
+                let response = response.map(|body| {
+                    Kind::Upstream(UpstreamBody::new(
+                        body,
+                        sender,
+                        spec.pool_max_idle as usize,
+                        in_flight,
+                    ))
+                });
+                if retry {
+                    tracing::debug!(service = %service.name, endpoint = %endpoint.address, %status, "retrying elsewhere");
+                    failure = Failure::Answer(response);
+                    continue;
+                }
+                return (response, Some(index));
+            }
+            Ok(Err(mut e)) => match e.take_message() {
+                // Never written: the connection was closing. Send it on another one.
+                Some(back) => {
+                    let (back_parts, back_body) = back.into_parts();
+                    parts.headers = back_parts.headers;
+                    if let ReqBody::Stream(s) = back_body {
+                        payload = Payload::Streaming(Some(s));
+                    }
+                    tries -= 1;
+                    stale += 1;
+                    if stale > MAX_STALE {
+                        break;
+                    }
+                }
+                None => {
+                    tracing::debug!(service = %service.name, endpoint = %endpoint.address, "upstream failed: {}", e.into_error());
+                    record_failure(stats, service, endpoint);
+                    failure = Failure::Broken;
+                    if !payload.replayable() {
+                        break;
+                    }
+                }
+            },
+            Err(_) => {
+                record_failure(stats, service, endpoint);
+                failure = Failure::TimedOut;
+                if !(idempotent && payload.replayable()) {
+                    break;
+                }
+            }
+        }
+    }
+    let response = match failure {
+        Failure::Answer(r) => return (r, tried[..tries].last().copied()),
+        Failure::TimedOut => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the upstream did not answer in time",
+        ),
+        Failure::Broken => error(
+            StatusCode::BAD_GATEWAY,
+            "the upstream closed the connection or sent an invalid response",
+        ),
+        Failure::Unreachable => error(StatusCode::BAD_GATEWAY, "no endpoint could be reached"),
+    };
+    (response, None)
+}
+
+fn upstream_request(
+    method: &Method,
+    uri: &Uri,
+    headers: HeaderMap,
+    body: ReqBody,
+) -> Request<ReqBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = method.clone();
+    *req.uri_mut() = uri.clone();
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    req
+}
+
+/// No answer from this endpoint: counts it, and feeds outlier detection.
+fn record_failure(stats: &Stats, service: &Service, endpoint: &Arc<EndpointState>) {
+    endpoint.failures.fetch_add(1, Ordering::Relaxed);
+    Stats::count(&stats.server_failed);
+    record_outlier(service, endpoint);
+}
+
+fn record_outlier(service: &Service, endpoint: &Arc<EndpointState>) {
+    let ejected = endpoint.health.record_failure(&service.spec.outlier, || {
+        let out = service
+            .endpoints
+            .iter()
+            .filter(|e| e.health.is_ejected())
+            .count();
+        (out, service.endpoints.len())
+    });
+    if let Some(time) = ejected {
+        tracing::warn!(
+            service = %service.name,
+            endpoint = %endpoint.address,
+            "endpoint ejected for {}s after {} consecutive failures",
+            time.as_secs(),
+            service.spec.outlier.consecutive_failures
+        );
+    }
+}
+
+/// Counts a request in the endpoint's in-flight figure for as long as it lives.
+pub(crate) struct InFlight(Arc<EndpointState>);
+
+impl InFlight {
+    fn start(endpoint: &Arc<EndpointState>) -> Self {
+        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(endpoint.clone())
+    }
+
+    pub(crate) fn endpoint(&self) -> &EndpointState {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The value of the sticky cookie naming an endpoint.
+pub(crate) fn cookie_value(address: SocketAddr) -> String {
+    format!(
+        "{:016x}",
+        drover_balance::hash_bytes(address.to_string().as_bytes())
+    )
+}
+
+/// A `Set-Cookie` for the sticky cookie.
+pub(crate) fn set_cookie(name: &str, value: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!("{name}={value}; Path=/; HttpOnly; SameSite=Lax")).ok()
+}
