@@ -179,7 +179,7 @@ mod tests {
                 let (table, keys) = (table.clone(), keys.clone());
                 std::thread::spawn(move || {
                     let (mut hits, mut misses) = (0u64, 0u64);
-                    for n in 0..300_000u64 {
+                    for n in 0..2_000_000u64 {
                         let key = keys[(mix64(n ^ (r << 40)) % 64) as usize];
                         match table.get(key, 0) {
                             Some(value) => {

@@ -6,3 +6,4 @@
 //! with their issues.
 
 pub mod file;
+pub mod mapping;

@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+pub mod consul;
+pub mod dnsmasq;
+
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;

@@ -1,0 +1,1 @@
+//! A Consul HTTP API double for tests: filled in with the Consul source.

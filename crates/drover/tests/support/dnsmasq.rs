@@ -1,0 +1,1 @@
+//! A dnsmasq DNS server for tests: filled in with the DNS source.
