@@ -5,5 +5,7 @@
 //! Today there is one source, the config file ([`file`]). Docker, Consul, DNS and etcd come
 //! with their issues.
 
+pub mod consul;
+pub mod dns;
 pub mod file;
 pub mod mapping;

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 mod ctl;
+mod sources;
 
 /// A dynamic reverse proxy and load balancer.
 #[derive(Parser)]
@@ -66,6 +67,8 @@ struct RunArgs {
     /// Log filter, such as `info` or `drover_proxy=debug,info` (RUST_LOG overrides it).
     #[arg(long, default_value = "info")]
     log_level: String,
+    #[command(flatten)]
+    mappings: sources::MappingArgs,
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
@@ -170,6 +173,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (snapshots, inbox) = mpsc::channel(64);
     let (reload, reload_rx) = mpsc::channel(1);
 
+    args.mappings.check()?;
     let watched = match &args.config {
         Some(path) => {
             anyhow::ensure!(
@@ -187,6 +191,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             Some((source, text))
         }
+        None if args.mappings.any() => {
+            anyhow::ensure!(
+                args.listen.is_none(),
+                "--listen sets the embedded default's listener; mappings listen on their own ports"
+            );
+            None
+        }
         None => {
             let listen = args.listen.unwrap_or(([127, 0, 0, 1], 8080).into());
             let snapshot = Snapshot::new(
@@ -201,6 +212,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
 
+    if let Some((source, config)) = args.mappings.initial() {
+        reconciler
+            .apply_now(Snapshot::new(source, config, "startup (mappings)"))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
     if !api_state.is_empty() {
         let state_file = args.data_dir.join(api::STATE_FILE);
         reconciler
@@ -240,6 +256,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     tokio::spawn(drover_admin::serve(admin_listener, admin));
 
+    let stop_sources = CancellationToken::new();
+    args.mappings
+        .spawn(snapshots.clone(), stop_sources.clone())?;
     tokio::spawn(reconciler.run(inbox));
     if let Some((source, text)) = watched {
         tokio::spawn(source.run(snapshots.clone(), reload_rx, text));
@@ -263,6 +282,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     stop_admin.cancel();
+    stop_sources.cancel();
     data_plane.shutdown().await;
     tracing::info!("stopped");
     Ok(())

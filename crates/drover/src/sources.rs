@@ -1,0 +1,159 @@
+//! The seeds' command-line forms: `PORT:SERVICE[:PORT]` mappings served from DNS
+//! (weave-nginx: `--dns 127.0.0.1:5353 80:webserver:8080`) or from Consul
+//! (docker-nginx-consul: `--consul localhost:8500 80:webserver`), and Consul's catalog
+//! discovery by tag (`--consul-tags`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{bail, ensure};
+use drover_control::SnapshotSender;
+use drover_discovery::consul::{ConsulOptions, ConsulSource};
+use drover_discovery::dns::{DnsOptions, DnsSource};
+use drover_discovery::mapping::{self, Mapping};
+use drover_model::{Config, SourceId};
+use tokio_util::sync::CancellationToken;
+
+/// Where mapped services' endpoints come from.
+#[derive(clap::Args)]
+pub struct MappingArgs {
+    /// `[IP:]PORT:SERVICE[:PORT]`: listen on PORT (all IPv4 addresses, or IP) and balance over
+    /// SERVICE's endpoints, found through --dns or --consul, on their PORT (or the port
+    /// Consul or a DNS SRV record gives).
+    #[arg(value_name = "MAPPING", value_parser = parse_mapping)]
+    mappings: Vec<Mapping>,
+    /// DNS server to resolve mapped names with (IP or IP:PORT); the system's when `system`.
+    #[arg(long, value_name = "ADDR", value_parser = parse_dns_server)]
+    dns: Option<DnsServer>,
+    /// Domain appended to mapped names (weave-nginx's `weave.local`) [default: none].
+    #[arg(long, value_name = "DOMAIN")]
+    dns_domain: Option<String>,
+    /// Shortest time between two lookups of one name, whatever its TTL.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    dns_min_ttl: Duration,
+    /// Longest time between two lookups of one name, whatever its TTL.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    dns_max_ttl: Duration,
+    /// How long the last good answer is kept while lookups fail (HAProxy's resolvers `hold`).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    dns_hold: Duration,
+    /// Consul agent to watch mapped services on (HOST:PORT).
+    #[arg(long, value_name = "HOST:PORT")]
+    consul: Option<String>,
+    /// Consul ACL token (from CONSUL_HTTP_TOKEN when not given here).
+    #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
+    consul_token: Option<String>,
+    /// Consul datacenter [default: the agent's].
+    #[arg(long, value_name = "DC")]
+    consul_dc: Option<String>,
+    /// Also publish every Consul service tagged `drover.enable` (see docs/consul.md).
+    #[arg(long)]
+    consul_tags: bool,
+    /// How long one Consul blocking query may wait for a change.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    consul_wait: Duration,
+}
+
+#[derive(Clone)]
+enum DnsServer {
+    System,
+    At(SocketAddr),
+}
+
+fn parse_mapping(s: &str) -> Result<Mapping, String> {
+    s.parse()
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    s.parse::<drover_model::Duration>()
+        .map(drover_model::Duration::get)
+        .map_err(|e| e.to_string())
+}
+
+fn parse_dns_server(s: &str) -> Result<DnsServer, String> {
+    if s == "system" {
+        return Ok(DnsServer::System);
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(DnsServer::At(SocketAddr::new(ip, 53)));
+    }
+    s.parse::<SocketAddr>().map(DnsServer::At).map_err(|_| {
+        format!("invalid DNS server {s:?}: write IP, IP:PORT (such as 127.0.0.1:5353) or `system`")
+    })
+}
+
+impl MappingArgs {
+    /// Whether any source other than a config file was asked for.
+    pub fn any(&self) -> bool {
+        !self.mappings.is_empty() || self.dns.is_some() || self.consul.is_some()
+    }
+
+    /// Checks that the flags and mappings go together.
+    pub fn check(&self) -> anyhow::Result<()> {
+        ensure!(
+            self.dns.is_none() || self.consul.is_none(),
+            "choose --dns or --consul for the mappings, not both"
+        );
+        if self.dns.is_none() && self.consul.is_none() && !self.mappings.is_empty() {
+            let listed: Vec<String> = self.mappings.iter().map(ToString::to_string).collect();
+            bail!(
+                "the mappings {} need --dns ADDR or --consul HOST:PORT to say where their endpoints come from",
+                listed.join(" ")
+            );
+        }
+        if self.dns.is_some() && self.mappings.is_empty() {
+            bail!("--dns needs mappings to resolve, such as 80:webserver:8080");
+        }
+        if self.consul.is_some() && self.mappings.is_empty() && !self.consul_tags {
+            bail!("--consul needs mappings to watch, such as 80:webserver, or --consul-tags");
+        }
+        ensure!(
+            !self.consul_tags || self.consul.is_some(),
+            "--consul-tags needs --consul HOST:PORT"
+        );
+        Ok(())
+    }
+
+    /// The source id and first snapshot of the mapping source, applied at start-up so that a
+    /// port that cannot be bound stops drover at once.
+    pub fn initial(&self) -> Option<(SourceId, Config)> {
+        let id = if self.dns.is_some() {
+            "dns"
+        } else if self.consul.is_some() {
+            "consul"
+        } else {
+            return None;
+        };
+        let config = mapping::config_for(&self.mappings, &Default::default());
+        Some((SourceId(id.into()), config))
+    }
+
+    /// Starts the mapping source, if any.
+    pub fn spawn(self, snapshots: SnapshotSender, stop: CancellationToken) -> anyhow::Result<()> {
+        if let Some(server) = self.dns {
+            let options = DnsOptions {
+                server: match server {
+                    DnsServer::System => None,
+                    DnsServer::At(a) => Some(a),
+                },
+                domain: self.dns_domain,
+                min_ttl: self.dns_min_ttl,
+                max_ttl: self.dns_max_ttl,
+                hold: self.dns_hold,
+            };
+            let source = DnsSource::new(self.mappings, options).map_err(anyhow::Error::msg)?;
+            tokio::spawn(source.run(snapshots, stop));
+        } else if let Some(address) = self.consul {
+            let options = ConsulOptions {
+                address,
+                token: self.consul_token.filter(|t| !t.is_empty()),
+                datacenter: self.consul_dc,
+                wait: self.consul_wait,
+                tag_discovery: self.consul_tags,
+            };
+            let source = ConsulSource::new(self.mappings, options).map_err(anyhow::Error::msg)?;
+            tokio::spawn(source.run(snapshots, stop));
+        }
+        Ok(())
+    }
+}
