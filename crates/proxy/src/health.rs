@@ -115,11 +115,18 @@ impl Health {
     /// it became available.
     #[inline]
     pub fn ramp(&self) -> f64 {
+        if self.slow_start_ms.load(Ordering::Relaxed) == 0 {
+            return 1.0;
+        }
+        self.ramp_at(now_ms())
+    }
+
+    fn ramp_at(&self, now: u64) -> f64 {
         let window = self.slow_start_ms.load(Ordering::Relaxed);
         if window == 0 {
             return 1.0;
         }
-        let age = now_ms().saturating_sub(self.available_since.load(Ordering::Relaxed));
+        let age = now.saturating_sub(self.available_since.load(Ordering::Relaxed));
         if age >= window {
             1.0
         } else {
@@ -545,6 +552,21 @@ mod tests {
             );
         }
         assert!(h.is_available());
+    }
+
+    #[test]
+    fn slow_start_ramps_the_share_up_over_its_window() {
+        let h = Health::new();
+        assert_eq!(h.ramp(), 1.0, "off by default");
+        h.set_slow_start(Duration::from_secs(10));
+        h.available_since.store(1_000, Ordering::Relaxed);
+        assert_eq!(h.ramp_at(3_500), 0.25, "a quarter of the way in");
+        assert_eq!(
+            h.ramp_at(1_000),
+            0.05,
+            "a new endpoint still gets a trickle"
+        );
+        assert_eq!(h.ramp_at(11_000), 1.0, "full share after the window");
     }
 
     #[tokio::test(start_paused = true)]

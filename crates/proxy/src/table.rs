@@ -315,7 +315,16 @@ impl TableBuilder {
                 Arc::new(Service {
                     name: name.clone(),
                     spec: spec.clone(),
-                    picker: Picker::new(spec.policy, &weights),
+                    // Identities keep consistent hashing's keys in place when other endpoints
+                    // come or go, wherever they sit in the list.
+                    picker: Picker::with_identities(
+                        spec.policy,
+                        &weights,
+                        &endpoints
+                            .iter()
+                            .map(|e| drover_balance::hash_bytes(e.address.to_string().as_bytes()))
+                            .collect::<Vec<_>>(),
+                    ),
                     budget: RetryBudget::new(spec.retries.budget_percent),
                     cookie_values: endpoints
                         .iter()
