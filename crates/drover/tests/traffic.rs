@@ -238,11 +238,7 @@ async fn with_every_endpoint_down_all_are_served_and_the_service_says_panic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origins_killed_one_by_one_under_load_fail_no_get() {
-    let mut origins = [
-        Origin::start("a").await,
-        Origin::start("b").await,
-        Origin::start("c").await,
-    ];
+    let mut origins = origins(&["a", "b", "c"]).await;
     let addrs: Vec<(SocketAddr, u32)> = origins.iter().map(|o| (o.addr, 1)).collect();
     let port = free_port();
     let check =
@@ -393,11 +389,7 @@ async fn weighted_random_and_least_conn_spread_as_configured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consistent_hash_keeps_a_key_on_one_endpoint() {
-    let origins = [
-        Origin::start("a").await,
-        Origin::start("b").await,
-        Origin::start("c").await,
-    ];
+    let origins = origins(&["a", "b", "c"]).await;
     let port = free_port();
     let eps: Vec<(SocketAddr, u32)> = origins.iter().map(|o| (o.addr, 1)).collect();
     let _d = Drover::start(&service_config(
@@ -473,11 +465,7 @@ async fn a_sticky_cookie_holds_while_its_endpoint_is_healthy_and_moves_when_not(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_ip_stickiness_keeps_a_client_on_one_endpoint() {
-    let origins = [
-        Origin::start("a").await,
-        Origin::start("b").await,
-        Origin::start("c").await,
-    ];
+    let origins = origins(&["a", "b", "c"]).await;
     let port = free_port();
     let eps: Vec<(SocketAddr, u32)> = origins.iter().map(|o| (o.addr, 1)).collect();
     let _d = Drover::start(&service_config(

@@ -26,7 +26,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::http::{Kind, UpstreamBody, error, strip_hop_by_hop};
@@ -42,7 +42,7 @@ const MAX_STALE: usize = 16;
 /// A request body as sent upstream: the client's stream, or bytes kept for replay.
 pub enum ReqBody {
     Stream(Incoming),
-    Bytes(Option<Bytes>),
+    Bytes(Full<Bytes>),
 }
 
 impl Body for ReqBody {
@@ -55,21 +55,21 @@ impl Body for ReqBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ReqBody::Stream(s) => Pin::new(s).poll_frame(cx),
-            ReqBody::Bytes(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ReqBody::Bytes(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ReqBody::Stream(s) => s.is_end_stream(),
-            ReqBody::Bytes(b) => b.as_ref().is_none_or(Bytes::is_empty),
+            ReqBody::Bytes(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ReqBody::Stream(s) => s.size_hint(),
-            ReqBody::Bytes(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ReqBody::Bytes(b) => b.size_hint(),
         }
     }
 }
@@ -220,7 +220,7 @@ pub(crate) async fn forward(
         }
         let last_try = tries + 1 >= attempts;
         let body = match &mut payload {
-            Payload::Kept(b) => ReqBody::Bytes(Some(b.clone())),
+            Payload::Kept(b) => ReqBody::Bytes(Full::new(b.clone())),
             Payload::Streaming(s) => match s.take() {
                 Some(s) => ReqBody::Stream(s),
                 // Sent by an earlier try that failed: it cannot go again.

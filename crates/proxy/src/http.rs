@@ -20,6 +20,7 @@ use drover_model::{HashOn, StickyMode};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::conn::{Active, ConnCtx};
@@ -231,7 +232,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 pub(crate) fn error(status: StatusCode, message: &'static str) -> Response<Kind> {
-    let mut r = Response::new(Kind::Full(Some(Bytes::from(format!(
+    let mut r = Response::new(Kind::Full(Full::new(Bytes::from(format!(
         "drover: {message}\n"
     )))));
     *r.status_mut() = status;
@@ -251,7 +252,7 @@ pub struct ResponseBody {
 
 pub(crate) enum Kind {
     Upstream(UpstreamBody),
-    Full(Option<Bytes>),
+    Full(Full<Bytes>),
 }
 
 /// An upstream response body; gives its connection back to the pool once read to the end.
@@ -297,21 +298,21 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match &mut self.get_mut().kind {
-            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Full(f) => Pin::new(f).poll_frame(cx).map_err(|never| match never {}),
             Kind::Upstream(u) => Pin::new(&mut u.body).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Full(f) => f.is_end_stream(),
             Kind::Upstream(u) => u.body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Full(f) => f.size_hint(),
             Kind::Upstream(u) => u.body.size_hint(),
         }
     }

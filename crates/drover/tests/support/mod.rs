@@ -72,6 +72,15 @@ impl Origin {
     }
 }
 
+/// Starts one origin per name.
+pub async fn origins(names: &[&str]) -> Vec<Origin> {
+    let mut out = Vec::new();
+    for name in names {
+        out.push(Origin::start(name).await);
+    }
+    out
+}
+
 impl Drop for Origin {
     fn drop(&mut self) {
         self.task.abort();
