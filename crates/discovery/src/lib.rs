@@ -2,8 +2,13 @@
 //! of it to the reconciler, never deltas: a missed event then costs nothing, because the next
 //! snapshot is whole.
 //!
-//! Today there is one source, the config file ([`file`]). Docker, Consul, DNS and etcd come
-//! with their issues.
+//! - [`file`]: the config file, watched;
+//! - [`dns`]: names resolved from DNS (weave-nginx's `80:webserver:8080`);
+//! - [`consul`]: services watched in Consul with blocking queries (docker-nginx-consul's
+//!   `80:webserver`), or discovered from its catalog by tag;
+//! - [`mapping`]: the `PORT:SERVICE[:PORT]` mappings the last two serve.
+//!
+//! Docker and etcd come with their issues.
 
 pub mod consul;
 pub mod dns;
