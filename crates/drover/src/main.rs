@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate a config file and print the listeners, routes and services it defines.
     Check {
         /// The config file to check.
@@ -158,7 +158,7 @@ fn describe(c: &Config) -> String {
     out
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     let token = args.admin_token.clone().filter(|t| !t.is_empty());
     anyhow::ensure!(
         token.is_some() || args.admin.ip().is_loopback(),
@@ -174,6 +174,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (reload, reload_rx) = mpsc::channel(1);
 
     args.mappings.check()?;
+    let mapping_initial = args.mappings.initial();
+    let with_mappings = args.mappings.any();
+    let mapping_source = args.mappings.build()?;
     let watched = match &args.config {
         Some(path) => {
             anyhow::ensure!(
@@ -191,7 +194,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             Some((source, text))
         }
-        None if args.mappings.any() => {
+        None if with_mappings => {
             anyhow::ensure!(
                 args.listen.is_none(),
                 "--listen sets the embedded default's listener; mappings listen on their own ports"
@@ -212,7 +215,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
 
-    if let Some((source, config)) = args.mappings.initial() {
+    if let Some((source, config)) = mapping_initial {
         reconciler
             .apply_now(Snapshot::new(source, config, "startup (mappings)"))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -257,8 +260,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(drover_admin::serve(admin_listener, admin));
 
     let stop_sources = CancellationToken::new();
-    args.mappings
-        .spawn(snapshots.clone(), stop_sources.clone())?;
+    mapping_source.spawn(snapshots.clone(), stop_sources.clone());
     tokio::spawn(reconciler.run(inbox));
     if let Some((source, text)) = watched {
         tokio::spawn(source.run(snapshots.clone(), reload_rx, text));

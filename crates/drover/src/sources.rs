@@ -128,8 +128,9 @@ impl MappingArgs {
         Some((SourceId(id.into()), config))
     }
 
-    /// Starts the mapping source, if any.
-    pub fn spawn(self, snapshots: SnapshotSender, stop: CancellationToken) -> anyhow::Result<()> {
+    /// Builds the mapping source, if any: done before anything is bound, so that a bad
+    /// option stops drover before it listens anywhere.
+    pub fn build(self) -> anyhow::Result<MappingSource> {
         if let Some(server) = self.dns {
             let options = DnsOptions {
                 server: match server {
@@ -142,8 +143,9 @@ impl MappingArgs {
                 hold: self.dns_hold,
             };
             let source = DnsSource::new(self.mappings, options).map_err(anyhow::Error::msg)?;
-            tokio::spawn(source.run(snapshots, stop));
-        } else if let Some(address) = self.consul {
+            return Ok(MappingSource::Dns(Box::new(source)));
+        }
+        if let Some(address) = self.consul {
             let options = ConsulOptions {
                 address,
                 token: self.consul_token.filter(|t| !t.is_empty()),
@@ -152,8 +154,30 @@ impl MappingArgs {
                 tag_discovery: self.consul_tags,
             };
             let source = ConsulSource::new(self.mappings, options).map_err(anyhow::Error::msg)?;
-            tokio::spawn(source.run(snapshots, stop));
+            return Ok(MappingSource::Consul(Box::new(source)));
         }
-        Ok(())
+        Ok(MappingSource::None)
+    }
+}
+
+/// The source that serves the mappings.
+pub enum MappingSource {
+    None,
+    Dns(Box<DnsSource>),
+    Consul(Box<ConsulSource>),
+}
+
+impl MappingSource {
+    /// Runs it until `stop`.
+    pub fn spawn(self, snapshots: SnapshotSender, stop: CancellationToken) {
+        match self {
+            MappingSource::None => {}
+            MappingSource::Dns(s) => {
+                tokio::spawn(s.run(snapshots, stop));
+            }
+            MappingSource::Consul(s) => {
+                tokio::spawn(s.run(snapshots, stop));
+            }
+        }
     }
 }
