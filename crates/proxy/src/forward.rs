@@ -159,6 +159,8 @@ pub(crate) async fn forward(
     let mut tried = [0usize; MAX_ATTEMPTS];
     let mut tries = 0;
     let mut stale = 0;
+    // Retries taken from the budget so far.
+    let mut charged = 0;
     let mut failure = Failure::Unreachable;
     while tries < attempts {
         let preferred = affinity
@@ -184,12 +186,14 @@ pub(crate) async fn forward(
                 None => break,
             },
         };
-        if tries > 0 {
+        // Each retry is paid for once, even when a stale connection makes it go round again.
+        if tries > charged {
             if !service.budget.withdraw() {
                 tracing::debug!(service = %service.name, "retry budget spent; no retry");
                 break;
             }
             service.retries.fetch_add(1, Ordering::Relaxed);
+            charged = tries;
         }
         let endpoint = &service.endpoints[index];
         let in_flight = InFlight::start(endpoint);
