@@ -477,3 +477,46 @@ async fn source_ip_stickiness_keeps_a_client_on_one_endpoint() {
     let seen = hits(port, 20).await;
     assert_eq!(seen.len(), 1, "one client IP, one endpoint: {seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_counters_survive_a_config_change() {
+    let a = Origin::start("a").await;
+    let b = Origin::start("b").await;
+    let port = free_port();
+    let check =
+        "[services.web.health_check]\npath = \"/health\"\ninterval = \"150ms\"\nfall = 2\nrise = 2";
+    let d = Drover::start(&service_config(port, &[(a.addr, 1), (b.addr, 1)], check)).await;
+    hits(port, 10).await;
+    a.state.fail_with(500);
+    let before = wait_for_state(&d, a.addr, "unhealthy", Duration::from_secs(5)).await;
+    let b_before = endpoint_view(&d, b.addr).await["responses"]
+        .as_u64()
+        .unwrap();
+    assert!(b_before >= 5, "{b_before}");
+
+    // A rebuild: weights change, a third endpoint comes in. a stays down, b keeps its count.
+    let c = Origin::start("c").await;
+    let generation = d.generation().await;
+    d.write_config(&service_config(
+        port,
+        &[(a.addr, 2), (b.addr, 3), (c.addr, 1)],
+        check,
+    ));
+    d.wait_generation(generation + 1).await;
+    let after = endpoint_view(&d, a.addr).await;
+    assert_eq!(after["health"]["state"], "unhealthy", "{after}");
+    assert_eq!(
+        after["health"]["since_ms"], before["health"]["since_ms"],
+        "not reset: {after}"
+    );
+    assert_eq!(after["weight"], 2);
+    let b_after = endpoint_view(&d, b.addr).await["responses"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        b_after >= b_before,
+        "b's counter went from {b_before} to {b_after}"
+    );
+    let seen = hits(port, 12).await;
+    assert!(!seen.contains_key("a"), "a is still out: {seen:?}");
+}
