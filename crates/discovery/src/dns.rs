@@ -195,15 +195,7 @@ impl DnsSource {
             options,
             resolver,
         } = self;
-        let mut names: Vec<NameState> = targets
-            .into_iter()
-            .map(|target| NameState {
-                target,
-                held: Held::default(),
-                next_lookup: Instant::now(),
-                in_flight: false,
-            })
-            .collect();
+        let mut names: Vec<NameState> = targets.into_iter().map(NameState::new).collect();
         // Whether the snapshot went; false when drover stops or the reconciler is gone.
         let send = async |names: &[NameState], reason: String| {
             let snapshot = Snapshot::new(source_id(), snapshot_config(&mappings, names), reason);
@@ -313,6 +305,16 @@ struct NameState {
 }
 
 impl NameState {
+    /// A name not looked up yet, due for its first lookup now.
+    fn new(target: Target) -> Self {
+        Self {
+            target,
+            held: Held::default(),
+            next_lookup: Instant::now(),
+            in_flight: false,
+        }
+    }
+
     /// Takes a lookup's result; whether the endpoints changed.
     fn apply(
         &mut self,
@@ -974,16 +976,7 @@ mod tests {
             },
         )
         .unwrap();
-        let mut names: Vec<NameState> = source
-            .targets
-            .into_iter()
-            .map(|target| NameState {
-                target,
-                held: Held::default(),
-                next_lookup: Instant::now(),
-                in_flight: false,
-            })
-            .collect();
+        let mut names: Vec<NameState> = source.targets.into_iter().map(NameState::new).collect();
         let c = snapshot_config(&source.mappings, &names);
         drover_model::validate(&c).unwrap();
         assert!(c.services.values().all(|s| s.endpoints.is_empty()));
