@@ -22,10 +22,17 @@
 //! 10 s) and the last known endpoints keep serving; this is logged once when it starts and
 //! once when Consul answers again. A published service whose tags cannot be used is left out
 //! with a warning that names the service and the tag; the others are published.
+//!
+//! TLS: an `https://` address is reached over TLS 1.2 or 1.3 (rustls, with ring), the server's
+//! certificate verified for the address's host against the system's roots, or against a CA
+//! file's certificates only ([`ConsulTls::ca_file`]). A CA file that cannot be read or holds no
+//! usable certificate stops [`ConsulSource::new`]; a handshake that fails is an unreachable
+//! Consul, logged with the TLS error.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -35,9 +42,12 @@ use drover_model::{Config, ListenerSpec, Policy, Protocol, RouteSpec, ServiceSpe
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::header::HeaderValue;
 use hyper::{Request, StatusCode, Uri};
-use hyper_util::client::legacy::Client;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +56,8 @@ use crate::mapping::{Mapping, config_for};
 
 /// Consul's own default HTTP address (`CONSUL_HTTP_ADDR`).
 pub const DEFAULT_ADDRESS: &str = "127.0.0.1:8500";
+/// The port of an `https://` address that gives none: Consul's HTTPS port.
+pub const DEFAULT_HTTPS_PORT: u16 = 8501;
 /// Blocking query wait: 60 s. Consul's default is 5 min and its cap 10 min; a shorter wait
 /// finds a half-dead TCP connection sooner.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
@@ -92,8 +104,13 @@ pub fn source_id() -> SourceId {
 /// How to reach Consul and what to watch.
 #[derive(Clone)]
 pub struct ConsulOptions {
-    /// `HOST:PORT` of Consul's HTTP API (`http://` may precede it). [`DEFAULT_ADDRESS`].
+    /// `HOST:PORT` of Consul's HTTP API (`http://` may precede it), or `https://HOST:PORT`
+    /// for TLS. [`DEFAULT_ADDRESS`].
     pub address: String,
+    /// How to verify Consul's certificate when the address is `https://`; None is
+    /// [`ConsulTls::default`] (the system's roots). Given with a plain address, it is an
+    /// error.
+    pub tls: Option<ConsulTls>,
     /// ACL token, sent as `X-Consul-Token`. None.
     pub token: Option<String>,
     /// Datacenter to query (`?dc=`); None asks the agent's own.
@@ -108,6 +125,7 @@ impl Default for ConsulOptions {
     fn default() -> Self {
         Self {
             address: DEFAULT_ADDRESS.into(),
+            tls: None,
             token: None,
             datacenter: None,
             wait: DEFAULT_WAIT,
@@ -120,12 +138,21 @@ impl fmt::Debug for ConsulOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConsulOptions")
             .field("address", &self.address)
+            .field("tls", &self.tls)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("datacenter", &self.datacenter)
             .field("wait", &self.wait)
             .field("tag_discovery", &self.tag_discovery)
             .finish()
     }
+}
+
+/// TLS to Consul.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConsulTls {
+    /// A PEM bundle of the CA certificates that Consul's certificate must chain to, instead
+    /// of the system's roots. None: the system's roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Watches Consul and sends the snapshots of the mapped and published services.
@@ -149,6 +176,13 @@ impl ConsulSource {
     /// Checks the options; nothing is sent to Consul before [`run`](Self::run).
     pub fn new(mappings: Vec<Mapping>, options: ConsulOptions) -> Result<Self, String> {
         let base = parse_address(&options.address)?;
+        let https = base.starts_with("https://");
+        if !https && options.tls.is_some() {
+            return Err(format!(
+                "TLS options were given for the plain HTTP Consul address {:?}: write https://HOST:PORT to reach Consul over TLS",
+                options.address
+            ));
+        }
         if options.wait.is_zero() || options.wait > MAX_WAIT {
             return Err(format!(
                 "invalid Consul wait {:?}: give more than 0 and at most 10 minutes (Consul's cap), such as 60s",
@@ -171,15 +205,27 @@ impl ConsulSource {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder.pool_idle_timeout(Duration::from_secs(90));
+        let (client, roots) = if https {
+            let (config, roots) = tls_config(&options.tls.unwrap_or_default())?;
+            connector.enforce_http(false);
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(config)
+                .https_only()
+                .enable_http1()
+                .wrap_connector(connector);
+            (HttpClient::Tls(builder.build(connector)), Some(roots))
+        } else {
+            (HttpClient::Plain(builder.build(connector)), None)
+        };
         Ok(Self {
             mappings,
             tag_discovery: options.tag_discovery,
             api: Arc::new(Api {
                 client,
                 base,
+                roots,
                 token,
                 datacenter,
                 wait: options.wait,
@@ -214,6 +260,7 @@ impl ConsulSource {
         drop(tx);
         tracing::info!(
             consul = %self.api.base,
+            tls = self.api.roots.as_deref().unwrap_or("off"),
             services = ?state.mapped_services(),
             tag_discovery = self.tag_discovery,
             "watching Consul"
@@ -795,11 +842,86 @@ impl HealthEntry {
     }
 }
 
+/// The client of Consul's API: plain HTTP, or HTTPS only.
+enum HttpClient {
+    Plain(Client<HttpConnector, Empty<Bytes>>),
+    Tls(Client<HttpsConnector<HttpConnector>, Empty<Bytes>>),
+}
+
+impl HttpClient {
+    fn request(&self, req: Request<Empty<Bytes>>) -> ResponseFuture {
+        match self {
+            HttpClient::Plain(c) => c.request(req),
+            HttpClient::Tls(c) => c.request(req),
+        }
+    }
+}
+
+/// The client configuration of TLS to Consul (TLS 1.2 and 1.3, ring), and what its
+/// certificates are verified against, to be logged.
+fn tls_config(tls: &ConsulTls) -> Result<(rustls::ClientConfig, String), String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let described = match &tls.ca_file {
+        Some(path) => {
+            let file = path.display();
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("cannot read the Consul CA file {file}: {e}"))?;
+            for (i, cert) in CertificateDer::pem_slice_iter(&pem).enumerate() {
+                let cert = cert.map_err(|e| {
+                    format!("the Consul CA file {file} is not a valid PEM bundle: {e}")
+                })?;
+                roots.add(cert).map_err(|e| {
+                    format!(
+                        "the Consul CA file {file}: certificate {} cannot be used as a root: {e}",
+                        i + 1
+                    )
+                })?;
+            }
+            if roots.is_empty() {
+                return Err(format!(
+                    "the Consul CA file {file} holds no certificate: give a PEM bundle of CA certificates (-----BEGIN CERTIFICATE-----)"
+                ));
+            }
+            format!("CA file {file} ({})", certificates(roots.len()))
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _unusable) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let why: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
+                tracing::warn!(
+                    "no system root certificates were found{}{}; Consul's certificate cannot be verified: give its CA with --consul-ca FILE",
+                    if why.is_empty() { "" } else { ": " },
+                    why.join("; ")
+                );
+            }
+            format!("system roots ({})", certificates(added))
+        }
+    };
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("cannot set up TLS to Consul: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok((config, described))
+}
+
+fn certificates(n: usize) -> String {
+    match n {
+        1 => "1 certificate".into(),
+        n => format!("{n} certificates"),
+    }
+}
+
 /// The HTTP side: one client for every watcher.
 struct Api {
-    client: Client<HttpConnector, Empty<Bytes>>,
-    /// `http://host:port`.
+    client: HttpClient,
+    /// `http://host:port` or `https://host:port`.
     base: String,
+    /// With TLS, what Consul's certificate is verified against.
+    roots: Option<String>,
     token: Option<HeaderValue>,
     datacenter: Option<String>,
     wait: Duration,
@@ -858,7 +980,7 @@ impl Api {
                 .client
                 .request(req)
                 .await
-                .map_err(|e| Failure::Unreachable(describe_client_error(&e)))?;
+                .map_err(|e| Failure::Unreachable(self.describe_client_error(&e)))?;
             let (parts, body) = res.into_parts();
             let body = Limited::new(body, MAX_BODY)
                 .collect()
@@ -891,18 +1013,32 @@ impl Api {
             body,
         })
     }
-}
 
-/// The error chain of the client, on one line.
-fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
+    /// The error chain of the client, on one line; with TLS, what a certificate that was
+    /// not accepted was checked against.
+    fn describe_client_error(&self, e: &hyper_util::client::legacy::Error) -> String {
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+        if let Some(roots) = &self.roots
+            && text.contains("invalid peer certificate")
+        {
+            let host = self.base.trim_start_matches("https://");
+            let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+            text.push_str(&format!(
+                " (TLS: Consul's certificate was verified for the name {host} against the {roots}"
+            ));
+            if text.contains("UnknownIssuer") {
+                text.push_str("; give the CA that signed it with --consul-ca FILE");
+            }
+            text.push(')');
+        }
+        text
     }
-    text
 }
 
 /// The next index of a blocking query, from the one sent and the `X-Consul-Index` received:
@@ -1117,20 +1253,19 @@ fn utc(t: SystemTime) -> String {
     )
 }
 
-/// `http://HOST:PORT` from `HOST:PORT`, `HOST` (port 8500) or `http://HOST:PORT`.
+/// `http://HOST:PORT` from `HOST:PORT`, `HOST` (port 8500) or `http://HOST:PORT`;
+/// `https://HOST:PORT` from `https://HOST:PORT` or `https://HOST` (port 8501).
 fn parse_address(address: &str) -> Result<String, String> {
     let a = address.trim().trim_end_matches('/');
     let bad = |why: &str| {
         format!(
-            "invalid Consul address {address:?}: {why}; give HOST:PORT of its HTTP API, such as 127.0.0.1:8500 or localhost:8500"
+            "invalid Consul address {address:?}: {why}; give HOST:PORT of its HTTP API, such as 127.0.0.1:8500 or localhost:8500, or https://HOST:PORT for TLS"
         )
     };
-    if a.starts_with("https://") {
-        return Err(bad(
-            "TLS to Consul is not supported yet; reach its HTTP port (8500), for example through a local agent",
-        ));
-    }
-    let hostport = a.strip_prefix("http://").unwrap_or(a);
+    let (scheme, hostport, default_port) = match a.strip_prefix("https://") {
+        Some(rest) => ("https", rest, DEFAULT_HTTPS_PORT),
+        None => ("http", a.strip_prefix("http://").unwrap_or(a), 8500),
+    };
     if hostport.is_empty() || hostport.contains(['/', '@', '?', '#']) || hostport.contains("://") {
         return Err(bad("it is not HOST:PORT"));
     }
@@ -1154,7 +1289,7 @@ fn parse_address(address: &str) -> Result<String, String> {
         ));
     }
     let port = match port {
-        None => 8500,
+        None => default_port,
         Some("") => return Err(bad("the port is missing")),
         Some(p) => match p.parse::<u16>() {
             Ok(0) => return Err(bad("port 0 cannot be reached")),
@@ -1162,7 +1297,7 @@ fn parse_address(address: &str) -> Result<String, String> {
             Err(_) => return Err(bad("it is not HOST:PORT (the port is not a number)")),
         },
     };
-    let base = format!("http://{host}:{port}");
+    let base = format!("{scheme}://{host}:{port}");
     match base.parse::<Uri>() {
         Ok(uri) if uri.host().is_some() => Ok(base),
         _ => Err(bad("it is not HOST:PORT")),
@@ -1207,8 +1342,21 @@ mod tests {
         assert_eq!(parse_address("consul").unwrap(), "http://consul:8500");
         assert_eq!(parse_address("[::1]:8500").unwrap(), "http://[::1]:8500");
         assert_eq!(parse_address("[::1]").unwrap(), "http://[::1]:8500");
+        assert_eq!(
+            parse_address("https://consul:8443/").unwrap(),
+            "https://consul:8443"
+        );
+        assert_eq!(
+            parse_address("https://consul").unwrap(),
+            "https://consul:8501"
+        );
+        assert_eq!(
+            parse_address("https://[::1]:8501").unwrap(),
+            "https://[::1]:8501"
+        );
         for (bad, why) in [
-            ("https://consul:8501", "TLS to Consul is not supported yet"),
+            ("https://consul:http", "not HOST:PORT"),
+            ("https://consul:8501/v1", "not HOST:PORT"),
             ("", "not HOST:PORT"),
             ("consul:8500/v1", "not HOST:PORT"),
             ("consul:http", "not HOST:PORT"),
@@ -1265,6 +1413,75 @@ mod tests {
             ..ConsulOptions::default()
         };
         assert!(!format!("{options:?}").contains("s3cret"));
+    }
+
+    fn with_ca(address: &str, ca_file: Option<PathBuf>) -> Result<ConsulSource, String> {
+        ConsulSource::new(
+            vec!["80:webserver".parse().unwrap()],
+            ConsulOptions {
+                address: address.into(),
+                tls: Some(ConsulTls { ca_file }),
+                ..ConsulOptions::default()
+            },
+        )
+    }
+
+    #[test]
+    fn tls_options_are_checked_at_start() {
+        let ok = ConsulSource::new(
+            vec!["80:webserver".parse().unwrap()],
+            ConsulOptions {
+                address: "https://127.0.0.1:8501".into(),
+                ..ConsulOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(ok.api.base, "https://127.0.0.1:8501");
+        assert!(ok.api.roots.as_deref().unwrap().starts_with("system roots"));
+        let plain = ConsulSource::new(
+            vec!["80:webserver".parse().unwrap()],
+            ConsulOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(plain.api.roots, None);
+
+        let e = with_ca("127.0.0.1:8500", None).unwrap_err();
+        assert!(e.contains("https://HOST:PORT"), "{e}");
+        let e = with_ca("https://127.0.0.1:8501", Some("/nonexistent/ca.pem".into())).unwrap_err();
+        assert!(
+            e.contains("cannot read the Consul CA file /nonexistent/ca.pem"),
+            "{e}"
+        );
+
+        let dir = std::env::temp_dir().join(format!("drover-consul-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "hello\n").unwrap();
+        let e = with_ca("https://127.0.0.1:8501", Some(not_pem.clone())).unwrap_err();
+        assert!(
+            e.contains("holds no certificate") && e.contains(&not_pem.display().to_string()),
+            "{e}"
+        );
+        let broken = dir.join("broken.pem");
+        std::fs::write(
+            &broken,
+            "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let e = with_ca("https://127.0.0.1:8501", Some(broken.clone())).unwrap_err();
+        assert!(e.contains(&broken.display().to_string()), "{e}");
+        let garbage = dir.join("garbage.pem");
+        std::fs::write(
+            &garbage,
+            "-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let e = with_ca("https://127.0.0.1:8501", Some(garbage.clone())).unwrap_err();
+        assert!(
+            e.contains(&garbage.display().to_string()) && e.contains("certificate 1"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -4,11 +4,12 @@
 //! discovery by tag (`--consul-tags`).
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, ensure};
 use drover_control::SnapshotSender;
-use drover_discovery::consul::{ConsulOptions, ConsulSource};
+use drover_discovery::consul::{ConsulOptions, ConsulSource, ConsulTls};
 use drover_discovery::dns::{DnsOptions, DnsSource};
 use drover_discovery::mapping::{self, Mapping};
 use drover_model::{Config, SourceId};
@@ -37,9 +38,13 @@ pub struct MappingArgs {
     /// How long the last good answer is kept while lookups fail (HAProxy's resolvers `hold`).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     dns_hold: Duration,
-    /// Consul agent to watch mapped services on (HOST:PORT).
+    /// Consul agent to watch mapped services on (HOST:PORT; https://HOST:PORT for TLS).
     #[arg(long, value_name = "HOST:PORT")]
     consul: Option<String>,
+    /// PEM bundle of the CAs that Consul's TLS certificate must chain to, instead of the
+    /// system's roots (with --consul https://...).
+    #[arg(long, value_name = "FILE")]
+    consul_ca: Option<PathBuf>,
     /// Consul ACL token (from CONSUL_HTTP_TOKEN when not given here).
     #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
     consul_token: Option<String>,
@@ -111,6 +116,14 @@ impl MappingArgs {
             !self.consul_tags || self.consul.is_some(),
             "--consul-tags needs --consul HOST:PORT"
         );
+        if self.consul_ca.is_some() {
+            ensure!(
+                self.consul
+                    .as_deref()
+                    .is_some_and(|a| a.trim().starts_with("https://")),
+                "--consul-ca needs --consul https://HOST:PORT (TLS to Consul)"
+            );
+        }
         Ok(())
     }
 
@@ -148,6 +161,7 @@ impl MappingArgs {
         if let Some(address) = self.consul {
             let options = ConsulOptions {
                 address,
+                tls: self.consul_ca.map(|ca| ConsulTls { ca_file: Some(ca) }),
                 token: self.consul_token.filter(|t| !t.is_empty()),
                 datacenter: self.consul_dc,
                 wait: self.consul_wait,

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use drover_control::Snapshot;
-use drover_discovery::consul::{ConsulOptions, ConsulSource};
+use drover_discovery::consul::{ConsulOptions, ConsulSource, ConsulTls};
 use http::{Request, StatusCode};
 use serde_json::json;
 use support::consul::ConsulDouble;
@@ -374,6 +374,121 @@ async fn the_token_is_sent_and_a_wrong_one_is_reported() {
         none.log_text().matches("Consul refused the token").count(),
         1
     );
+}
+
+// ---- TLS ------------------------------------------------------------------------------
+
+/// Writes the TLS double's CA to `ca.pem` in a new temporary directory.
+fn write_ca(consul: &ConsulDouble) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ca.pem");
+    std::fs::write(&path, consul.ca_pem()).unwrap();
+    let path = path.to_str().unwrap().to_string();
+    (dir, path)
+}
+
+#[tokio::test]
+async fn over_tls_with_the_ca_file_a_registered_service_gets_traffic() {
+    let consul = ConsulDouble::start_tls().await;
+    assert!(consul.address().starts_with("https://127.0.0.1:"));
+    let (a, b) = (Origin::start("a").await, Origin::start("b").await);
+    consul.register("web-a", "web", a.addr, &[]);
+    let (_dir, ca) = write_ca(&consul);
+    let (drover, port) = drover_for(&consul, "web", &["--consul-ca", &ca]).await;
+    until_exactly(port, &["a"], Duration::from_secs(10)).await;
+    // Blocking queries work over TLS as over HTTP.
+    consul.register("web-b", "web", b.addr, &[]);
+    until_exactly(port, &["a", "b"], Duration::from_secs(10)).await;
+    let log = drover.log_text();
+    assert!(
+        log.contains("watching Consul") && log.contains(&format!("CA file {ca}")),
+        "{log}"
+    );
+    assert!(!log.contains("unreachable"), "{log}");
+}
+
+#[tokio::test]
+async fn over_tls_without_the_ca_file_the_certificate_is_refused() {
+    let consul = ConsulDouble::start_tls().await;
+    let a = Origin::start("a").await;
+    consul.register("web-a", "web", a.addr, &[]);
+    // The system's roots do not hold the double's CA.
+    let (drover, port) = drover_for(&consul, "web", &[]).await;
+    let log = drover.wait_log("consul unreachable since", 1).await;
+    assert!(
+        log.contains("invalid peer certificate")
+            && log.contains("UnknownIssuer")
+            && log.contains("system roots")
+            && log.contains("--consul-ca"),
+        "{log}"
+    );
+    assert_eq!(names(&origins(port, 3).await), ["503"]);
+    assert_eq!(consul.health_queries(), 0, "no query got through");
+}
+
+#[tokio::test]
+async fn a_consul_ca_file_that_cannot_be_read_stops_start_up() {
+    let consul = ConsulDouble::start_tls().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mapping = format!("127.0.0.1:{}:web", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["run", "--consul", &consul.address()])
+        .args(["--consul-ca", "/nonexistent/ca.pem", &mapping])
+        .args(["--admin", &admin, "--data-dir"])
+        .arg(dir.path().join("data"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("drover did not stop");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot read the Consul CA file /nonexistent/ca.pem"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn the_tls_server_name_is_the_host_of_the_address() {
+    let consul = ConsulDouble::start_tls().await;
+    consul.register("w1", "web", addr("10.0.0.1:8080"), &[]);
+    let (_dir, ca) = write_ca(&consul);
+    let source = ConsulSource::new(
+        vec!["127.0.0.1:18090:web".parse().unwrap()],
+        ConsulOptions {
+            // The certificate names localhost as well as 127.0.0.1.
+            address: format!("https://localhost:{}", consul.addr.port()),
+            tls: Some(ConsulTls {
+                ca_file: Some(ca.into()),
+            }),
+            ..ConsulOptions::default()
+        },
+    )
+    .unwrap();
+    let (tx, mut rx) = mpsc::channel(16);
+    let stop = CancellationToken::new();
+    tokio::spawn(source.run(tx, stop.clone()));
+    until_endpoints(
+        &mut rx,
+        "web",
+        &[addr("10.0.0.1:8080")],
+        Duration::from_secs(10),
+    )
+    .await;
+    stop.cancel();
 }
 
 // ---- The source alone, in process -------------------------------------------------------

@@ -27,6 +27,10 @@
 //! Tests can change it directly (`register`, `deregister`, `pass`, `fail`) or through its API
 //! (`put`), make it go away and come back on the same port (`stop`, `start_again`), and
 //! rewind its index as a restored Consul would (`rewind_index`).
+//!
+//! `start_tls` serves the same API over TLS only (rustls), with a server certificate for
+//! 127.0.0.1 and localhost signed by a CA made for the double (rcgen); `ca_pem` is that CA,
+//! for the test to write where `--consul-ca` reads it. `put` speaks plain HTTP only.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -45,6 +49,8 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
 
 /// The datacenter the double answers for.
 pub const DATACENTER: &str = "dc1";
@@ -59,6 +65,54 @@ pub struct ConsulDouble {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
     server: Mutex<Option<JoinHandle<()>>>,
+    /// With TLS: the CA that signed the server's certificate, PEM.
+    ca_pem: Option<String>,
+}
+
+/// A test CA and a server certificate for 127.0.0.1 and localhost that it signed.
+struct TestPki {
+    ca_pem: String,
+    acceptor: TlsAcceptor,
+}
+
+impl TestPki {
+    fn new() -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "drover test CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "consul double");
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone(), ca.der().clone()], key)
+        .unwrap();
+        TestPki {
+            ca_pem: ca.pem(),
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+        }
+    }
 }
 
 struct Shared {
@@ -66,6 +120,8 @@ struct Shared {
     /// The global index, for blocked queries to wait on.
     index: watch::Sender<u64>,
     token: Option<String>,
+    /// Serves TLS only, with this, when given.
+    tls: Option<TlsAcceptor>,
     /// Health queries answered, blocking or not.
     health_queries: AtomicU64,
     catalog_queries: AtomicU64,
@@ -101,15 +157,25 @@ struct TtlCheck {
 impl ConsulDouble {
     /// Starts a double that needs no token.
     pub async fn start() -> ConsulDouble {
-        Self::start_with(None).await
+        Self::start_with(None, None).await
     }
 
     /// Starts a double that answers only requests with `token`.
     pub async fn start_requiring_token(token: &str) -> ConsulDouble {
-        Self::start_with(Some(token.to_string())).await
+        Self::start_with(Some(token.to_string()), None).await
     }
 
-    async fn start_with(token: Option<String>) -> ConsulDouble {
+    /// Starts a double that speaks TLS only, with a certificate for 127.0.0.1 and localhost
+    /// signed by a CA of its own ([`ca_pem`](Self::ca_pem)).
+    pub async fn start_tls() -> ConsulDouble {
+        Self::start_with(None, Some(TestPki::new())).await
+    }
+
+    async fn start_with(token: Option<String>, pki: Option<TestPki>) -> ConsulDouble {
+        let (ca_pem, tls) = match pki {
+            Some(p) => (Some(p.ca_pem), Some(p.acceptor)),
+            None => (None, None),
+        };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
@@ -120,6 +186,7 @@ impl ConsulDouble {
             }),
             index: watch::Sender::new(1),
             token,
+            tls,
             health_queries: AtomicU64::new(0),
             catalog_queries: AtomicU64::new(0),
         });
@@ -128,12 +195,23 @@ impl ConsulDouble {
             addr,
             shared,
             server: Mutex::new(Some(server)),
+            ca_pem,
         }
     }
 
-    /// `127.0.0.1:PORT`, as `--consul` takes it.
+    /// `127.0.0.1:PORT` (`https://127.0.0.1:PORT` with TLS), as `--consul` takes it.
     pub fn address(&self) -> String {
-        self.addr.to_string()
+        match self.ca_pem {
+            Some(_) => format!("https://{}", self.addr),
+            None => self.addr.to_string(),
+        }
+    }
+
+    /// The PEM of the CA that signed the TLS double's certificate.
+    pub fn ca_pem(&self) -> &str {
+        self.ca_pem
+            .as_deref()
+            .expect("a double started with start_tls")
     }
 
     /// Goes away as a crashed Consul would: the port refuses connections and every open one,
@@ -249,6 +327,10 @@ impl ConsulDouble {
     /// Sends `PUT path` with a JSON body (and the token, if given) through the HTTP API;
     /// returns the status and body.
     pub async fn put(&self, path: &str, body: &Value, token: Option<&str>) -> (StatusCode, String) {
+        assert!(
+            self.ca_pem.is_none(),
+            "put speaks plain HTTP: register on a TLS double directly"
+        );
         let mut req = Request::put(format!("http://{}{path}", self.addr));
         if let Some(t) = token {
             req = req.header("x-consul-token", t);
@@ -486,13 +568,22 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 let Ok((stream, _)) = accepted else { continue };
                 let shared = shared.clone();
                 connections.spawn(async move {
+                    let tls = shared.tls.clone();
                     let service = service_fn(move |req| {
                         let shared = shared.clone();
                         async move { Ok::<_, Infallible>(handle(&shared, req).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        Some(acceptor) => {
+                            // A client that does not trust the certificate ends here.
+                            let Ok(stream) = acceptor.accept(stream).await else { return };
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                    }
                 });
             }
             Some(_) = connections.join_next() => {}
