@@ -16,7 +16,9 @@
 pub mod openapi;
 pub mod routes;
 
+mod dashboard;
 mod events;
+mod metrics;
 mod reply;
 mod views;
 
@@ -138,7 +140,8 @@ impl Admin {
                 ));
             }
         };
-        if op != Op::Healthz {
+        // The dashboard's page and files hold no data: the page asks for the token itself.
+        if !matches!(op, Op::Healthz | Op::Dashboard | Op::Asset) {
             self.check_access(&req)?;
         }
         let reason = format!("{} {}", req.method(), req.uri().path());
@@ -195,6 +198,9 @@ impl Admin {
         Ok(match op {
             Op::Healthz => reply::text(StatusCode::OK, "ok\n"),
             Op::OpenApi => ok(&openapi::document()),
+            Op::Metrics => metrics::render(self),
+            Op::Dashboard => dashboard::page(),
+            Op::Asset => dashboard::asset(param(0))?,
             Op::Status => ok(&views::status(&self.status.borrow())),
             Op::Events => {
                 let generation = self.status.borrow().generation;

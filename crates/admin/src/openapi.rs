@@ -43,6 +43,7 @@ pub fn document() -> Value {
             {"name": "config", "description": "The effective configuration and where each piece came from."},
             {"name": "events", "description": "A stream of accepted and rejected changes."},
             {"name": "meta", "description": "This document."},
+            {"name": "observability", "description": "Prometheus metrics and the dashboard."},
         ],
         "paths": paths(),
         "components": {
@@ -192,7 +193,41 @@ fn paths() -> Value {
                 .ok(200, "The OpenAPI 3.1 document of this API.", json!({"type": "object"}))
                 .build(),
         },
+        "/metrics": {"get": text_op(
+            Op::new("getMetrics", "observability", "Prometheus metrics")
+                .describe("Counters, gauges and histograms per listener, route, service, endpoint and source, in the Prometheus text format (docs/observability.md)."),
+            "text/plain; version=0.0.4",
+            "The metrics.",
+        )},
+        "/": {"get": text_op(
+            Op::new("getDashboard", "observability", "The dashboard")
+                .describe("The live dashboard, an HTML page. Never needs the token: the page asks for it.")
+                .public(),
+            "text/html",
+            "The page.",
+        )},
+        "/ui/{file}": {"get": text_op(
+            Op::new("getDashboardFile", "observability", "A file of the dashboard")
+                .describe("The dashboard's script and style sheet. Never needs the token.")
+                .param(path_param("file", "The file's name.", "app.js"))
+                .public(),
+            "*/*",
+            "The file.",
+        )},
     })
+}
+
+/// An operation that answers 200 with a body that is not JSON.
+fn text_op(op: Op, content_type: &str, description: &str) -> Value {
+    let mut op = op;
+    op.responses.insert(
+        "200".into(),
+        json!({
+            "description": description,
+            "content": {content_type: {"schema": {"type": "string"}}},
+        }),
+    );
+    op.build()
 }
 
 fn healthz() -> Value {
@@ -815,7 +850,7 @@ mod tests {
             .collect();
         want.sort();
         assert_eq!(got, want);
-        assert_eq!(got.len(), 21, "the contract has 21 operations");
+        assert_eq!(got.len(), 24, "the contract has 24 operations");
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub enum Op {
     Config,
     Events,
     OpenApi,
+    Metrics,
+    Dashboard,
+    Asset,
 }
 
 /// Every route. `{name}` segments capture one path segment, percent-decoded.
@@ -68,6 +71,9 @@ pub const ROUTES: &[(Method, &str, Op)] = &[
     (Method::GET, "/api/v1/config", Op::Config),
     (Method::GET, "/api/v1/events", Op::Events),
     (Method::GET, "/api/v1/openapi.json", Op::OpenApi),
+    (Method::GET, "/metrics", Op::Metrics),
+    (Method::GET, "/", Op::Dashboard),
+    (Method::GET, "/ui/{file}", Op::Asset),
 ];
 
 /// What a request's method and path come to.

@@ -18,8 +18,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+mod access_log;
 mod ctl;
 mod sources;
+mod top;
 
 /// A dynamic reverse proxy and load balancer.
 #[derive(Parser)]
@@ -41,6 +43,8 @@ enum Command {
     },
     /// Manage a running drover through its admin API.
     Ctl(ctl::CtlArgs),
+    /// Watch a running drover's listeners, services and endpoints in the terminal.
+    Top(top::TopArgs),
 }
 
 #[derive(clap::Args)]
@@ -69,6 +73,10 @@ struct RunArgs {
     log_level: String,
     #[command(flatten)]
     mappings: sources::MappingArgs,
+    #[command(flatten)]
+    docker: sources::DockerArgs,
+    #[command(flatten)]
+    access_log: access_log::AccessLogArgs,
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
@@ -80,6 +88,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Ctl(args) => ctl::main(args),
+        Command::Top(args) => top::main(args),
         Command::Run(args) => {
             let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| args.log_level.clone());
             // Logs go through a bounded queue to a writer thread: nothing logs synchronously.
@@ -177,6 +186,7 @@ async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     let mapping_initial = args.mappings.initial();
     let with_mappings = args.mappings.any();
     let mapping_source = args.mappings.build()?;
+    let docker_source = args.docker.build()?;
     let watched = match &args.config {
         Some(path) => {
             anyhow::ensure!(
@@ -261,6 +271,7 @@ async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
 
     let stop_sources = CancellationToken::new();
     mapping_source.spawn(snapshots.clone(), stop_sources.clone());
+    docker_source.spawn(snapshots.clone(), stop_sources.clone());
     tokio::spawn(reconciler.run(inbox));
     if let Some((source, text)) = watched {
         tokio::spawn(source.run(snapshots.clone(), reload_rx, text));

@@ -195,3 +195,20 @@ impl MappingSource {
         }
     }
 }
+
+/// Containers configured by their labels (docs/docker.md). (Being written.)
+#[derive(clap::Args)]
+pub struct DockerArgs {}
+
+impl DockerArgs {
+    pub fn build(&self) -> anyhow::Result<DockerSource> {
+        Ok(DockerSource)
+    }
+}
+
+/// The Docker source, when asked for.
+pub struct DockerSource;
+
+impl DockerSource {
+    pub fn spawn(self, _snapshots: SnapshotSender, _stop: CancellationToken) {}
+}
