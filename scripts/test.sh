@@ -8,6 +8,12 @@ need_apt=()
 command -v curl >/dev/null || need_apt+=(curl)
 command -v cc >/dev/null || need_apt+=(build-essential)
 command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || need_apt+=(dnsmasq-base)
+# The Docker source's tests run against a real Docker Engine.
+[ -x /usr/sbin/dockerd ] || need_apt+=(docker.io)
+command -v busybox >/dev/null || [ -x /bin/busybox ] || need_apt+=(busybox-static)
+# The dashboard's tests drive a headless Chromium.
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+[ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update
@@ -17,8 +23,25 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     exit 1
   fi
 fi
+docker_up() {
+  curl -sf --unix-socket /var/run/docker.sock http://localhost/_ping >/dev/null 2>&1
+}
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
+fi
+
+# A Docker Engine for the Docker source's tests: started here when none answers.
+if ! docker_up; then
+  if [ "$(id -u)" = 0 ]; then
+    mkdir -p target
+    echo "scripts/test.sh: starting dockerd (log: target/dockerd.log)" >&2
+    setsid dockerd >target/dockerd.log 2>&1 < /dev/null &
+    for _ in $(seq 1 60); do docker_up && break; sleep 0.5; done
+    docker_up || { echo "scripts/test.sh: dockerd did not start; see target/dockerd.log" >&2; exit 1; }
+  else
+    echo "scripts/test.sh: no Docker Engine answers on /var/run/docker.sock; start dockerd" >&2
+    exit 1
+  fi
 fi
 
 cargo nextest run --workspace --locked "$@"
