@@ -6,11 +6,11 @@
 //! - [`dns`]: names resolved from DNS (weave-nginx's `80:webserver:8080`);
 //! - [`consul`]: services watched in Consul with blocking queries (docker-nginx-consul's
 //!   `80:webserver`), or discovered from its catalog by tag;
-//! - [`mapping`]: the `PORT:SERVICE[:PORT]` mappings the last two serve.
-//!
-//! Docker and etcd come with their issues.
+//! - [`mapping`]: the `PORT:SERVICE[:PORT]` mappings the last two serve;
+//! - [`docker`]: containers configured by their labels (docker-loadbalancer's `lb.*`).
 
 pub mod consul;
 pub mod dns;
+pub mod docker;
 pub mod file;
 pub mod mapping;

@@ -184,7 +184,7 @@ async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
 
     args.mappings.check()?;
     let mapping_initial = args.mappings.initial();
-    let with_mappings = args.mappings.any();
+    let with_mappings = args.mappings.any() || args.docker.enabled();
     let mapping_source = args.mappings.build()?;
     let docker_source = args.docker.build()?;
     let watched = match &args.config {
@@ -207,7 +207,7 @@ async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         None if with_mappings => {
             anyhow::ensure!(
                 args.listen.is_none(),
-                "--listen sets the embedded default's listener; mappings listen on their own ports"
+                "--listen sets the embedded default's listener; mappings and containers listen on their own ports"
             );
             None
         }
@@ -271,7 +271,13 @@ async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
 
     let stop_sources = CancellationToken::new();
     mapping_source.spawn(snapshots.clone(), stop_sources.clone());
-    docker_source.spawn(snapshots.clone(), stop_sources.clone());
+    if let Some(docker) = docker_source {
+        tokio::spawn(docker.run(
+            snapshots.clone(),
+            reconciler.subscribe(),
+            stop_sources.clone(),
+        ));
+    }
     tokio::spawn(reconciler.run(inbox));
     if let Some((source, text)) = watched {
         tokio::spawn(source.run(snapshots.clone(), reload_rx, text));

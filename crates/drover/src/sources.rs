@@ -11,6 +11,7 @@ use anyhow::{bail, ensure};
 use drover_control::SnapshotSender;
 use drover_discovery::consul::{ConsulOptions, ConsulSource, ConsulTls};
 use drover_discovery::dns::{DnsOptions, DnsSource};
+use drover_discovery::docker::{DockerOptions, DockerSource};
 use drover_discovery::mapping::{self, Mapping};
 use drover_model::{Config, SourceId};
 use tokio_util::sync::CancellationToken;
@@ -196,19 +197,75 @@ impl MappingSource {
     }
 }
 
-/// Containers configured by their labels (docs/docker.md). (Being written.)
+/// Containers configured by their labels (docs/docker.md).
 #[derive(clap::Args)]
-pub struct DockerArgs {}
-
-impl DockerArgs {
-    pub fn build(&self) -> anyhow::Result<DockerSource> {
-        Ok(DockerSource)
-    }
+pub struct DockerArgs {
+    /// Publish the containers labelled `lb.enable=Y` (docker-loadbalancer's labels) or
+    /// `drover.enable=true`, watching the Docker Engine.
+    #[arg(long)]
+    docker: bool,
+    /// The Docker Engine: unix:///PATH or tcp://HOST:PORT [default: DOCKER_HOST, else
+    /// unix:///var/run/docker.sock].
+    #[arg(long, env = "DOCKER_HOST", value_name = "URL")]
+    docker_host: Option<String>,
+    /// The network whose container addresses are used, unless a container's `drover.network`
+    /// label names another [default: a container's only network, else `bridge`].
+    #[arg(long, value_name = "NAME")]
+    docker_network: Option<String>,
+    /// Send to the host port each container publishes for its target port (`docker run -p`),
+    /// on --docker-host-ip, instead of to its network address.
+    #[arg(long)]
+    docker_host_ports: bool,
+    /// The address that host ports published on every address are reached at.
+    #[arg(long, default_value = "127.0.0.1", value_name = "IP")]
+    docker_host_ip: IpAddr,
+    /// Only containers with this label (KEY=VALUE, or KEY for any value); repeat to require
+    /// several, so that several drovers on one engine each take their own containers.
+    #[arg(long, value_name = "KEY[=VALUE]", value_parser = parse_constraint)]
+    docker_constraint: Vec<(String, Option<String>)>,
 }
 
-/// The Docker source, when asked for.
-pub struct DockerSource;
+fn parse_constraint(s: &str) -> Result<(String, Option<String>), String> {
+    let (k, v) = match s.split_once('=') {
+        Some((k, v)) => (k.trim(), Some(v.trim().to_string())),
+        None => (s.trim(), None),
+    };
+    if k.is_empty() {
+        return Err(format!(
+            "invalid constraint {s:?}: write LABEL=VALUE or LABEL, such as com.example.lb=public"
+        ));
+    }
+    Ok((k.to_string(), v))
+}
 
-impl DockerSource {
-    pub fn spawn(self, _snapshots: SnapshotSender, _stop: CancellationToken) {}
+impl DockerArgs {
+    /// Whether the Docker source was asked for.
+    pub fn enabled(&self) -> bool {
+        self.docker
+    }
+
+    /// Builds the source, checking the options first.
+    pub fn build(&self) -> anyhow::Result<Option<DockerSource>> {
+        if !self.docker {
+            let set = [
+                (self.docker_network.is_some(), "--docker-network"),
+                (self.docker_host_ports, "--docker-host-ports"),
+                (!self.docker_constraint.is_empty(), "--docker-constraint"),
+            ];
+            if let Some((_, flag)) = set.iter().find(|(on, _)| *on) {
+                bail!("{flag} needs --docker");
+            }
+            return Ok(None);
+        }
+        let options = DockerOptions {
+            host: self.docker_host.clone().filter(|h| !h.is_empty()),
+            network: self.docker_network.clone(),
+            host_ports: self.docker_host_ports,
+            host_ip: self.docker_host_ip,
+            constraints: self.docker_constraint.clone(),
+        };
+        DockerSource::new(options)
+            .map(Some)
+            .map_err(anyhow::Error::msg)
+    }
 }

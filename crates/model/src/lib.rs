@@ -18,8 +18,8 @@ pub use diff::{Change, diff};
 pub use duration::Duration;
 pub use merge::{Effective, MergeError, SourceId, merge};
 pub use spec::{
-    AdminState, Config, EndpointOverride, EndpointSpec, Global, ListenerSpec, Patches, Policy,
-    Protocol, RouteSpec, ServiceSpec,
+    AdminState, Config, DockerConfig, EndpointOverride, EndpointSpec, Global, ListenerSpec,
+    Patches, Policy, Protocol, RouteSpec, ServiceSpec,
 };
 pub use traffic::{
     CheckKind, HashOn, HealthCheck, Outlier, Retries, StatusRange, Sticky, StickyMode,

@@ -50,18 +50,23 @@ pub enum MergeError {
     },
 }
 
-/// Unites the configurations of all sources. Global settings come from the first source (in
-/// source order) that has any listener, so the file's settings apply when a file is used.
+/// Unites the configurations of all sources. The global settings and the `[docker]` section
+/// come from the first source (in source order) that sets them to anything but their
+/// defaults: only the config file writes them, so the file's apply.
 pub fn merge<'a>(
     sources: impl IntoIterator<Item = (&'a SourceId, &'a Config)> + Clone,
 ) -> Result<Effective, Vec<MergeError>> {
     let mut out = Effective::default();
     let mut errors = Vec::new();
-    let mut have_global = false;
+    let (mut have_global, mut have_docker) = (false, false);
     for (source, config) in sources.clone() {
-        if !have_global && !config.listeners.is_empty() {
+        if !have_global && config.global != Default::default() {
             out.config.global = config.global.clone();
             have_global = true;
+        }
+        if !have_docker && !config.docker.is_default() {
+            out.config.docker = config.docker.clone();
+            have_docker = true;
         }
         for l in &config.listeners {
             if let Some(first) = out.listener_sources.get(&l.name) {

@@ -26,6 +26,9 @@ pub struct Config {
     /// Services by name. A `BTreeMap` so that output and diffs come in a stable order.
     #[serde(default)]
     pub services: BTreeMap<String, ServiceSpec>,
+    /// How services discovered from Docker labels are set up (docs/docker.md).
+    #[serde(default, skip_serializing_if = "DockerConfig::is_default")]
+    pub docker: DockerConfig,
     /// Changes to endpoints of services that other sources define. Only the management API
     /// makes them; they are not part of the file's schema.
     #[serde(skip)]
@@ -76,6 +79,45 @@ impl Default for Global {
     fn default() -> Self {
         Self {
             shutdown_grace: defaults::shutdown_grace(),
+        }
+    }
+}
+
+/// The `[docker]` section: what the Docker source does with labelled containers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerConfig {
+    /// The template of every service made from container labels; labels override it. Without
+    /// this table: docker-loadbalancer's HAProxy template, `least_conn` with stickiness on the
+    /// client's IP (`balance leastconn`, `stick on src`). A `[docker.defaults]` table replaces
+    /// that template whole: keys it leaves out take the usual service defaults.
+    #[serde(default = "DockerConfig::seed_defaults")]
+    pub defaults: ServiceSpec,
+}
+
+impl DockerConfig {
+    /// docker-loadbalancer's choices: least connections, each client IP kept on its endpoint.
+    pub fn seed_defaults() -> ServiceSpec {
+        ServiceSpec {
+            policy: Policy::LeastConn,
+            sticky: Some(crate::Sticky {
+                mode: crate::StickyMode::SourceIp,
+                cookie: crate::traffic::defaults::sticky_cookie(),
+                expire: crate::traffic::defaults::sticky_expire(),
+            }),
+            ..ServiceSpec::default()
+        }
+    }
+
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        Self {
+            defaults: Self::seed_defaults(),
         }
     }
 }
@@ -414,6 +456,7 @@ impl Config {
                 service: "default".into(),
             }],
             services: BTreeMap::from([("default".to_string(), ServiceSpec::default())]),
+            docker: DockerConfig::default(),
             patches: Patches::default(),
         }
     }

@@ -7,7 +7,7 @@ use std::fmt;
 use std::net::SocketAddr;
 
 use crate::spec::MAX_WEIGHT;
-use crate::{Config, Duration, Protocol};
+use crate::{Config, Duration, Protocol, ServiceSpec};
 
 /// One step in the path to a field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,112 +166,110 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         if let Err(m) = check_name(name) {
             err(p.clone(), m);
         }
-        positive(
-            &mut err,
-            p.clone().key("connect_timeout"),
-            s.connect_timeout,
-        );
-        positive(
-            &mut err,
-            p.clone().key("response_timeout"),
-            s.response_timeout,
-        );
-        if let Some(hc) = &s.health_check {
-            let hp = p.clone().key("health_check");
-            positive(&mut err, hp.clone().key("interval"), hc.interval);
-            positive(&mut err, hp.clone().key("timeout"), hc.timeout);
-            for (name, n) in [("fall", hc.fall), ("rise", hc.rise)] {
-                if !(1..=100).contains(&n) {
-                    err(
-                        hp.clone().key(name),
-                        format!("{n} is out of range: use 1 to 100"),
-                    );
-                }
-            }
-            if !hc.path.starts_with('/') || hc.path.bytes().any(|b| b.is_ascii_whitespace()) {
-                err(
-                    hp.clone().key("path"),
-                    format!(
-                        "{:?} must start with '/' and contain no spaces, such as \"/healthz\"",
-                        hc.path
-                    ),
-                );
-            }
-            if let Some(host) = &hc.host
-                && let Err(m) = check_host(host)
-            {
-                err(hp.key("host"), m);
-            }
-        }
-        if s.outlier.max_ejected_percent > 100 {
-            err(
-                p.clone().key("outlier").key("max_ejected_percent"),
-                format!(
-                    "{} is out of range: use 0 to 100",
-                    s.outlier.max_ejected_percent
-                ),
-            );
-        }
-        if !(1..=10).contains(&s.retries.attempts) {
-            err(
-                p.clone().key("retries").key("attempts"),
-                format!(
-                    "{} is out of range: use 1 (no retry) to 10",
-                    s.retries.attempts
-                ),
-            );
-        }
-        if s.retries.budget_percent > 100 {
-            err(
-                p.clone().key("retries").key("budget_percent"),
-                format!("{} is out of range: use 0 to 100", s.retries.budget_percent),
-            );
-        }
-        if let Some(t) = s.retries.per_try_timeout {
-            positive(&mut err, p.clone().key("retries").key("per_try_timeout"), t);
-        }
-        if let Some(sticky) = &s.sticky {
-            let token = |c: u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c);
-            if sticky.cookie.is_empty() || !sticky.cookie.bytes().all(token) {
-                err(
-                    p.clone().key("sticky").key("cookie"),
-                    format!(
-                        "{:?} is not a valid cookie name: use letters, digits, '-' or '_'",
-                        sticky.cookie
-                    ),
-                );
-            }
-            positive(
-                &mut err,
-                p.clone().key("sticky").key("expire"),
-                sticky.expire,
-            );
-        }
-        let mut addrs: BTreeMap<SocketAddr, usize> = BTreeMap::new();
-        for (j, e) in s.endpoints.iter().enumerate() {
-            let ep = p.clone().key("endpoints").index(j);
-            if !(1..=MAX_WEIGHT).contains(&e.weight) {
-                err(
-                    ep.clone().key("weight"),
-                    format!("weight {} is out of range: use 1 to {MAX_WEIGHT}", e.weight),
-                );
-            }
-            if let Some(first) = addrs.insert(e.address, j) {
-                err(
-                    ep.key("address"),
-                    format!(
-                        "{} is already endpoints[{first}] of this service",
-                        e.address
-                    ),
-                );
-            }
-        }
+        check_service(&mut err, &p, s);
     }
+    check_service(
+        &mut err,
+        &path("docker").key("defaults"),
+        &config.docker.defaults,
+    );
 
     if errors.is_empty() {
         Ok(())
     } else {
         Err(errors)
+    }
+}
+
+/// Checks one service's settings and endpoints, reporting under `p`.
+pub fn check_service(err: &mut impl FnMut(FieldPath, String), p: &FieldPath, s: &ServiceSpec) {
+    positive(err, p.clone().key("connect_timeout"), s.connect_timeout);
+    positive(err, p.clone().key("response_timeout"), s.response_timeout);
+    if let Some(hc) = &s.health_check {
+        let hp = p.clone().key("health_check");
+        positive(err, hp.clone().key("interval"), hc.interval);
+        positive(err, hp.clone().key("timeout"), hc.timeout);
+        for (name, n) in [("fall", hc.fall), ("rise", hc.rise)] {
+            if !(1..=100).contains(&n) {
+                err(
+                    hp.clone().key(name),
+                    format!("{n} is out of range: use 1 to 100"),
+                );
+            }
+        }
+        if !hc.path.starts_with('/') || hc.path.bytes().any(|b| b.is_ascii_whitespace()) {
+            err(
+                hp.clone().key("path"),
+                format!(
+                    "{:?} must start with '/' and contain no spaces, such as \"/healthz\"",
+                    hc.path
+                ),
+            );
+        }
+        if let Some(host) = &hc.host
+            && let Err(m) = check_host(host)
+        {
+            err(hp.key("host"), m);
+        }
+    }
+    if s.outlier.max_ejected_percent > 100 {
+        err(
+            p.clone().key("outlier").key("max_ejected_percent"),
+            format!(
+                "{} is out of range: use 0 to 100",
+                s.outlier.max_ejected_percent
+            ),
+        );
+    }
+    if !(1..=10).contains(&s.retries.attempts) {
+        err(
+            p.clone().key("retries").key("attempts"),
+            format!(
+                "{} is out of range: use 1 (no retry) to 10",
+                s.retries.attempts
+            ),
+        );
+    }
+    if s.retries.budget_percent > 100 {
+        err(
+            p.clone().key("retries").key("budget_percent"),
+            format!("{} is out of range: use 0 to 100", s.retries.budget_percent),
+        );
+    }
+    if let Some(t) = s.retries.per_try_timeout {
+        positive(err, p.clone().key("retries").key("per_try_timeout"), t);
+    }
+    if let Some(sticky) = &s.sticky {
+        let token = |c: u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c);
+        if sticky.cookie.is_empty() || !sticky.cookie.bytes().all(token) {
+            err(
+                p.clone().key("sticky").key("cookie"),
+                format!(
+                    "{:?} is not a valid cookie name: use letters, digits, '-' or '_'",
+                    sticky.cookie
+                ),
+            );
+        }
+        positive(err, p.clone().key("sticky").key("expire"), sticky.expire);
+    }
+    let mut addrs: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+    for (j, e) in s.endpoints.iter().enumerate() {
+        let ep = p.clone().key("endpoints").index(j);
+        if !(1..=MAX_WEIGHT).contains(&e.weight) {
+            err(
+                ep.clone().key("weight"),
+                format!("weight {} is out of range: use 1 to {MAX_WEIGHT}", e.weight),
+            );
+        }
+        if let Some(first) = addrs.insert(e.address, j) {
+            err(
+                ep.key("address"),
+                format!(
+                    "{} is already endpoints[{first}] of this service",
+                    e.address
+                ),
+            );
+        }
     }
 }
 
