@@ -49,6 +49,8 @@ pub struct Admin {
     pub proxy: ProxyHandle,
     pub api: Arc<ApiStore>,
     pub events: broadcast::Sender<Arc<Event>>,
+    /// The reconciler's counters, for `GET /metrics`.
+    pub reconciler: Arc<drover_control::ReconcilerMetrics>,
     /// Required as `Authorization: Bearer TOKEN` when set.
     pub token: Option<String>,
     /// Ends every connection, event streams included.

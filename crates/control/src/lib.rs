@@ -12,13 +12,17 @@
 //! rebuild.
 
 pub mod api;
+pub mod metrics;
+pub mod sources;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use drover_model::{Change, Config, Effective, SourceId};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+pub use metrics::ReconcilerMetrics;
 
 /// Events kept for subscribers that fall behind before they lose some.
 const EVENT_BACKLOG: usize = 256;
@@ -102,6 +106,7 @@ pub struct Reconciler<A> {
     applier: A,
     status: watch::Sender<Status>,
     events: broadcast::Sender<Arc<Event>>,
+    metrics: Arc<ReconcilerMetrics>,
 }
 
 impl<A: Applier> Reconciler<A> {
@@ -119,7 +124,14 @@ impl<A: Applier> Reconciler<A> {
             applier,
             status,
             events: broadcast::channel(EVENT_BACKLOG).0,
+            metrics: Arc::default(),
         }
+    }
+
+    /// Its counters: publishes, rejections, publish durations. Per-source counts of accepted
+    /// and rejected snapshots are kept in [`sources`].
+    pub fn metrics(&self) -> Arc<ReconcilerMetrics> {
+        self.metrics.clone()
     }
 
     /// The change stream; call `subscribe` on it for a receiver.
@@ -152,6 +164,7 @@ impl<A: Applier> Reconciler<A> {
     }
 
     fn apply_batch(&mut self, batch: &mut Vec<Snapshot>) {
+        let started = Instant::now();
         let mut candidate = self.accepted.clone();
         let mut taken = Vec::new();
         for snapshot in batch.drain(..) {
@@ -189,18 +202,23 @@ impl<A: Applier> Reconciler<A> {
             let generation = self.status.borrow().generation;
             for s in taken {
                 tracing::debug!(source = %s.source, reason = %s.reason, "no change");
+                sources::health(&s.source).count_accepted();
+                self.metrics.count_unchanged();
                 if let Some(reply) = s.reply {
                     let _ = reply.send(Ok(generation));
                 }
             }
             return;
         }
-        if let Err(error) = self.applier.apply(&next) {
+        let applied = self.applier.apply(&next);
+        self.metrics.time_publish(started.elapsed());
+        if let Err(error) = applied {
             for s in taken {
                 self.reject(s, error.clone());
             }
             return;
         }
+        self.metrics.count_publish();
         self.accepted = candidate;
         let sources: Vec<String> = taken
             .iter()
@@ -235,6 +253,7 @@ impl<A: Applier> Reconciler<A> {
             tracing::info!(generation, from = %sources, "{change}");
         }
         for s in taken {
+            sources::health(&s.source).count_accepted();
             if let Some(reply) = s.reply {
                 let _ = reply.send(Ok(generation));
             }
@@ -247,6 +266,8 @@ impl<A: Applier> Reconciler<A> {
             reason = %snapshot.reason,
             "configuration rejected, the previous one keeps serving: {error}"
         );
+        sources::health(&snapshot.source).count_rejected();
+        self.metrics.count_rejected();
         let at = SystemTime::now();
         self.status.send_modify(|st| {
             st.last_rejection = Some(Rejection {
@@ -358,6 +379,35 @@ mod tests {
         );
         assert!(r.accepted.is_empty());
         assert_eq!(r.status.borrow().generation, 0);
+    }
+
+    #[test]
+    fn publishes_and_rejections_are_counted_overall_and_per_source() {
+        let mut r = Reconciler::new(Recorder {
+            applied: Arc::default(),
+            fail: false,
+        });
+        let source = SourceId("test:reconciler-metrics".into());
+        let metrics = r.metrics();
+        r.apply_now(Snapshot::new(source.clone(), config(&["127.0.0.1:1"]), "t"))
+            .unwrap();
+        r.apply_now(Snapshot::new(source.clone(), config(&["127.0.0.1:1"]), "t"))
+            .unwrap();
+        let mut bad = config(&[]);
+        bad.routes[0].service = "missing".into();
+        r.apply_now(Snapshot::new(source.clone(), bad, "t"))
+            .unwrap_err();
+        assert_eq!(metrics.publishes(), 1);
+        assert_eq!(metrics.unchanged(), 1);
+        assert_eq!(metrics.rejected(), 1);
+        assert_eq!(
+            metrics.publish_durations().0,
+            1,
+            "only the publish reached the applier"
+        );
+        let health = sources::health(&source);
+        assert_eq!(health.snapshots_accepted(), 2);
+        assert_eq!(health.snapshots_rejected(), 1);
     }
 
     #[tokio::test]

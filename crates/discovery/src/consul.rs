@@ -28,6 +28,10 @@
 //! file's certificates only ([`ConsulTls::ca_file`]). A CA file that cannot be read or holds no
 //! usable certificate stops [`ConsulSource::new`]; a handshake that fails is an unreachable
 //! Consul, logged with the TLS error.
+//!
+//! Health (`drover_source_*` in /metrics): every answer that parses is a sync of the source
+//! `consul`; a query that gets no answer, an error status, or an answer that does not parse is
+//! a failed one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -37,6 +41,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use drover_control::sources::SourceHealth;
 use drover_control::{Snapshot, SnapshotSender};
 use drover_model::{Config, ListenerSpec, Policy, Protocol, RouteSpec, ServiceSpec, SourceId};
 use http_body_util::{BodyExt, Empty, Limited};
@@ -230,6 +235,7 @@ impl ConsulSource {
                 datacenter,
                 wait: options.wait,
                 reachability: Reachability::default(),
+                health: drover_control::sources::health(&source_id()),
             }),
         })
     }
@@ -705,12 +711,13 @@ async fn watch_service(
         let entries: Vec<HealthEntry> = match serde_json::from_slice(&body) {
             Ok(e) => e,
             Err(e) => {
-                query.problem(format!(
-                    "Consul's answer is not a list of health entries: {e}"
-                ));
+                let message = format!("Consul's answer is not a list of health entries: {e}");
+                api.health.failed(&message);
+                query.problem(message);
                 continue;
             }
         };
+        api.health.synced();
         let mut raw: Vec<(String, u16)> = entries.iter().map(HealthEntry::address).collect();
         raw.sort();
         raw.dedup();
@@ -744,12 +751,13 @@ async fn watch_catalog(api: Arc<Api>, tx: mpsc::Sender<Update>, stop: Cancellati
         let catalog: BTreeMap<String, Option<Vec<String>>> = match serde_json::from_slice(&body) {
             Ok(c) => c,
             Err(e) => {
-                query.problem(format!(
-                    "Consul's answer is not a map of services to tags: {e}"
-                ));
+                let message = format!("Consul's answer is not a map of services to tags: {e}");
+                api.health.failed(&message);
+                query.problem(message);
                 continue;
             }
         };
+        api.health.synced();
         let catalog: BTreeMap<String, Vec<String>> = catalog
             .into_iter()
             .map(|(name, tags)| (name, tags.unwrap_or_default()))
@@ -926,6 +934,8 @@ struct Api {
     datacenter: Option<String>,
     wait: Duration,
     reachability: Reachability,
+    /// Every usable answer is a sync; every failed query or unusable answer a failed one.
+    health: Arc<SourceHealth>,
 }
 
 /// A successful answer.
@@ -1157,6 +1167,9 @@ impl BlockingQuery {
                     return Some(answer.body);
                 }
                 Err(Failure::Unreachable(e)) => {
+                    self.api
+                        .health
+                        .failed(format!("consul at {} unreachable: {e}", self.api.base));
                     self.api.reachability.failed(&self.api.base, &e);
                     // Ask without blocking once it answers again: a blocking query would
                     // hide that it is back, and what changed meanwhile, until `wait` ends.
@@ -1178,6 +1191,7 @@ impl BlockingQuery {
                         ),
                         _ => format!("Consul answered {status} for {}: {text}", self.what),
                     };
+                    self.api.health.failed(&message);
                     self.problem(message);
                     // The index may have been meant for another Consul; ask afresh.
                     self.index = 0;

@@ -16,6 +16,9 @@
 //! endpoints in force, possibly none); a snapshot is sent at start and then only when the
 //! endpoint set (addresses or weights) of some service changed; the hold logic (`Held`) is a
 //! pure state machine driven by explicit instants.
+//!
+//! Health (`drover_source_*` in /metrics): a failed lookup of any name is a failed sync of the
+//! source `dns`; a successful lookup is a sync once no name is failing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -196,6 +199,7 @@ impl DnsSource {
             resolver,
         } = self;
         let mut names: Vec<NameState> = targets.into_iter().map(NameState::new).collect();
+        let health = drover_control::sources::health(&source_id());
         // Whether the snapshot went; false when drover stops or the reconciler is gone.
         let send = async |names: &[NameState], reason: String| {
             let snapshot = Snapshot::new(source_id(), snapshot_config(&mappings, names), reason);
@@ -281,10 +285,16 @@ impl DnsSource {
                 };
                 let n = &mut names[i];
                 n.in_flight = false;
+                if let Err(why) = &answer {
+                    health.failed(format!("{}: {why}", n.target.name));
+                }
                 if n.apply(now, answer, &options) {
                     log_endpoints(&n.target.service, &n.held.endpoints);
                     changed.push(n.target.service.clone());
                 }
+            }
+            if names.iter().all(|n| !n.held.failing) {
+                health.synced();
             }
             if !changed.is_empty() {
                 let reason = format!("{} changed", changed.join(", "));

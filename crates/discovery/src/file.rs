@@ -7,6 +7,11 @@
 //! snapshot for the reconciler. An invalid one is logged with every problem's line and field,
 //! and the configuration in force keeps serving. SIGHUP (forwarded by the binary) re-reads the
 //! file and sends it even when unchanged, so a rejected configuration can be retried.
+//!
+//! Each read is reported to the source's [`SourceHealth`]: a file read and parsed is a sync,
+//! a file that cannot be read or does not validate is a failed one.
+//!
+//! [`SourceHealth`]: drover_control::sources::SourceHealth
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -59,6 +64,11 @@ impl FileSource {
         })
     }
 
+    /// The file's absolute path; its source id is [`source_id`] of it.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Sends a snapshot for every change of the file, and on every `reload` signal, until the
     /// reconciler is gone. `last_text` is the text already in force.
     pub async fn run(
@@ -68,6 +78,7 @@ impl FileSource {
         mut last_text: String,
     ) {
         let source = source_id(&self.path);
+        let health = drover_control::sources::health(&source);
         loop {
             let forced = tokio::select! {
                 Some(()) = self.events.recv() => false,
@@ -83,6 +94,7 @@ impl FileSource {
                         file = %self.path.display(),
                         "cannot read the config file, the configuration in force keeps serving: {e}"
                     );
+                    health.failed(format!("cannot read {}: {e}", self.path.display()));
                     continue;
                 }
             };
@@ -95,10 +107,12 @@ impl FileSource {
                     tracing::error!(
                         "config file rejected, the configuration in force keeps serving:\n{e}"
                     );
+                    health.failed(&e);
                     last_text = text;
                     continue;
                 }
             };
+            health.synced();
             last_text = text;
             let reason = if forced { "SIGHUP" } else { "file changed" };
             if snapshots

@@ -175,7 +175,8 @@ async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         args.admin
     );
     let api_state = api::load(&args.data_dir).map_err(|e| anyhow::anyhow!(e))?;
-    let proxy = Proxy::new();
+    let access_log = args.access_log.start()?;
+    let proxy = Proxy::with_access_log(access_log.clone());
     let data_plane = proxy.handle();
     let mut reconciler = Reconciler::new(proxy);
     let status = reconciler.subscribe();
@@ -199,8 +200,11 @@ async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
             let config = drover_config::parse(&text, path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            // The id the source's later snapshots carry: from its absolute path.
+            let id = file::source_id(source.path());
+            drover_control::sources::health(&id).synced();
             reconciler
-                .apply_now(Snapshot::new(file::source_id(path), config, "startup"))
+                .apply_now(Snapshot::new(id, config, "startup"))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             Some((source, text))
         }
@@ -264,6 +268,7 @@ async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         status,
         proxy: data_plane.clone(),
         events: reconciler.events(),
+        reconciler: reconciler.metrics(),
         token,
         stop: stop_admin.clone(),
     });
@@ -286,8 +291,16 @@ async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
     loop {
         tokio::select! {
+            _ = usr1.recv() => match &access_log {
+                Some(log) => {
+                    tracing::info!("SIGUSR1: reopening the access log");
+                    log.reopen();
+                }
+                None => tracing::info!("SIGUSR1: no access log to reopen"),
+            },
             _ = hup.recv() => {
                 if args.config.is_some() {
                     tracing::info!("SIGHUP: re-reading the config file");
@@ -303,6 +316,9 @@ async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     stop_admin.cancel();
     stop_sources.cancel();
     data_plane.shutdown().await;
+    if let Some(log) = &access_log {
+        log.flush(std::time::Duration::from_secs(1)).await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -29,13 +29,19 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::stats::Stats;
+use crate::access::AccessLog;
+use crate::stats::{ListenerStats, Stats};
 use crate::table::RoutingTable;
 
 /// What the requests of one connection share.
 pub(crate) struct ConnCtx {
     pub tables: Arc<ArcSwap<RoutingTable>>,
     pub stats: Arc<Stats>,
+    /// The counters of the listener it was accepted on.
+    pub listener: Arc<ListenerStats>,
+    pub access_log: Option<AccessLog>,
+    /// The client's address.
+    pub peer: SocketAddr,
     /// The listener address the client connected to.
     pub local: SocketAddr,
     /// The client's IP, ready for X-Forwarded-For.
@@ -69,6 +75,9 @@ pub(crate) struct Active(Arc<ConnCtx>);
 
 impl ConnCtx {
     pub(crate) fn begin(self: &Arc<Self>) -> Active {
+        self.listener
+            .requests_active
+            .fetch_add(1, Ordering::Relaxed);
         self.clock.in_flight.fetch_add(1, Ordering::Relaxed);
         self.clock.head_since.store(NOT_READING, Ordering::Relaxed);
         Active(self.clone())
@@ -86,6 +95,10 @@ impl ConnCtx {
 
 impl Drop for Active {
     fn drop(&mut self) {
+        self.0
+            .listener
+            .requests_active
+            .fetch_sub(1, Ordering::Relaxed);
         let c = &self.0.clock;
         if c.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
             c.idle_since.store(c.now(), Ordering::Relaxed);
@@ -158,10 +171,30 @@ pub(crate) struct Listening {
     pub server: Arc<auto::Builder<TokioExecutor>>,
     pub tables: Arc<ArcSwap<RoutingTable>>,
     pub stats: Arc<Stats>,
+    pub access_log: Option<AccessLog>,
     /// The listener's address.
     pub local: SocketAddr,
     /// Cancelled when the listener is removed or drover shuts down.
     pub drain: CancellationToken,
+}
+
+/// Counts a connection as open for as long as it lives.
+struct Open(Arc<ListenerStats>);
+
+impl Open {
+    fn new(listener: &Arc<ListenerStats>) -> Self {
+        listener
+            .connections_accepted
+            .fetch_add(1, Ordering::Relaxed);
+        listener.connections_active.fetch_add(1, Ordering::Relaxed);
+        Self(listener.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.connections_active.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Serves a connection until it closes, breaks a deadline, or is drained.
@@ -170,11 +203,14 @@ pub(crate) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     deadlines: Deadlines,
+    listener: Arc<ListenerStats>,
 ) {
+    let _open = Open::new(&listener);
     let Listening {
         server,
         tables,
         stats,
+        access_log,
         local,
         drain,
     } = listening;
@@ -186,6 +222,9 @@ pub(crate) async fn serve(
     let ctx = Arc::new(ConnCtx {
         tables,
         stats,
+        listener,
+        access_log,
+        peer,
         local,
         client_hash: drover_balance::hash_bytes(client_ip.as_bytes()),
         client_ip,

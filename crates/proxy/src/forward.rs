@@ -20,7 +20,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -31,7 +31,7 @@ use hyper::body::Incoming;
 
 use crate::http::{Kind, UpstreamBody, error, strip_hop_by_hop};
 use crate::pool::{ConnectError, EndpointState};
-use crate::stats::Stats;
+use crate::stats::{RouteStats, Stats};
 use crate::table::Service;
 
 /// The most tries the configuration allows.
@@ -41,8 +41,43 @@ const MAX_STALE: usize = 16;
 
 /// A request body as sent upstream: the client's stream, or bytes kept for replay.
 pub enum ReqBody {
-    Stream(Incoming),
+    Stream(Upload),
     Bytes(Full<Bytes>),
+}
+
+/// The client's request body on its way upstream, counted into its route's bytes as it goes.
+pub struct Upload {
+    body: Incoming,
+    route: Arc<RouteStats>,
+}
+
+impl Body for Upload {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            this.route
+                .request_bytes
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 impl Body for ReqBody {
@@ -78,7 +113,7 @@ impl Body for ReqBody {
 enum Payload {
     Kept(Bytes),
     /// Taken by the try that sends it; back here if hyper returns it unsent.
-    Streaming(Option<Incoming>),
+    Streaming(Option<Upload>),
 }
 
 impl Payload {
@@ -92,6 +127,7 @@ async fn take_payload(
     body: Incoming,
     headers: &HeaderMap,
     limit: u32,
+    route: &Arc<RouteStats>,
 ) -> Result<Payload, Response<Kind>> {
     if body.is_end_stream() {
         return Ok(Payload::Kept(Bytes::new()));
@@ -103,14 +139,23 @@ async fn take_payload(
     match announced {
         Some(n) if n <= u64::from(limit) => {
             match Limited::new(body, limit as usize).collect().await {
-                Ok(b) => Ok(Payload::Kept(b.to_bytes())),
+                Ok(b) => {
+                    let b = b.to_bytes();
+                    route
+                        .request_bytes
+                        .fetch_add(b.len() as u64, Ordering::Relaxed);
+                    Ok(Payload::Kept(b))
+                }
                 Err(_) => Err(error(
                     StatusCode::BAD_REQUEST,
                     "the request body could not be read",
                 )),
             }
         }
-        _ => Ok(Payload::Streaming(Some(body))),
+        _ => Ok(Payload::Streaming(Some(Upload {
+            body,
+            route: route.clone(),
+        }))),
     }
 }
 
@@ -127,22 +172,49 @@ enum Failure {
     Unreachable,
     TimedOut,
     Broken,
+    /// An answer worth another try.
     Answer(Response<Kind>),
 }
 
-/// Forwards `req` to `service`; returns the response and the index of the endpoint that
-/// gave it, if any.
+/// What forwarding a request came to.
+pub(crate) struct Forwarded {
+    pub response: Response<Kind>,
+    /// The index of the endpoint whose answer this is, if any.
+    pub chosen: Option<usize>,
+    /// Tries made (a try is a request sent, or a connection attempt that failed).
+    pub attempts: u32,
+    /// The endpoint whose answer this is, else the endpoint of the last try.
+    pub upstream: Option<SocketAddr>,
+    /// From the start of the try that answered (connecting included) to its response head.
+    pub upstream_time: Option<Duration>,
+}
+
+impl Forwarded {
+    fn alone(response: Response<Kind>) -> Self {
+        Self {
+            response,
+            chosen: None,
+            attempts: 0,
+            upstream: None,
+            upstream_time: None,
+        }
+    }
+}
+
+/// Forwards `req`, which `route` took, to `service`.
 pub(crate) async fn forward(
     stats: &Stats,
     service: &Arc<Service>,
+    route: &Arc<RouteStats>,
     req: Request<Incoming>,
     affinity: &Affinity,
-) -> (Response<Kind>, Option<usize>) {
+) -> Forwarded {
     let spec = &service.spec;
     let (mut parts, body) = req.into_parts();
-    let mut payload = match take_payload(body, &parts.headers, spec.retries.replay_buffer).await {
+    let limit = spec.retries.replay_buffer;
+    let mut payload = match take_payload(body, &parts.headers, limit, route).await {
         Ok(p) => p,
-        Err(r) => return (r, None),
+        Err(r) => return Forwarded::alone(r),
     };
     let idempotent = matches!(
         parts.method,
@@ -162,6 +234,10 @@ pub(crate) async fn forward(
     // Retries taken from the budget so far.
     let mut charged = 0;
     let mut failure = Failure::Unreachable;
+    // For the access log: the endpoint of the last try, and the endpoint and time of the
+    // last answer.
+    let mut upstream = None;
+    let mut answered = None;
     while tries < attempts {
         let preferred = affinity
             .preferred
@@ -177,11 +253,10 @@ pub(crate) async fn forward(
                     p.index
                 }
                 None if tries == 0 => {
-                    let r = error(
+                    return Forwarded::alone(error(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "every endpoint of the service is drained or disabled",
-                    );
-                    return (r, None);
+                    ));
                 }
                 None => break,
             },
@@ -193,10 +268,13 @@ pub(crate) async fn forward(
                 break;
             }
             service.retries.fetch_add(1, Ordering::Relaxed);
+            service.stats.retries.fetch_add(1, Ordering::Relaxed);
             charged = tries;
         }
         let endpoint = &service.endpoints[index];
         let in_flight = InFlight::start(endpoint);
+        let try_started = Instant::now();
+        upstream = Some(endpoint.address);
         let mut sender = match endpoint.checkout(spec.pool_idle_timeout.get()) {
             Some(s) => s,
             None => match endpoint.connect(spec.connect_timeout.get()).await {
@@ -245,9 +323,11 @@ pub(crate) async fn forward(
         match sent {
             Ok(Ok(mut response)) => {
                 endpoint.latency.observe(started.elapsed());
+                let upstream_time = try_started.elapsed();
                 endpoint.responses.fetch_add(1, Ordering::Relaxed);
                 Stats::count(&stats.server_success);
                 let status = response.status();
+                endpoint.responses_by_class.count(status.as_u16());
                 if status.is_server_error() {
                     record_outlier(service, endpoint);
                 } else {
@@ -269,9 +349,16 @@ pub(crate) async fn forward(
                 if retry {
                     tracing::debug!(service = %service.name, endpoint = %endpoint.address, %status, "retrying elsewhere");
                     failure = Failure::Answer(response);
+                    answered = Some((endpoint.address, upstream_time));
                     continue;
                 }
-                return (response, Some(index));
+                return Forwarded {
+                    response,
+                    chosen: Some(index),
+                    attempts: tries as u32,
+                    upstream: Some(endpoint.address),
+                    upstream_time: Some(upstream_time),
+                };
             }
             Ok(Err(mut e)) => match e.take_message() {
                 // Never written: the connection was closing. Send it on another one.
@@ -306,7 +393,15 @@ pub(crate) async fn forward(
         }
     }
     let response = match failure {
-        Failure::Answer(r) => return (r, tried[..tries].last().copied()),
+        Failure::Answer(r) => {
+            return Forwarded {
+                response: r,
+                chosen: tried[..tries].last().copied(),
+                attempts: tries as u32,
+                upstream: answered.map(|a| a.0),
+                upstream_time: answered.map(|a| a.1),
+            };
+        }
         Failure::TimedOut => error(
             StatusCode::GATEWAY_TIMEOUT,
             "the upstream did not answer in time",
@@ -317,7 +412,13 @@ pub(crate) async fn forward(
         ),
         Failure::Unreachable => error(StatusCode::BAD_GATEWAY, "no endpoint could be reached"),
     };
-    (response, None)
+    Forwarded {
+        response,
+        chosen: None,
+        attempts: tries as u32,
+        upstream,
+        upstream_time: None,
+    }
 }
 
 fn upstream_request(

@@ -8,12 +8,20 @@
 //! the request, 502 no endpoint could be reached or the upstream broke off, 504 the upstream
 //! did not answer in time.
 //!
+//! Each request is an [`Exchange`] from its head to the end of its response: when the
+//! response body has been handed to the connection to its last byte, or dropped, the exchange
+//! counts the request in its listener's and route's counters and hands its access log record
+//! over.
+//!
 //! [`forward`]: crate::forward
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use drover_model::{HashOn, StickyMode};
@@ -23,10 +31,11 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
+use crate::access::Record;
 use crate::conn::{Active, ConnCtx};
 use crate::forward::{self, Affinity, InFlight};
 use crate::pool::Sender;
-use crate::stats::Stats;
+use crate::stats::{RouteStats, Stats};
 use crate::table::Service;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -52,34 +61,142 @@ fn hop_by_hop() -> [&'static HeaderName; 9] {
     ]
 }
 
+/// The status counted for a request whose client went away before its response head
+/// (nginx's 499).
+const CLIENT_CLOSED: u16 = 499;
+
 /// Serves one request of a client connection.
 pub(crate) async fn handle(
     ctx: Arc<ConnCtx>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let active = ctx.begin();
-    let response = proxy(&ctx, req).await;
+    // Dropped with this future if the client goes away first: then it counts as a 499.
+    let mut exchange = Exchange::start(&ctx, &req);
+    let response = proxy(&ctx, req, &mut exchange).await;
     Stats::count(match response.body() {
         Kind::Upstream(_) => &ctx.stats.client_success,
         Kind::Full(_) => &ctx.stats.client_failed,
     });
-    Ok(response.map(|kind| ResponseBody {
+    exchange.status = response.status().as_u16();
+    let (parts, kind) = response.into_parts();
+    let body = ResponseBody {
         kind,
+        exchange: Some(exchange),
         _active: active,
-    }))
+    };
+    Ok(Response::from_parts(parts, body))
 }
 
-async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<Kind> {
-    let service = {
+/// One request from its head to the end of its response, and what it will be counted and
+/// logged as.
+pub(crate) struct Exchange {
+    ctx: Arc<ConnCtx>,
+    start: Instant,
+    status: u16,
+    /// Response body bytes sent so far.
+    sent: u64,
+    route: Option<Arc<RouteStats>>,
+    /// What only the access log needs; None when there is no access log.
+    log: Option<LogFields>,
+}
+
+/// A request's access log fields, taken from its head before it goes upstream.
+struct LogFields {
+    time: SystemTime,
+    method: http::Method,
+    uri: Uri,
+    version: Version,
+    host: Option<HeaderValue>,
+    referer: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
+    upstream: Option<SocketAddr>,
+    upstream_time: Option<Duration>,
+    attempts: u32,
+}
+
+impl Exchange {
+    fn start(ctx: &Arc<ConnCtx>, req: &Request<Incoming>) -> Self {
+        let log = ctx.access_log.as_ref().map(|_| {
+            let header = |name| req.headers().get(name).cloned();
+            LogFields {
+                time: SystemTime::now(),
+                method: req.method().clone(),
+                uri: req.uri().clone(),
+                version: req.version(),
+                host: header(header::HOST),
+                referer: header(header::REFERER),
+                user_agent: header(header::USER_AGENT),
+                upstream: None,
+                upstream_time: None,
+                attempts: 0,
+            }
+        });
+        Self {
+            ctx: ctx.clone(),
+            start: Instant::now(),
+            status: CLIENT_CLOSED,
+            sent: 0,
+            route: None,
+            log,
+        }
+    }
+
+    #[inline]
+    fn sent(&mut self, bytes: usize) {
+        self.sent += bytes as u64;
+        if let Some(route) = &self.route {
+            route
+                .response_bytes
+                .fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Exchange {
+    /// The request is over: counts it, and logs it.
+    fn drop(&mut self) {
+        let total = self.start.elapsed();
+        self.ctx.listener.responses.count(self.status);
+        if let Some(route) = &self.route {
+            route.responses.count(self.status);
+            route.duration.observe(total);
+        }
+        if let (Some(f), Some(access_log)) = (self.log.take(), &self.ctx.access_log) {
+            access_log.send(Record {
+                time: f.time,
+                client: self.ctx.peer,
+                method: f.method,
+                uri: f.uri,
+                version: f.version,
+                host: f.host,
+                referer: f.referer,
+                user_agent: f.user_agent,
+                listener: self.ctx.listener.clone(),
+                route: self.route.take(),
+                status: self.status,
+                bytes_sent: self.sent,
+                upstream: f.upstream,
+                upstream_time: f.upstream_time,
+                total_time: total,
+                attempts: f.attempts,
+            });
+        }
+    }
+}
+
+async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>, ex: &mut Exchange) -> Response<Kind> {
+    let (service, route) = {
         let table = ctx.tables.load();
         let Some(listener) = table.listener(ctx.local) else {
             return error(StatusCode::SERVICE_UNAVAILABLE, "this listener is closing");
         };
         match listener.route(request_host(&req), req.uri().path()) {
-            Some(s) => s.clone(),
+            Some(r) => (r.service.clone(), r.stats.clone()),
             None => return error(StatusCode::NOT_FOUND, "no route for this host and path"),
         }
     };
+    ex.route = Some(route.clone());
     if service.endpoints.is_empty() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -88,7 +205,13 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<Kind> {
     }
     let affinity = affinity(ctx, &service, &req);
     prepare_upstream_request(&mut req, ctx);
-    let (mut response, chosen) = forward::forward(&ctx.stats, &service, req, &affinity).await;
+    let forwarded = forward::forward(&ctx.stats, &service, &route, req, &affinity).await;
+    if let Some(log) = &mut ex.log {
+        log.upstream = forwarded.upstream;
+        log.upstream_time = forwarded.upstream_time;
+        log.attempts = forwarded.attempts;
+    }
+    let (mut response, chosen) = (forwarded.response, forwarded.chosen);
     if let (Some(index), Some(sticky)) = (chosen, &service.spec.sticky) {
         match sticky.mode {
             StickyMode::Cookie if affinity.preferred != Some(index) => {
@@ -246,6 +369,8 @@ pub(crate) fn error(status: StatusCode, message: &'static str) -> Response<Kind>
 /// The body of every response drover sends to a client.
 pub struct ResponseBody {
     kind: Kind,
+    /// Ended (counted and logged) at the body's end, or when it is dropped.
+    exchange: Option<Exchange>,
     /// Keeps the client connection counted as busy until the body is sent or dropped.
     _active: Active,
 }
@@ -297,10 +422,28 @@ impl Body for ResponseBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match &mut self.get_mut().kind {
+        let this = self.get_mut();
+        let polled = match &mut this.kind {
             Kind::Full(f) => Pin::new(f).poll_frame(cx).map_err(|never| match never {}),
             Kind::Upstream(u) => Pin::new(&mut u.body).poll_frame(cx),
+        };
+        let ended = match &polled {
+            Poll::Pending => false,
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(ex)) = (frame.data_ref(), &mut this.exchange) {
+                    ex.sent(data.len());
+                }
+                this.kind_ended()
+            }
+            // The end, or the upstream broke off: either way nothing more is sent.
+            Poll::Ready(_) => true,
+        };
+        if ended {
+            // Before hyper writes the last bytes out, so that a client that has the whole
+            // response finds the request counted.
+            this.exchange = None;
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -314,6 +457,15 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(f) => f.size_hint(),
             Kind::Upstream(u) => u.body.size_hint(),
+        }
+    }
+}
+
+impl ResponseBody {
+    fn kind_ended(&self) -> bool {
+        match &self.kind {
+            Kind::Full(f) => f.is_end_stream(),
+            Kind::Upstream(u) => u.body.is_end_stream(),
         }
     }
 }

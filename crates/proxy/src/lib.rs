@@ -9,19 +9,25 @@
 //! - the hot path takes no lock, allocates little, and logs only at debug level;
 //! - endpoint state (counters, in-flight requests, pooled connections) survives every rebuild
 //!   in which the endpoint is still present;
-//! - a configuration is published only once every listener it needs is bound.
+//! - a configuration is published only once every listener it needs is bound;
+//! - metrics are atomics in the structures requests already hold (listener, route, service,
+//!   endpoint), carried across rebuilds like endpoint state and read at scrape time
+//!   ([`metrics`]); the access log ([`access`]) is fed with `try_send`, never awaited.
 
+pub mod access;
 mod conn;
 mod forward;
 mod health;
 mod http;
 mod listener;
+pub mod metrics;
 mod pool;
 mod stats;
 pub mod table;
 
+pub use access::AccessLog;
 pub use health::Report as HealthReport;
 pub use listener::{Proxy, ProxyHandle};
 pub use pool::EndpointState;
-pub use stats::Stats;
+pub use stats::{CODE_CLASSES, CodeCounters, ListenerStats, RouteStats, ServiceStats, Stats};
 pub use table::RoutingTable;

@@ -22,6 +22,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access::AccessLog;
 use crate::conn::{self, Deadlines, Listening};
 use crate::health::Checker;
 use crate::stats::Stats;
@@ -37,6 +38,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 pub struct ProxyHandle {
     tables: Arc<ArcSwap<RoutingTable>>,
     stats: Arc<Stats>,
+    access_log: Option<AccessLog>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -50,6 +52,11 @@ impl ProxyHandle {
     /// The process-wide request counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// The access log, when there is one.
+    pub fn access_log(&self) -> Option<&AccessLog> {
+        self.access_log.as_ref()
     }
 
     /// Stops accepting on every listener, lets in-flight requests finish within the shutdown
@@ -91,12 +98,19 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// A data plane with no listeners yet. Must be called inside a tokio runtime: it starts
-    /// the pool sweeper.
+    /// A data plane with no listeners yet and no access log. Must be called inside a tokio
+    /// runtime: it starts the pool sweeper.
     pub fn new() -> Self {
+        Self::with_access_log(None)
+    }
+
+    /// A data plane with no listeners yet that logs every request to `access_log`, if given.
+    /// Must be called inside a tokio runtime: it starts the pool sweeper.
+    pub fn with_access_log(access_log: Option<AccessLog>) -> Self {
         let handle = ProxyHandle {
             tables: Arc::new(ArcSwap::from_pointee(RoutingTable::default())),
             stats: Arc::new(Stats::default()),
+            access_log,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
         };
@@ -125,6 +139,7 @@ impl Proxy {
             server: self.server.clone(),
             tables: self.handle.tables.clone(),
             stats: self.handle.stats.clone(),
+            access_log: self.handle.access_log.clone(),
             local: spec.listen,
             drain: running.drain.clone(),
         };
@@ -246,16 +261,19 @@ async fn accept(
             _ = drain.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
-        let deadlines = match listening.tables.load().listener(local) {
-            Some(l) => Deadlines {
-                request_header: l.spec.request_header_timeout.get(),
-                idle: l.spec.idle_timeout.get(),
-            },
+        let (deadlines, stats) = match listening.tables.load().listener(local) {
+            Some(l) => (
+                Deadlines {
+                    request_header: l.spec.request_header_timeout.get(),
+                    idle: l.spec.idle_timeout.get(),
+                },
+                l.stats.clone(),
+            ),
             None => return,
         };
         let listening = listening.clone();
         tracker.spawn(async move {
-            conn::serve(listening, stream, peer, deadlines).await;
+            conn::serve(listening, stream, peer, deadlines, stats).await;
             drop(permit);
         });
     }

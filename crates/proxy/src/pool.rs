@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 
 use crate::forward::ReqBody;
 use crate::health::Health;
+use crate::stats::CodeCounters;
 
 /// The sending half of an upstream HTTP/1.1 connection.
 pub type Sender = SendRequest<ReqBody>;
@@ -45,6 +46,8 @@ pub struct EndpointState {
     pub in_flight: AtomicU64,
     /// Responses received from it (any status).
     pub responses: AtomicU64,
+    /// The same responses by status class.
+    pub responses_by_class: CodeCounters,
     /// Requests that got no response from it: connect failures, resets, timeouts.
     pub failures: AtomicU64,
     /// Active checks, outlier ejection, slow start.
@@ -67,6 +70,7 @@ impl EndpointState {
             address,
             in_flight: AtomicU64::new(0),
             responses: AtomicU64::new(0),
+            responses_by_class: CodeCounters::default(),
             failures: AtomicU64::new(0),
             health: Health::new(),
             latency: PeakEwma::new(LATENCY_DECAY),

@@ -18,6 +18,7 @@ use drover_balance::{Picker, StickTable};
 use drover_model::{Effective, ListenerSpec, ServiceSpec, StickyMode};
 
 use crate::pool::EndpointState;
+use crate::stats::{ListenerStats, RouteStats, ServiceStats};
 
 /// Everything a request needs to find where it goes.
 #[derive(Debug, Default)]
@@ -41,20 +42,34 @@ impl RoutingTable {
     pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
         self.services.values()
     }
+
+    /// Every listener, in the configuration's order.
+    pub fn listeners(&self) -> impl Iterator<Item = &ListenerRoutes> {
+        self.listeners.iter()
+    }
 }
 
 /// One listener's settings and routes.
 #[derive(Debug)]
 pub struct ListenerRoutes {
     pub spec: ListenerSpec,
+    /// Its connection and request counters.
+    pub stats: Arc<ListenerStats>,
     router: Router,
+    /// The counters of its routes, in the configuration's order.
+    routes: Vec<Arc<RouteStats>>,
 }
 
 impl ListenerRoutes {
-    /// The service for a request to `host` (without port, any case) and `path`.
+    /// The route for a request to `host` (without port, any case) and `path`.
     #[inline]
-    pub fn route(&self, host: &str, path: &str) -> Option<&Arc<Service>> {
+    pub fn route(&self, host: &str, path: &str) -> Option<&Route> {
         self.router.route(host, path)
+    }
+
+    /// The counters of each of its routes.
+    pub fn routes(&self) -> &[Arc<RouteStats>] {
+        &self.routes
     }
 }
 
@@ -64,20 +79,28 @@ impl ListenerRoutes {
 /// does with its rule priorities.
 #[derive(Debug, Default)]
 struct Router {
-    exact: HashMap<String, Vec<Prefix>>,
+    exact: HashMap<String, Vec<Route>>,
     /// `(".example.com", routes)`, longest suffix first.
-    wildcard: Vec<(String, Vec<Prefix>)>,
-    any: Vec<Prefix>,
+    wildcard: Vec<(String, Vec<Route>)>,
+    any: Vec<Route>,
 }
 
+/// Where a route sends its requests, and its counters.
 #[derive(Debug)]
-struct Prefix {
+pub struct Route {
     prefix: String,
-    service: Arc<Service>,
+    pub service: Arc<Service>,
+    pub stats: Arc<RouteStats>,
 }
 
 impl Router {
-    fn insert(&mut self, host: Option<&str>, prefix: &str, service: Arc<Service>) {
+    fn insert(
+        &mut self,
+        host: Option<&str>,
+        prefix: &str,
+        service: Arc<Service>,
+        stats: Arc<RouteStats>,
+    ) {
         let group = match host {
             None => &mut self.any,
             Some(h) => match h.strip_prefix('*') {
@@ -94,20 +117,18 @@ impl Router {
                 None => self.exact.entry(h.to_string()).or_default(),
             },
         };
-        group.push(Prefix {
+        group.push(Route {
             prefix: prefix.to_string(),
             service,
+            stats,
         });
         group.sort_by_key(|p| std::cmp::Reverse(p.prefix.len()));
         self.wildcard.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
     }
 
-    fn route(&self, host: &str, path: &str) -> Option<&Arc<Service>> {
-        fn longest<'a>(group: &'a [Prefix], path: &str) -> Option<&'a Arc<Service>> {
-            group
-                .iter()
-                .find(|p| path.starts_with(p.prefix.as_str()))
-                .map(|p| &p.service)
+    fn route(&self, host: &str, path: &str) -> Option<&Route> {
+        fn longest<'a>(group: &'a [Route], path: &str) -> Option<&'a Route> {
+            group.iter().find(|p| path.starts_with(p.prefix.as_str()))
         }
         if !self.exact.is_empty() || !self.wildcard.is_empty() {
             let lower;
@@ -152,6 +173,8 @@ pub struct Service {
     panic: AtomicBool,
     /// Retries made since this service was last rebuilt.
     pub(crate) retries: AtomicU64,
+    /// Counters that outlive rebuilds.
+    pub stats: Arc<ServiceStats>,
 }
 
 /// Slots in a service's source-IP stick table: 64 Ki clients (HAProxy users write sizes
@@ -250,7 +273,13 @@ impl RetryBudget {
 pub struct TableBuilder {
     endpoints: HashMap<(String, SocketAddr), Arc<EndpointState>>,
     services: HashMap<String, Arc<Service>>,
+    /// By listener name and address.
+    listeners: HashMap<(String, SocketAddr), Arc<ListenerStats>>,
+    routes: HashMap<RouteKey, Arc<RouteStats>>,
 }
+
+/// A route's identity for its counters: listener, host, path prefix and service.
+type RouteKey = (String, Option<String>, String, String);
 
 /// A table ready to publish, with the builder state to keep if it is published.
 #[derive(Debug)]
@@ -338,6 +367,11 @@ impl TableBuilder {
                     stick,
                     panic: AtomicBool::new(false),
                     retries: AtomicU64::new(0),
+                    stats: self
+                        .services
+                        .get(name)
+                        .map(|old| old.stats.clone())
+                        .unwrap_or_default(),
                     endpoints,
                 }),
             );
@@ -347,19 +381,42 @@ impl TableBuilder {
             .iter()
             .map(|l| {
                 let mut router = Router::default();
+                let mut routes = Vec::new();
                 for r in config.routes.iter().filter(|r| r.listener == l.name) {
                     // Validation guarantees the service exists.
                     if let Some(service) = next.services.get(&r.service) {
-                        router.insert(
-                            r.host.as_deref(),
-                            r.path_prefix.as_deref().unwrap_or("/"),
-                            service.clone(),
+                        let prefix = r.path_prefix.as_deref().unwrap_or("/");
+                        let key = (
+                            l.name.clone(),
+                            r.host.clone(),
+                            prefix.to_string(),
+                            r.service.clone(),
                         );
+                        let stats = self.routes.get(&key).cloned().unwrap_or_else(|| {
+                            Arc::new(RouteStats::new(
+                                &l.name,
+                                r.host.as_deref(),
+                                prefix,
+                                &r.service,
+                            ))
+                        });
+                        next.routes.insert(key, stats.clone());
+                        routes.push(stats.clone());
+                        router.insert(r.host.as_deref(), prefix, service.clone(), stats);
                     }
                 }
+                let key = (l.name.clone(), l.listen);
+                let stats = self
+                    .listeners
+                    .get(&key)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(ListenerStats::new(&l.name, l.listen)));
+                next.listeners.insert(key, stats.clone());
                 ListenerRoutes {
                     spec: l.clone(),
+                    stats,
                     router,
+                    routes,
                 }
             })
             .collect();
@@ -416,7 +473,7 @@ mod tests {
         let built = b.build(&effective(config()));
         let t = b.commit(built);
         let l = t.listener("127.0.0.1:8080".parse().unwrap()).unwrap();
-        let to = |host, path| l.route(host, path).map(|s| s.name.as_str());
+        let to = |host, path| l.route(host, path).map(|r| r.service.name.as_str());
         assert_eq!(to("example.com", "/api/users"), Some("api"));
         assert_eq!(
             to("EXAMPLE.com", "/apix"),
@@ -457,6 +514,42 @@ mod tests {
     }
 
     #[test]
+    fn listener_route_and_service_counters_survive_a_rebuild() {
+        let mut c = config();
+        let mut b = TableBuilder::default();
+        let built = b.build(&effective(c.clone()));
+        let t1 = b.commit(built);
+        let addr = "127.0.0.1:8080".parse().unwrap();
+        let l1 = t1.listener(addr).unwrap();
+        let api1 = l1.route("example.com", "/api").unwrap();
+        assert_eq!(api1.stats.route, "example.com/api");
+        assert_eq!(l1.routes().len(), 4);
+
+        // The service `api` changes (a new endpoint) and the route to `www` moves to `wild`.
+        c.services.get_mut("api").unwrap().endpoints =
+            vec![EndpointSpec::new("127.0.0.1:1".parse().unwrap(), 1)];
+        let www = c.routes.iter_mut().find(|r| r.service == "www").unwrap();
+        www.service = "wild".into();
+        let built = b.build(&effective(c));
+        let t2 = b.commit(built);
+        let l2 = t2.listener(addr).unwrap();
+        assert!(Arc::ptr_eq(&l1.stats, &l2.stats));
+        let api2 = l2.route("example.com", "/api").unwrap();
+        assert!(!Arc::ptr_eq(&api1.service, &api2.service), "rebuilt");
+        assert!(
+            Arc::ptr_eq(&api1.stats, &api2.stats),
+            "same route, same counters"
+        );
+        assert!(Arc::ptr_eq(&api1.service.stats, &api2.service.stats));
+        let moved = l2.route("example.com", "/").unwrap();
+        assert_eq!(moved.stats.service, "wild");
+        assert!(
+            !Arc::ptr_eq(&l1.route("example.com", "/").unwrap().stats, &moved.stats),
+            "a route to another service counts afresh"
+        );
+    }
+
+    #[test]
     fn a_build_that_is_not_committed_leaves_no_trace() {
         let mut c = config();
         c.services.get_mut("api").unwrap().endpoints =
@@ -464,5 +557,6 @@ mod tests {
         let b = TableBuilder::default();
         let _ = b.build(&effective(c));
         assert!(b.endpoints.is_empty() && b.services.is_empty());
+        assert!(b.listeners.is_empty() && b.routes.is_empty());
     }
 }
