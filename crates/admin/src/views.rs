@@ -54,6 +54,8 @@ impl Snapshot<'_> {
             "pool_idle_timeout": spec.pool_idle_timeout,
             "panic": self.table.service(name).is_some_and(|s| s.in_panic()),
             "retries": self.table.service(name).map_or(0, |s| s.retries()),
+            "health_check": spec.health_check,
+            "slow_start": spec.slow_start,
             "endpoints": spec.endpoints.iter().map(|e| self.endpoint_view(name, e)).collect::<Vec<_>>(),
         })
     }
@@ -86,8 +88,11 @@ impl Snapshot<'_> {
             "in_flight": count(|r| r.in_flight.load(Ordering::Relaxed)),
             "responses": count(|r| r.responses.load(Ordering::Relaxed)),
             "failures": count(|r| r.failures.load(Ordering::Relaxed)),
+            "responses_5xx": count(|r| r.responses_by_class.get()[4]),
             "idle_connections": count(|r| r.idle_connections() as u64),
             "health": runtime.map(|r| serde_json::to_value(r.health.report()).unwrap_or_default()),
+            "available": runtime.map(|r| r.health.is_available()),
+            "weight_share": runtime.map(|r| (r.health.ramp() * 100.0).round() / 100.0),
         })
     }
 
