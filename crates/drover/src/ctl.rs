@@ -23,8 +23,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 
-const DEFAULT_ADMIN: &str = "http://127.0.0.1:8687";
-const TOKEN_ENV: &str = "DROVER_ADMIN_TOKEN";
+pub(crate) const DEFAULT_ADMIN: &str = "http://127.0.0.1:8687";
+pub(crate) const TOKEN_ENV: &str = "DROVER_ADMIN_TOKEN";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -138,13 +138,16 @@ pub fn main(args: CtlArgs) -> ExitCode {
     }
 }
 
+/// The token given on the command line, or else `$DROVER_ADMIN_TOKEN`; an empty one is none.
+pub(crate) fn token_or_env(given: Option<String>) -> Option<String> {
+    given
+        .or_else(|| std::env::var(TOKEN_ENV).ok())
+        .filter(|t| !t.is_empty())
+}
+
 fn run(args: &CtlArgs) -> Result<(), String> {
     let admin = AdminUrl::parse(&args.admin)?;
-    let token = args
-        .token
-        .clone()
-        .or_else(|| std::env::var(TOKEN_ENV).ok())
-        .filter(|t| !t.is_empty());
+    let token = token_or_env(args.token.clone());
     let call = plan(&args.command);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -199,19 +202,19 @@ fn print_out(text: &str) {
 // The admin API's address and the HTTP exchange.
 
 /// Where the admin API is, from `--admin`.
-#[derive(Debug, PartialEq)]
-struct AdminUrl {
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct AdminUrl {
     /// Host to connect to: a name or an IP address, IPv6 without brackets.
-    host: String,
-    port: u16,
+    pub(crate) host: String,
+    pub(crate) port: u16,
     /// The `Host` header: the authority as given.
-    authority: String,
+    pub(crate) authority: String,
     /// A path prefix the API's paths go under, without a trailing `/` (usually empty).
-    base: String,
+    pub(crate) base: String,
 }
 
 impl AdminUrl {
-    fn parse(given: &str) -> Result<AdminUrl, String> {
+    pub(crate) fn parse(given: &str) -> Result<AdminUrl, String> {
         let s = given.trim();
         let with_scheme = if s.contains("://") {
             s.to_string()
@@ -253,27 +256,51 @@ impl AdminUrl {
     }
 
     /// The full URL of `path`, for messages.
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{}{}", self.authority, self.base, path)
     }
 }
 
 /// One request to the admin API.
 #[derive(Debug, PartialEq)]
-struct Call {
-    method: Method,
+pub(crate) struct Call {
+    pub(crate) method: Method,
     /// Path under the API's base, percent-encoded where needed.
-    path: String,
-    body: Option<Value>,
+    pub(crate) path: String,
+    pub(crate) body: Option<Value>,
 }
 
 /// The API's answer.
-struct Answer {
-    status: StatusCode,
-    body: Bytes,
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
+    pub(crate) body: Bytes,
 }
 
+/// How long a call may take: to connect, and then for the whole exchange.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeouts {
+    pub(crate) connect: Duration,
+    pub(crate) request: Duration,
+}
+
+/// `drover ctl`'s: generous, for one call made by hand.
+const CTL_TIMEOUTS: Timeouts = Timeouts {
+    connect: CONNECT_TIMEOUT,
+    request: REQUEST_TIMEOUT,
+};
+
 async fn send(admin: &AdminUrl, token: Option<&str>, call: &Call) -> Result<Answer, String> {
+    send_with(admin, token, call, CTL_TIMEOUTS).await
+}
+
+/// The request for `call`, with the `Host`, `User-Agent`, `Accept` and (with a token)
+/// `Authorization` headers.
+pub(crate) fn build_request(
+    admin: &AdminUrl,
+    token: Option<&str>,
+    call: &Call,
+    accept: &'static str,
+) -> Result<Request<Full<Bytes>>, String> {
     let url = admin.url(&call.path);
     let mut request = Request::builder()
         .method(call.method.clone())
@@ -286,7 +313,7 @@ async fn send(admin: &AdminUrl, token: Option<&str>, call: &Call) -> Result<Answ
             USER_AGENT,
             concat!("drover-ctl/", env!("CARGO_PKG_VERSION")),
         )
-        .header(ACCEPT, "application/json");
+        .header(ACCEPT, accept);
     if let Some(token) = token {
         let value = HeaderValue::from_str(&format!("Bearer {token}"))
             .map_err(|_| "the token has characters an HTTP header cannot carry".to_string())?;
@@ -299,10 +326,13 @@ async fn send(admin: &AdminUrl, token: Option<&str>, call: &Call) -> Result<Answ
         }
         None => Bytes::new(),
     };
-    let request = request
+    request
         .body(Full::new(body))
-        .map_err(|e| format!("{} {url}: {e}", call.method))?;
+        .map_err(|e| format!("{} {url}: {e}", call.method))
+}
 
+/// A TCP connection to the admin listener, or a message that says it cannot be reached.
+pub(crate) async fn connect(admin: &AdminUrl, timeout: Duration) -> Result<TcpStream, String> {
     let unreachable = |why: String| {
         format!(
             "cannot reach the admin API at http://{} ({why}); is drover running? \
@@ -310,21 +340,31 @@ async fn send(admin: &AdminUrl, token: Option<&str>, call: &Call) -> Result<Answ
             admin.authority
         )
     };
-    let stream = match tokio::time::timeout(
-        CONNECT_TIMEOUT,
+    match tokio::time::timeout(
+        timeout,
         TcpStream::connect((admin.host.as_str(), admin.port)),
     )
     .await
     {
-        Err(_) => {
-            return Err(unreachable(format!(
-                "no connection within {}s",
-                CONNECT_TIMEOUT.as_secs()
-            )));
-        }
-        Ok(Err(e)) => return Err(unreachable(e.to_string())),
-        Ok(Ok(stream)) => stream,
-    };
+        Err(_) => Err(unreachable(format!(
+            "no connection within {}s",
+            timeout.as_secs_f64()
+        ))),
+        Ok(Err(e)) => Err(unreachable(e.to_string())),
+        Ok(Ok(stream)) => Ok(stream),
+    }
+}
+
+/// One call: a new connection, the request, the whole answer.
+pub(crate) async fn send_with(
+    admin: &AdminUrl,
+    token: Option<&str>,
+    call: &Call,
+    timeouts: Timeouts,
+) -> Result<Answer, String> {
+    let url = admin.url(&call.path);
+    let request = build_request(admin, token, call, "application/json")?;
+    let stream = connect(admin, timeouts.connect).await?;
     let exchange = async {
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -339,11 +379,11 @@ async fn send(admin: &AdminUrl, token: Option<&str>, call: &Call) -> Result<Answ
             body,
         })
     };
-    match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+    match tokio::time::timeout(timeouts.request, exchange).await {
         Err(_) => Err(format!(
             "{} {url}: no answer within {}s",
             call.method,
-            REQUEST_TIMEOUT.as_secs()
+            timeouts.request.as_secs_f64()
         )),
         Ok(Err(e)) => Err(format!("{} {url}: {e}", call.method)),
         Ok(Ok(answer)) => Ok(answer),
@@ -352,7 +392,7 @@ async fn send(admin: &AdminUrl, token: Option<&str>, call: &Call) -> Result<Answ
 
 /// Percent-encodes what may not stand in a path segment as it is (RFC 3986 `pchar`): `[` and
 /// `]` of an IPv6 address, `/`, `%`, spaces and the like. `:` and `@` stay.
-fn encode_segment(s: &str) -> String {
+pub(crate) fn encode_segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&b) {
@@ -412,7 +452,7 @@ fn plan(command: &Command) -> Call {
 
 /// `drover ctl: <status> <error>` without the prefix: the `error` field of the API's body, or
 /// the start of the body when it has none.
-fn error_message(status: StatusCode, body: &[u8]) -> String {
+pub(crate) fn error_message(status: StatusCode, body: &[u8]) -> String {
     let detail = serde_json::from_slice::<Value>(body)
         .ok()
         .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))
