@@ -3,8 +3,11 @@
 
 For each of N runs (default 20), with drover watching Docker and a steady load of GETs going
 through it:
-  start: from `docker start` returning to the first request the new container answers;
-  stop:  from `docker stop` being called to the last request the container answers.
+  start: from `docker start` returning, and from Docker's `start` event, to the first request
+         the new container answers;
+  stop:  from `docker stop` being called, and from Docker's `kill` event, to the last request
+         the container answers.
+Times are wall-clock (time.time()), as Docker's events carry them (timeNano).
 A base container stays up throughout, so that every request has somewhere to go. Requests
 use round robin (the file's [docker.defaults]), so the new container gets every other one.
 
@@ -74,7 +77,7 @@ class Load:
                 conn.request("GET", "/")
                 r = conn.getresponse()
                 body = r.read().decode().strip()
-                now = time.monotonic()
+                now = time.time()
                 if r.status == 200:
                     with self.lock:
                         self.answers.append((now, body))
@@ -97,6 +100,35 @@ class Load:
         self.stop.set()
         for t in self.threads:
             t.join()
+
+
+class Events:
+    """`docker events` for the run's containers: (container id, action) -> time."""
+
+    def __init__(self, run):
+        self.times = {}
+        self.proc = subprocess.Popen(
+            ["docker", "events", "--filter", f"label=bench.run={run}", "--filter", "type=container",
+             "--format", "{{json .}}"], stdout=subprocess.PIPE, text=True)
+        self.thread = threading.Thread(target=self.read, daemon=True)
+        self.thread.start()
+
+    def read(self):
+        for line in self.proc.stdout:
+            e = json.loads(line)
+            key = (e.get("id") or e.get("Actor", {}).get("ID"), e.get("Action") or e.get("status"))
+            self.times.setdefault(key, e["timeNano"] / 1e9)
+
+    def wait(self, cid, action, timeout=5):
+        deadline = time.time() + timeout
+        while (cid, action) not in self.times:
+            if time.time() > deadline:
+                raise SystemExit(f"no {action} event for {cid[:12]}")
+            time.sleep(0.005)
+        return self.times[(cid, action)]
+
+    def close(self):
+        self.proc.terminate()
 
 
 def percentile(values, p):
@@ -131,7 +163,7 @@ def main():
     try:
         base = docker("run", "-d", *labels, IMAGE, "sh", "-c", WEB)
         containers.append(base)
-        deadline = time.monotonic() + 20
+        deadline = time.time() + 20
         while True:
             try:
                 c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
@@ -140,31 +172,37 @@ def main():
                     break
             except OSError:
                 pass
-            if time.monotonic() > deadline:
+            if time.time() > deadline:
                 raise SystemExit("drover never served the base container")
             time.sleep(0.05)
         load = Load(port)
-        starts, stops = [], []
+        events = Events(run)
+        time.sleep(0.5)
+        starts, stops, start_events, kill_events = [], [], [], []
         for i in range(args.runs):
             cid = docker("create", *labels, IMAGE, "sh", "-c", WEB)
             containers.append(cid)
             host = cid[:12]
             docker("start", cid)
-            started = time.monotonic()
+            started = time.time()
             while load.first_from(host, started) is None:
-                if time.monotonic() - started > 10:
+                if time.time() - started > 10:
                     raise SystemExit(f"run {i}: the new container never got a request")
                 time.sleep(0.001)
-            starts.append((load.first_from(host, started) - started) * 1000)
+            first = load.first_from(host, started)
+            starts.append((first - started) * 1000)
+            start_events.append((first - events.wait(cid, "start")) * 1000)
             time.sleep(0.2)
-            stopping = time.monotonic()
+            stopping = time.time()
             docker("stop", "-t", "1", cid)
             time.sleep(0.2)
             last = load.last_from(host)
             stops.append(max(0.0, (last - stopping) * 1000))
+            kill_events.append(max(0.0, (last - events.wait(cid, "kill")) * 1000))
             docker("rm", "-f", cid)
             containers.remove(cid)
         load.close()
+        events.close()
         requests = len(load.answers)
         ok = True
     finally:
@@ -176,11 +214,16 @@ def main():
             print(open(os.path.join(work, "drover.log")).read()[-3000:])
         shutil.rmtree(work, ignore_errors=True)
 
+    def summary(values):
+        return {"p50": percentile(values, 50), "p99": percentile(values, 99), "max": max(values), "all": values}
+
     result = {
         "runs": args.runs,
         "requests": requests,
-        "start_ms": {"p50": percentile(starts, 50), "p99": percentile(starts, 99), "max": max(starts), "all": starts},
-        "stop_ms": {"p50": percentile(stops, 50), "p99": percentile(stops, 99), "max": max(stops), "all": stops},
+        "start_ms": summary(starts),
+        "start_event_ms": summary(start_events),
+        "stop_ms": summary(stops),
+        "kill_event_ms": summary(kill_events),
         "docker": docker("version", "--format", "{{.Server.Version}}"),
     }
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
@@ -189,7 +232,9 @@ def main():
     print(f"| measure ({args.runs} runs) | p50 ms | p99 ms | max ms |")
     print("| --- | ---: | ---: | ---: |")
     for name, key in [("`docker start` returned → first request served", "start_ms"),
-                      ("`docker stop` called → last request served", "stop_ms")]:
+                      ("Docker's `start` event → first request served", "start_event_ms"),
+                      ("`docker stop` called → last request served", "stop_ms"),
+                      ("Docker's `kill` event → last request served", "kill_event_ms")]:
         r = result[key]
         print(f"| {name} | {r['p50']:.1f} | {r['p99']:.1f} | {r['max']:.1f} |")
 
