@@ -280,6 +280,23 @@ endpoints = [ { address = "127.0.0.1:9001", weight = 2 }, { address = "127.0.0.1
     }
 
     #[test]
+    fn the_docker_template_is_read_and_checked_like_a_service() {
+        let text = format!("{GOOD}\n[docker.defaults]\npolicy = \"random\"\n");
+        let config = parse(&text, Path::new("drover.toml")).unwrap();
+        assert_eq!(config.docker.defaults.policy, drover_model::Policy::Random);
+        assert_eq!(
+            config.docker.defaults.sticky, None,
+            "the table replaces the template"
+        );
+        let text = format!("{GOOD}\n[docker.defaults.retries]\nattempts = 0\n");
+        let e = err(&text);
+        assert!(
+            e.contains("docker.defaults.retries.attempts: 0 is out of range"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn two_listeners_on_one_address_point_at_the_second() {
         let text = format!("{GOOD}\n[[listeners]]\nname = \"web2\"\nlisten = \"127.0.0.1:8080\"\n");
         let e = err(&text);

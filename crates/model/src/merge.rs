@@ -144,6 +144,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_file_s_global_settings_and_docker_template_win_over_sources_sorted_before_it() {
+        // "docker" sorts before "file:…": a source that leaves them at their defaults must
+        // not hide what the file sets.
+        let docker = SourceId("docker".into());
+        let file = SourceId("file:/etc/drover.toml".into());
+        let mut from_docker = Config::embedded_default("127.0.0.1:1".parse().unwrap());
+        from_docker.services.clear();
+        from_docker.routes.clear();
+        from_docker.listeners[0].name = "docker-1".into();
+        let mut from_file = Config::default();
+        from_file.global.shutdown_grace = "5s".parse().unwrap();
+        from_file.docker.defaults.policy = crate::Policy::Random;
+        let merged = merge([(&docker, &from_docker), (&file, &from_file)]).unwrap();
+        assert_eq!(merged.config.global.shutdown_grace, "5s".parse().unwrap());
+        assert_eq!(merged.config.docker.defaults.policy, crate::Policy::Random);
+        let alone = merge([(&docker, &from_docker)]).unwrap();
+        assert_eq!(alone.config.docker, crate::DockerConfig::default());
+    }
+
+    #[test]
     fn a_name_defined_twice_names_both_sources() {
         let a = SourceId("file:/a.toml".into());
         let b = SourceId("api".into());

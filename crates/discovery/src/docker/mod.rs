@@ -9,7 +9,10 @@
 //!
 //! A container that is told to stop (`kill` with a terminating signal, or `stop`) is drained
 //! at once: it takes no new request while the ones it has finish, before it dies. A container
-//! with a Docker HEALTHCHECK takes requests only while healthy; a paused one takes none.
+//! with a Docker HEALTHCHECK takes requests only while healthy; a paused one takes none. One
+//! without a HEALTHCHECK takes requests once its target port accepts a connection (at most
+//! 30 s after `start`), so that a server still starting up is neither sent requests nor
+//! ejected for refusing them.
 
 pub mod labels;
 mod render;
@@ -26,7 +29,7 @@ use bollard::query_parameters::{EventsOptions, InspectContainerOptions, ListCont
 use drover_control::{Snapshot, SnapshotSender, Status};
 use drover_model::SourceId;
 use futures_util::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use render::Rendered;
@@ -73,12 +76,16 @@ pub struct Container {
     /// What its labels ask for and where it is reached, or why it is left out.
     pub spec: Result<(labels::Wanted, SocketAddr), String>,
     pub serving: Serving,
+    /// Whether Docker checks its health (a HEALTHCHECK in its image or `docker run`).
+    pub has_healthcheck: bool,
 }
 
 /// Whether a container takes new requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Serving {
     Yes,
+    /// Just started, and its target port does not accept connections yet.
+    Starting,
     /// Told to stop: takes no new requests; those in flight finish.
     Stopping,
     /// Its HEALTHCHECK has not passed yet, or fails.
@@ -125,6 +132,7 @@ impl DockerSource {
         let mut last: Option<Rendered> = None;
         let mut backoff = Backoff::new();
         let mut down_since: Option<SystemTime> = None;
+        let (listening, mut listened) = mpsc::unbounded_channel::<(String, SocketAddr)>();
         loop {
             // Events from a second before the list, so that none falls in between; seeing
             // one twice costs an inspect.
@@ -179,7 +187,7 @@ impl DockerSource {
                 tokio::select! {
                     event = events.next() => match event {
                         Some(Ok(event)) => {
-                            let Some(reason) = self.apply(&docker, &mut containers, &event).await else {
+                            let Some(reason) = self.apply(&docker, &mut containers, &event, &listening).await else {
                                 continue;
                             };
                             self.publish(&containers, &status, &snapshots, &mut last, &reason).await;
@@ -193,6 +201,17 @@ impl DockerSource {
                             break;
                         }
                     },
+                    Some((id, address)) = listened.recv() => {
+                        let Some(c) = containers.get_mut(&id) else { continue };
+                        if c.serving != Serving::Starting
+                            || c.spec.as_ref().map(|s| s.1).ok() != Some(address)
+                        {
+                            continue;
+                        }
+                        c.serving = Serving::Yes;
+                        let reason = format!("{}: listening on {address}", c.name);
+                        self.publish(&containers, &status, &snapshots, &mut last, &reason).await;
+                    }
                     changed = status.changed() => {
                         if changed.is_err() {
                             return;
@@ -319,6 +338,11 @@ impl DockerSource {
             Ok(None) => return None,
             Err(e) => Err(e.to_string()),
         };
+        let has_healthcheck = state
+            .health
+            .as_ref()
+            .and_then(|h| h.status)
+            .is_some_and(|s| !matches!(s, HealthStatusEnum::NONE | HealthStatusEnum::EMPTY));
         let serving = if state.paused.unwrap_or(false) {
             Serving::Paused
         } else {
@@ -338,6 +362,7 @@ impl DockerSource {
             name,
             spec,
             serving,
+            has_healthcheck,
         })
     }
 
@@ -458,6 +483,7 @@ impl DockerSource {
         docker: &Docker,
         containers: &mut BTreeMap<String, Container>,
         event: &EventMessage,
+        listening: &mpsc::UnboundedSender<(String, SocketAddr)>,
     ) -> Option<String> {
         let actor = event.actor.as_ref()?;
         let attributes = actor.attributes.clone().unwrap_or_default();
@@ -519,10 +545,26 @@ impl DockerSource {
                 match now {
                     // A container being stopped stays drained whatever else it reports.
                     Some(mut c) => {
-                        if before.is_some_and(|b| b.serving == Serving::Stopping)
-                            && !action.starts_with("start")
-                        {
+                        let was = before.map(|b| b.serving);
+                        if was == Some(Serving::Stopping) && action != "start" {
                             c.serving = Serving::Stopping;
+                        }
+                        // Just started, with no HEALTHCHECK to say when it is ready: it gets
+                        // requests once its port takes connections.
+                        let fresh = action == "start" || was == Some(Serving::Starting);
+                        if fresh
+                            && c.serving == Serving::Yes
+                            && !c.has_healthcheck
+                            && let Ok((_, address)) = &c.spec
+                        {
+                            if was != Some(Serving::Starting) {
+                                tokio::spawn(wait_listening(
+                                    c.id.clone(),
+                                    *address,
+                                    listening.clone(),
+                                ));
+                            }
+                            c.serving = Serving::Starting;
                         }
                         if before == Some(&c) {
                             return None;
@@ -537,6 +579,26 @@ impl DockerSource {
             }
         }
     }
+}
+
+/// Tells the source when `address` takes a TCP connection, or after 30 s whatever happens.
+async fn wait_listening(
+    id: String,
+    address: SocketAddr,
+    listening: mpsc::UnboundedSender<(String, SocketAddr)>,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        let attempt = tokio::time::timeout(
+            Duration::from_millis(250),
+            tokio::net::TcpStream::connect(address),
+        );
+        if let Ok(Ok(_)) = attempt.await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = listening.send((id, address));
 }
 
 fn drain(

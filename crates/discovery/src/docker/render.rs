@@ -157,7 +157,7 @@ pub fn render(
             state: match c.serving {
                 Serving::Yes => AdminState::Enabled,
                 Serving::Stopping => AdminState::Drain,
-                Serving::Unhealthy | Serving::Paused => AdminState::Disabled,
+                Serving::Starting | Serving::Unhealthy | Serving::Paused => AdminState::Disabled,
             },
         });
     }
@@ -200,6 +200,7 @@ fn describe(config: &Config, containers: &BTreeMap<String, Container>) -> Vec<St
                 let note = match serving {
                     Serving::Yes => "",
                     Serving::Stopping => " (stopping: draining)",
+                    Serving::Starting => " (starting: no traffic until its port takes connections)",
                     Serving::Unhealthy => " (not healthy: no traffic)",
                     Serving::Paused => " (paused: no traffic)",
                 };
@@ -316,6 +317,7 @@ mod tests {
             name: name.into(),
             spec,
             serving,
+            has_healthcheck: false,
         }
     }
 

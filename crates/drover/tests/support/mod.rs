@@ -6,6 +6,7 @@
 
 pub mod consul;
 pub mod dnsmasq;
+pub mod docker;
 
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener as StdListener};
