@@ -14,6 +14,8 @@ command -v busybox >/dev/null || [ -x /bin/busybox ] || need_apt+=(busybox-stati
 # The dashboard's tests drive a headless Chromium.
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 [ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
+# drover top's interactive test runs it in a tmux pane.
+command -v tmux >/dev/null || need_apt+=(tmux)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update

@@ -450,6 +450,10 @@ impl Dockerd {
         assert!(!docker::engine_up(), "dockerd still answers");
     }
 
+    #[expect(
+        clippy::zombie_processes,
+        reason = "dockerd outlives the test, like the one scripts/test.sh starts"
+    )]
     fn start(&self) {
         use std::os::unix::process::CommandExt;
         let log = std::fs::OpenOptions::new()
@@ -510,6 +514,19 @@ async fn a_dockerd_restart_is_survived_and_followed_by_a_resync() {
         |s| s.is_some_and(|s| endpoint_states(s).keys().cloned().collect::<BTreeSet<_>>() == want),
     )
     .await;
+    // The outage shows in the source's metrics, and so does the recovery.
+    let (status, _, body) = get(&client(), &format!("http://{}/metrics", d.admin)).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8_lossy(&body);
+    let metric = |name: &str| -> f64 {
+        let prefix = format!("{name}{{source=\"docker\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} for docker in:\n{text}"))
+    };
+    assert!(metric("drover_source_sync_errors_total") >= 1.0);
+    assert_eq!(metric("drover_source_up"), 1.0);
 }
 
 #[tokio::test]

@@ -133,6 +133,9 @@ impl DockerSource {
         let mut backoff = Backoff::new();
         let mut down_since: Option<SystemTime> = None;
         let (listening, mut listened) = mpsc::unbounded_channel::<(String, SocketAddr)>();
+        // /metrics' drover_source_*: a listing or an event is a sync; a failure to list or a
+        // broken event stream is a failed one.
+        let health = drover_control::sources::health(&source_id());
         loop {
             // Events from a second before the list, so that none falls in between; seeing
             // one twice costs an inspect.
@@ -149,6 +152,7 @@ impl DockerSource {
             };
             match listed {
                 Ok(found) => {
+                    health.synced();
                     if let Some(t) = down_since.take() {
                         tracing::info!(
                             "docker: engine reachable again after {:.1} s; listed {} labelled containers",
@@ -160,6 +164,7 @@ impl DockerSource {
                     containers = found;
                 }
                 Err(e) => {
+                    health.failed(format!("cannot list containers: {e}"));
                     if down_since.is_none() {
                         down_since = Some(SystemTime::now());
                         tracing::warn!(
@@ -187,16 +192,19 @@ impl DockerSource {
                 tokio::select! {
                     event = events.next() => match event {
                         Some(Ok(event)) => {
+                            health.synced();
                             let Some(reason) = self.apply(&docker, &mut containers, &event, &listening).await else {
                                 continue;
                             };
                             self.publish(&containers, &status, &snapshots, &mut last, &reason).await;
                         }
                         Some(Err(e)) => {
+                            health.failed(format!("the event stream broke: {e}"));
                             tracing::warn!("docker: the event stream broke: {e}; reconnecting");
                             break;
                         }
                         None => {
+                            health.failed("the engine closed the event stream");
                             tracing::warn!("docker: the engine closed the event stream; reconnecting");
                             break;
                         }

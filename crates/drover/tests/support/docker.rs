@@ -69,16 +69,20 @@ pub fn ready() {
     ] {
         std::os::unix::fs::symlink("busybox", bin.join(tool)).unwrap();
     }
-    let tar = Command::new("tar")
+    let mut tar = Command::new("tar")
         .args(["-C", root.path().to_str().unwrap(), "-c", "."])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let out = Command::new("docker")
         .args(["import", "-", IMAGE])
-        .stdin(tar.stdout.unwrap())
+        .stdin(tar.stdout.take().unwrap())
         .output()
         .unwrap();
+    assert!(
+        tar.wait().unwrap().success(),
+        "tar of the test image failed"
+    );
     // Another test process may have imported it at the same time: fine either way.
     assert!(
         out.status.success() || try_docker(&["image", "inspect", IMAGE]).status.success(),
