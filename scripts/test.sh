@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v curl >/dev/null || need_apt+=(curl)
 command -v cc >/dev/null || need_apt+=(build-essential)
+# The etcd client's build compiles etcd's .proto files.
+command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+# The cluster tests run real etcd members.
+command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || need_apt+=(dnsmasq-base)
 # The Docker source's tests run against a real Docker Engine.
 [ -x /usr/sbin/dockerd ] || need_apt+=(docker.io)
