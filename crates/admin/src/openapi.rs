@@ -462,6 +462,19 @@ fn array_of(items: Value) -> Value {
     json!({"type": "array", "items": items})
 }
 
+fn policy() -> Value {
+    json!({
+        "type": "string",
+        "enum": ["round_robin", "least_conn", "random", "p2c_ewma", "consistent_hash"],
+        "description": "How the service chooses an endpoint for a request.",
+    })
+}
+
+/// A table of settings documented in docs/configuration.md.
+fn settings(description: &str) -> Value {
+    json!({"type": "object", "description": description})
+}
+
 fn nullable(inner: Value) -> Value {
     json!({"anyOf": [inner, {"type": "null"}]})
 }
@@ -629,11 +642,15 @@ fn schemas() -> Value {
         "ServiceView": object(json!({
             "name": string("The service's name."),
             "source": source(),
-            "policy": {"type": "string", "enum": ["round_robin"]},
+            "policy": policy(),
             "connect_timeout": duration("Deadline of the TCP connect to an endpoint."),
             "response_timeout": duration("From the request going upstream to the response head arriving."),
             "pool_max_idle": count("Idle upstream connections kept per endpoint."),
             "pool_idle_timeout": duration("How long an idle upstream connection is kept."),
+            "panic": {"type": "boolean", "description": "Whether the service is in panic mode: too few endpoints are healthy, so all of them are used."},
+            "retries": count("Requests sent again to another endpoint."),
+            "health_check": nullable(settings("The active health check (docs/configuration.md), or null when there is none.")),
+            "slow_start": duration("How long a new or recovered endpoint's share ramps up; 0s is off."),
             "endpoints": array_of(schema("EndpointView")),
         })),
         "EndpointView": object(json!({
@@ -645,18 +662,29 @@ fn schemas() -> Value {
             "responses": count("Responses received from it."),
             "failures": count("Attempts at it that failed."),
             "idle_connections": count("Idle keep-alive connections to it in the pool."),
+            "responses_5xx": count("Responses with a 5xx status received from it."),
+            "health": nullable(settings("Its health: the active check's verdict and last result, ejection, slow start.")),
+            "available": nullable(json!({"type": "boolean", "description": "false while it is down or ejected; null when it is not in the routing table."})),
+            "weight_share": nullable(json!({"type": "number", "description": "The share of its weight it gets while slow start ramps up, 0.05 to 1."})),
         })),
         "ServiceSpec": {
             "type": "object",
             "additionalProperties": false,
             "description": "A whole service. Every field is optional and takes its default when left out.",
             "properties": {
-                "policy": with_default(json!({"type": "string", "enum": ["round_robin"]}), json!("round_robin")),
+                "policy": with_default(policy(), json!("round_robin")),
                 "endpoints": with_default(array_of(schema("EndpointSpec")), json!([])),
                 "connect_timeout": with_default(duration("Deadline of the TCP connect to an endpoint."), json!("5s")),
                 "response_timeout": with_default(duration("From the request going upstream to the response head arriving."), json!("60s")),
                 "pool_max_idle": with_default(count("Idle upstream connections kept per endpoint."), json!(128)),
                 "pool_idle_timeout": with_default(duration("How long an idle upstream connection is kept."), json!("60s")),
+                "hash_on": with_default(string("What consistent_hash hashes: source_ip, path, header:NAME or cookie:NAME."), json!("source_ip")),
+                "sticky": settings("Stickiness: {\"mode\": \"cookie\" | \"source_ip\", \"cookie\", \"expire\"}. Left out: off."),
+                "health_check": settings("The active health check (docs/configuration.md). Left out: none."),
+                "wait_for_first_check": with_default(json!({"type": "boolean", "description": "New endpoints get traffic only after a first passing check."}), json!(false)),
+                "outlier": settings("Passive outlier ejection (docs/configuration.md)."),
+                "retries": settings("Retries on another endpoint (docs/configuration.md)."),
+                "slow_start": with_default(duration("How long a new or recovered endpoint's share ramps up."), json!("0s")),
             },
             "examples": [{"endpoints": [{"address": "127.0.0.1:9001", "weight": 2}, {"address": "127.0.0.1:9002"}]}],
         },
