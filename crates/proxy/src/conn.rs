@@ -50,6 +50,9 @@ pub(crate) struct ConnCtx {
     pub local_ip: HeaderValue,
     /// A hash of the client's IP, for `hash_on = "source_ip"` and the stick table.
     pub client_hash: u64,
+    /// Cancelled when the listener is removed or drover shuts down; tunnels outlive the
+    /// connection's HTTP part and watch it themselves.
+    pub drain: CancellationToken,
     clock: Clock,
 }
 
@@ -179,13 +182,19 @@ pub(crate) struct Listening {
 }
 
 /// Counts a connection as open for as long as it lives.
-struct Open(Arc<ListenerStats>);
+pub(crate) struct Open(Arc<ListenerStats>);
 
 impl Open {
     fn new(listener: &Arc<ListenerStats>) -> Self {
         listener
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);
+        Self::tunnel(listener)
+    }
+
+    /// A connection that lives on as a tunnel after its HTTP part ended: open, not accepted
+    /// again.
+    pub(crate) fn tunnel(listener: &Arc<ListenerStats>) -> Self {
         listener.connections_active.fetch_add(1, Ordering::Relaxed);
         Self(listener.clone())
     }
@@ -229,6 +238,7 @@ pub(crate) async fn serve(
         client_hash: drover_balance::hash_bytes(client_ip.as_bytes()),
         client_ip,
         local_ip,
+        drain: drain.clone(),
         clock: Clock {
             start: Instant::now(),
             in_flight: AtomicU32::new(0),
@@ -242,7 +252,7 @@ pub(crate) async fn serve(
     });
     let service_ctx = ctx.clone();
     let service = service_fn(move |req| crate::http::handle(service_ctx.clone(), req));
-    let conn = server.serve_connection(io, service);
+    let conn = server.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
 
     let check_every = deadlines.request_header.min(deadlines.idle);

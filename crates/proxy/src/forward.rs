@@ -51,6 +51,12 @@ pub struct Upload {
     route: Arc<RouteStats>,
 }
 
+impl Upload {
+    pub(crate) fn new(body: Incoming, route: Arc<RouteStats>) -> Self {
+        Self { body, route }
+    }
+}
+
 impl Body for Upload {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -190,7 +196,7 @@ pub(crate) struct Forwarded {
 }
 
 impl Forwarded {
-    fn alone(response: Response<Kind>) -> Self {
+    pub(crate) fn alone(response: Response<Kind>) -> Self {
         Self {
             response,
             chosen: None,
@@ -436,7 +442,7 @@ fn upstream_request(
 }
 
 /// No answer from this endpoint: counts it, and feeds outlier detection.
-fn record_failure(stats: &Stats, service: &Service, endpoint: &Arc<EndpointState>) {
+pub(crate) fn record_failure(stats: &Stats, service: &Service, endpoint: &Arc<EndpointState>) {
     endpoint.failures.fetch_add(1, Ordering::Relaxed);
     Stats::count(&stats.server_failed);
     record_outlier(service, endpoint);
@@ -466,7 +472,7 @@ fn record_outlier(service: &Service, endpoint: &Arc<EndpointState>) {
 pub(crate) struct InFlight(Arc<EndpointState>);
 
 impl InFlight {
-    fn start(endpoint: &Arc<EndpointState>) -> Self {
+    pub(crate) fn start(endpoint: &Arc<EndpointState>) -> Self {
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         Self(endpoint.clone())
     }

@@ -204,8 +204,14 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>, ex: &mut Exchange) -> 
         );
     }
     let affinity = affinity(ctx, &service, &req);
+    let upgrade = crate::upgrade::requested(&req);
     prepare_upstream_request(&mut req, ctx);
-    let forwarded = forward::forward(&ctx.stats, &service, &route, req, &affinity).await;
+    let forwarded = match upgrade {
+        Some(protocol) => {
+            crate::upgrade::forward(ctx, &service, &route, req, protocol, &affinity).await
+        }
+        None => forward::forward(&ctx.stats, &service, &route, req, &affinity).await,
+    };
     if let Some(log) = &mut ex.log {
         log.upstream = forwarded.upstream;
         log.upstream_time = forwarded.upstream_time;

@@ -24,6 +24,7 @@ pub mod metrics;
 mod pool;
 mod stats;
 pub mod table;
+mod upgrade;
 
 pub use access::AccessLog;
 pub use health::Report as HealthReport;
