@@ -10,6 +10,10 @@
 //! - any other path: 200 with a body that starts with the name, then the request line and
 //!   every request header, one per line.
 //!
+//! Query parameters set response headers on any path, for compression tests: `type=` the
+//! Content-Type, `etag=`, `encoding=` a Content-Encoding (the body is not encoded), and
+//! `cache=` a Cache-Control.
+//!
 //! For health-check demos and tests it can be made to fail: `POST /control/fail?status=500`
 //! makes every other path answer that status until `POST /control/recover`. A test that runs
 //! it in-process does the same through [`EchoState`].
@@ -88,6 +92,7 @@ pub async fn serve_with(listener: TcpListener, name: String, state: Arc<EchoStat
 
 async fn respond(name: &'static str, state: &EchoState, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or_default().to_string();
     let forced = state.forced_status.load(Ordering::Relaxed);
     let mut response = if path == "/control/fail" {
         let status = req
@@ -160,7 +165,45 @@ async fn respond(name: &'static str, state: &EchoState, req: Request<Incoming>) 
     response
         .headers_mut()
         .insert("x-echo-name", http::HeaderValue::from_static(name));
+    for (key, name) in [
+        ("type", header::CONTENT_TYPE),
+        ("etag", header::ETAG),
+        ("encoding", header::CONTENT_ENCODING),
+        ("cache", header::CACHE_CONTROL),
+    ] {
+        if let Some(v) = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+            .and_then(|v| http::HeaderValue::from_bytes(&percent_decoded(v)).ok())
+        {
+            response.headers_mut().insert(name, v);
+        }
+    }
     response
+}
+
+/// `%XX` escapes decoded; anything malformed is kept as it is.
+fn percent_decoded(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = (b[i] == b'%')
+            .then(|| s.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 fn full(text: String) -> Body {

@@ -22,6 +22,6 @@ pub use spec::{
     Patches, Policy, Protocol, RouteSpec, ServiceSpec,
 };
 pub use traffic::{
-    CheckKind, HashOn, HealthCheck, Outlier, Retries, StatusRange, Sticky, StickyMode,
+    CheckKind, Compression, Encoding, HashOn, HealthCheck, Outlier, Retries, StatusRange, Sticky, StickyMode,
 };
 pub use validate::{FieldError, FieldPath, Segment, validate};

@@ -89,17 +89,19 @@ impl Default for Global {
 pub struct DockerConfig {
     /// The template of every service made from container labels; labels override it. Without
     /// this table: docker-loadbalancer's HAProxy template, `least_conn` with stickiness on the
-    /// client's IP (`balance leastconn`, `stick on src`). A `[docker.defaults]` table replaces
+    /// client's IP (`balance leastconn`, `stick on src`) and its compressed types. A `[docker.defaults]` table replaces
     /// that template whole: keys it leaves out take the usual service defaults.
     #[serde(default = "DockerConfig::seed_defaults")]
     pub defaults: ServiceSpec,
 }
 
 impl DockerConfig {
-    /// docker-loadbalancer's choices: least connections, each client IP kept on its endpoint.
+    /// docker-loadbalancer's choices: least connections, each client IP kept on its
+    /// endpoint, and its compressed types.
     pub fn seed_defaults() -> ServiceSpec {
         ServiceSpec {
             policy: Policy::LeastConn,
+            compression: Some(crate::Compression::default()),
             sticky: Some(crate::Sticky {
                 mode: crate::StickyMode::SourceIp,
                 cookie: crate::traffic::defaults::sticky_cookie(),
@@ -238,6 +240,9 @@ pub struct ServiceSpec {
     /// A new or recovered endpoint's share ramps up over this window. 0 s: off.
     #[serde(default)]
     pub slow_start: Duration,
+    /// Compresses responses for clients that accept it. Off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<crate::Compression>,
 }
 
 impl ServiceSpec {
@@ -267,6 +272,7 @@ impl Default for ServiceSpec {
             outlier: Outlier::default(),
             retries: Retries::default(),
             slow_start: Duration::default(),
+            compression: None,
         }
     }
 }

@@ -265,6 +265,56 @@ pub enum StickyMode {
     SourceIp,
 }
 
+/// Compressing responses for clients that accept it (HAProxy's `compression`, nginx's
+/// `gzip`). A response is compressed when the client's Accept-Encoding takes one of
+/// `algorithms`, its Content-Type is one of `types`, it is not compressed already, it is not
+/// a HEAD or 204 or 304 answer, its Cache-Control does not say `no-transform`, and it is not
+/// known to be shorter than `min_length`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Compression {
+    /// Media types to compress, without parameters. docker-loadbalancer's list: text/css,
+    /// text/html, text/javascript, application/javascript, text/plain, text/xml,
+    /// application/json.
+    #[serde(default = "defaults::compression_types")]
+    pub types: Vec<String>,
+    /// Encodings offered, best first, when the client accepts several. `["br", "gzip"]`.
+    #[serde(default = "defaults::compression_algorithms")]
+    pub algorithms: Vec<Encoding>,
+    /// Responses whose Content-Length is below this many bytes go as they are. 256.
+    #[serde(default = "defaults::compression_min_length")]
+    pub min_length: u64,
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Self {
+            types: defaults::compression_types(),
+            algorithms: defaults::compression_algorithms(),
+            min_length: defaults::compression_min_length(),
+        }
+    }
+}
+
+/// A content encoding drover can produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encoding {
+    /// Brotli.
+    Br,
+    Gzip,
+}
+
+impl Encoding {
+    /// Its name in Accept-Encoding and Content-Encoding.
+    pub fn token(self) -> &'static str {
+        match self {
+            Encoding::Br => "br",
+            Encoding::Gzip => "gzip",
+        }
+    }
+}
+
 pub mod defaults {
     use super::StatusRange;
     use crate::Duration;
@@ -316,6 +366,25 @@ pub mod defaults {
     }
     pub fn sticky_expire() -> Duration {
         Duration::from_secs(30 * 60)
+    }
+    pub fn compression_types() -> Vec<String> {
+        [
+            "text/css",
+            "text/html",
+            "text/javascript",
+            "application/javascript",
+            "text/plain",
+            "text/xml",
+            "application/json",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+    pub fn compression_algorithms() -> Vec<super::Encoding> {
+        vec![super::Encoding::Br, super::Encoding::Gzip]
+    }
+    pub fn compression_min_length() -> u64 {
+        256
     }
 }
 

@@ -252,6 +252,28 @@ pub fn check_service(err: &mut impl FnMut(FieldPath, String), p: &FieldPath, s: 
         }
         positive(err, p.clone().key("sticky").key("expire"), sticky.expire);
     }
+    if let Some(c) = &s.compression {
+        let cp = p.clone().key("compression");
+        if c.algorithms.is_empty() {
+            err(
+                cp.clone().key("algorithms"),
+                "name at least one: \"br\" or \"gzip\"; leave compression out to turn it off".into(),
+            );
+        }
+        let token = |x: &str| {
+            !x.is_empty()
+                && x.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&c))
+        };
+        for (i, t) in c.types.iter().enumerate() {
+            if !t.split_once('/').is_some_and(|(a, b)| token(a) && token(b)) {
+                err(
+                    cp.clone().key("types").index(i),
+                    format!("{t:?} is not a media type; write one such as \"text/html\", without parameters"),
+                );
+            }
+        }
+    }
     let mut addrs: BTreeMap<SocketAddr, usize> = BTreeMap::new();
     for (j, e) in s.endpoints.iter().enumerate() {
         let ep = p.clone().key("endpoints").index(j);

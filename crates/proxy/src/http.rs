@@ -74,9 +74,13 @@ pub(crate) async fn handle(
     // Dropped with this future if the client goes away first: then it counts as a 499.
     let mut exchange = Exchange::start(&ctx, &req);
     let response = proxy(&ctx, req, &mut exchange).await;
-    Stats::count(match response.body() {
-        Kind::Upstream(_) => &ctx.stats.client_success,
-        Kind::Full(_) => &ctx.stats.client_failed,
+    // drover's own answers are the failures; an upstream's 101 has no body either.
+    let own = matches!(response.body(), Kind::Full(_))
+        && response.status() != StatusCode::SWITCHING_PROTOCOLS;
+    Stats::count(if own {
+        &ctx.stats.client_failed
+    } else {
+        &ctx.stats.client_success
     });
     exchange.status = response.status().as_u16();
     let (parts, kind) = response.into_parts();
@@ -204,6 +208,9 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>, ex: &mut Exchange) -> 
         );
     }
     let affinity = affinity(ctx, &service, &req);
+    let compression = service.spec.compression.as_ref().and_then(|spec| {
+        crate::compress::accepted(req.headers(), req.method(), spec).map(|e| (e, spec))
+    });
     let upgrade = crate::upgrade::requested(&req);
     prepare_upstream_request(&mut req, ctx);
     let forwarded = match upgrade {
@@ -218,6 +225,9 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>, ex: &mut Exchange) -> 
         log.attempts = forwarded.attempts;
     }
     let (mut response, chosen) = (forwarded.response, forwarded.chosen);
+    if let Some((encoding, spec)) = compression {
+        response = crate::compress::maybe(response, encoding, spec);
+    }
     if let (Some(index), Some(sticky)) = (chosen, &service.spec.sticky) {
         match sticky.mode {
             StickyMode::Cookie if affinity.preferred != Some(index) => {
@@ -383,6 +393,8 @@ pub struct ResponseBody {
 
 pub(crate) enum Kind {
     Upstream(UpstreamBody),
+    /// An upstream body compressed on its way (`crate::compress`).
+    Compressed(crate::compress::Compressed),
     Full(Full<Bytes>),
 }
 
@@ -410,6 +422,26 @@ impl UpstreamBody {
     }
 }
 
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         if self.body.is_end_stream()
@@ -420,18 +452,22 @@ impl Drop for UpstreamBody {
     }
 }
 
+/// What can break a response body on its way: the upstream connection, or compression.
+pub(crate) type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             Kind::Full(f) => Pin::new(f).poll_frame(cx).map_err(|never| match never {}),
-            Kind::Upstream(u) => Pin::new(&mut u.body).poll_frame(cx),
+            Kind::Upstream(u) => Pin::new(&mut u.body).poll_frame(cx).map_err(Into::into),
+            Kind::Compressed(c) => c.as_mut().poll_frame(cx).map_err(Into::into),
         };
         let ended = match &polled {
             Poll::Pending => false,
@@ -453,16 +489,14 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Full(f) => f.is_end_stream(),
-            Kind::Upstream(u) => u.body.is_end_stream(),
-        }
+        self.kind_ended()
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Full(f) => f.size_hint(),
             Kind::Upstream(u) => u.body.size_hint(),
+            Kind::Compressed(c) => c.size_hint(),
         }
     }
 }
@@ -472,6 +506,7 @@ impl ResponseBody {
         match &self.kind {
             Kind::Full(f) => f.is_end_stream(),
             Kind::Upstream(u) => u.body.is_end_stream(),
+            Kind::Compressed(c) => c.is_end_stream(),
         }
     }
 }

@@ -15,6 +15,7 @@
 //!   ([`metrics`]); the access log ([`access`]) is fed with `try_send`, never awaited.
 
 pub mod access;
+mod compress;
 mod conn;
 mod forward;
 mod health;

@@ -355,6 +355,7 @@ mod tests {
             s.sticky.as_ref().map(|s| s.mode),
             Some(StickyMode::SourceIp)
         );
+        assert_eq!(s.compression, Some(drover_model::Compression::default()));
         let addrs: Vec<String> = s.endpoints.iter().map(|e| e.address.to_string()).collect();
         assert_eq!(addrs, ["172.17.0.2:80", "172.17.0.3:80"]);
         assert_eq!(
