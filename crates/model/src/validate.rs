@@ -2,7 +2,7 @@
 //! first, and each error names the field it is about (`routes[1].service`) so that the config
 //! file loader can point at the line and the API can name the field in its JSON error.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 
@@ -89,12 +89,6 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
             }
         }
         listener_addrs.push((l.listen, i));
-        if l.protocol == Protocol::Tcp {
-            err(
-                p.clone().key("protocol"),
-                "TCP listeners are not available in this version yet; use \"http\"".into(),
-            );
-        }
         if l.max_connections == 0 {
             err(
                 p.clone().key("max_connections"),
@@ -109,9 +103,30 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         positive(&mut err, p.clone().key("idle_timeout"), l.idle_timeout);
     }
 
+    let tcp: HashSet<&str> = config
+        .listeners
+        .iter()
+        .filter(|l| l.protocol == Protocol::Tcp)
+        .map(|l| l.name.as_str())
+        .collect();
+    let mut tcp_routes: HashMap<&str, usize> = HashMap::new();
     let mut seen_routes: HashMap<(&str, Option<&str>, Option<&str>), usize> = HashMap::new();
     for (i, r) in config.routes.iter().enumerate() {
         let p = path("routes").index(i);
+        if let Some(name) = tcp.get(r.listener.as_str()).copied() {
+            if r.host.is_some() || r.path_prefix.is_some() {
+                err(
+                    p.clone(),
+                    format!("listener {name:?} is a TCP listener, which sees no host or path: leave host and path_prefix out"),
+                );
+            }
+            if let Some(first) = tcp_routes.insert(name, i) {
+                err(
+                    p.clone().key("listener"),
+                    format!("TCP listener {name:?} already sends everything to routes[{first}]'s service; a TCP listener has one route"),
+                );
+            }
+        }
         if !listener_names.contains_key(r.listener.as_str()) {
             err(
                 p.clone().key("listener"),

@@ -185,7 +185,7 @@ pub(crate) struct Listening {
 pub(crate) struct Open(Arc<ListenerStats>);
 
 impl Open {
-    fn new(listener: &Arc<ListenerStats>) -> Self {
+    pub(crate) fn new(listener: &Arc<ListenerStats>) -> Self {
         listener
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);

@@ -25,6 +25,7 @@ pub mod metrics;
 mod pool;
 mod stats;
 pub mod table;
+mod tcp;
 mod upgrade;
 
 pub use access::AccessLog;

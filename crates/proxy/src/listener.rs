@@ -166,7 +166,6 @@ impl Applier for Proxy {
             if self.listeners.contains_key(&spec.listen) {
                 continue;
             }
-            debug_assert_eq!(spec.protocol, Protocol::Http, "validation admits only HTTP");
             let socket = bind(spec.listen).map_err(|e| {
                 format!(
                     "listener {}: cannot listen on {}: {e}",
@@ -261,19 +260,23 @@ async fn accept(
             _ = drain.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
-        let (deadlines, stats) = match listening.tables.load().listener(local) {
+        let (deadlines, stats, protocol) = match listening.tables.load().listener(local) {
             Some(l) => (
                 Deadlines {
                     request_header: l.spec.request_header_timeout.get(),
                     idle: l.spec.idle_timeout.get(),
                 },
                 l.stats.clone(),
+                l.spec.protocol,
             ),
             None => return,
         };
         let listening = listening.clone();
         tracker.spawn(async move {
-            conn::serve(listening, stream, peer, deadlines, stats).await;
+            match protocol {
+                Protocol::Http => conn::serve(listening, stream, peer, deadlines, stats).await,
+                Protocol::Tcp => crate::tcp::serve(listening, stream, peer, stats).await,
+            }
             drop(permit);
         });
     }

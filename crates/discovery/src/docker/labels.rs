@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use drover_model::{Duration, Policy, StickyMode};
+use drover_model::{Duration, Policy, Protocol, StickyMode};
 
 pub const LB_ENABLE: &str = "lb.enable";
 pub const LB_PUBLISH: &str = "lb.publish";
@@ -52,6 +52,8 @@ pub const DROVER_LABELS: &[&str] = &[
 pub struct Wanted {
     /// Where drover listens: `lb.publish`.
     pub listen: SocketAddr,
+    /// `http`, or `tcp` for a layer-4 listener: `drover.protocol`.
+    pub protocol: Protocol,
     /// The container port: `lb.target`; None means its only exposed port.
     pub target: Option<u16>,
     pub service: Option<String>,
@@ -140,15 +142,24 @@ pub fn parse(labels: &HashMap<String, String>) -> Result<Option<Wanted>, LabelEr
         })?),
         None => None,
     };
-    if let Some(v) = get(PROTOCOL)
-        && !v.eq_ignore_ascii_case("http")
-    {
-        let why = if v.eq_ignore_ascii_case("tcp") {
-            "asks for a TCP listener, which this version does not have yet; use http"
-        } else {
-            "names no protocol; use http"
-        };
-        return Err(bad(PROTOCOL, v, why));
+    let protocol = match get(PROTOCOL).map(str::to_ascii_lowercase).as_deref() {
+        None | Some("http") => Protocol::Http,
+        Some("tcp") => Protocol::Tcp,
+        Some(_) => {
+            let v = get(PROTOCOL).unwrap_or_default();
+            return Err(bad(PROTOCOL, v, "names no protocol; use http or tcp"));
+        }
+    };
+    if protocol == Protocol::Tcp {
+        for label in [HOST, PATH] {
+            if let Some(v) = get(label) {
+                return Err(bad(
+                    label,
+                    v,
+                    "cannot be used with drover.protocol=tcp: a TCP listener sees no host or path",
+                ));
+            }
+        }
     }
     if let Some(v) = get(TLS_CERT) {
         return Err(bad(
@@ -228,6 +239,7 @@ pub fn parse(labels: &HashMap<String, String>) -> Result<Option<Wanted>, LabelEr
     };
     Ok(Some(Wanted {
         listen,
+        protocol,
         target,
         service,
         host,
@@ -408,10 +420,20 @@ mod tests {
                 &[
                     ("lb.enable", "Y"),
                     ("lb.publish", "80"),
-                    ("drover.protocol", "tcp"),
+                    ("drover.protocol", "udp"),
                 ],
                 "drover.protocol",
-                "TCP",
+                "use http or tcp",
+            ),
+            (
+                &[
+                    ("lb.enable", "Y"),
+                    ("lb.publish", "80"),
+                    ("drover.protocol", "tcp"),
+                    ("drover.host", "a.example"),
+                ],
+                "drover.host",
+                "sees no host or path",
             ),
             (
                 &[

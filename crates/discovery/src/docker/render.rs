@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 
 use drover_model::spec::defaults;
 use drover_model::{
-    AdminState, Config, Effective, EndpointSpec, ListenerSpec, Protocol, RouteSpec, ServiceSpec,
+    AdminState, Config, Effective, EndpointSpec, ListenerSpec, RouteSpec, ServiceSpec,
     SourceId, Sticky,
 };
 
@@ -107,6 +107,13 @@ pub fn render(
                 )));
                 continue;
             }
+            if theirs.protocol != wanted.protocol {
+                warnings.push(left_out(format!(
+                    "it asks for {} on {}, which {first} publishes as {}",
+                    wanted.protocol, wanted.listen, theirs.protocol
+                )));
+                continue;
+            }
             if !same_service_settings(theirs, wanted) {
                 warnings.push(format!(
                     "container {}: its policy, stickiness or health check labels differ from {first}'s, which set up service {service:?}; {first}'s apply",
@@ -123,11 +130,20 @@ pub fn render(
                 )));
                 continue;
             }
+            if let Some(l) = config.listeners.iter().find(|l| l.name == listener)
+                && l.protocol != wanted.protocol
+            {
+                warnings.push(left_out(format!(
+                    "it asks for a {} listener on {}, which other containers publish as {}",
+                    wanted.protocol, wanted.listen, l.protocol
+                )));
+                continue;
+            }
             if !config.listeners.iter().any(|l| l.name == listener) {
                 config.listeners.push(ListenerSpec {
                     name: listener.clone(),
                     listen: wanted.listen,
-                    protocol: Protocol::Http,
+                    protocol: wanted.protocol,
                     max_connections: defaults::max_connections(),
                     request_header_timeout: defaults::request_header_timeout(),
                     idle_timeout: defaults::idle_timeout(),
@@ -299,7 +315,7 @@ fn clash(a: SocketAddr, b: SocketAddr) -> bool {
 mod tests {
     use super::*;
     use crate::docker::labels;
-    use drover_model::{Policy, StickyMode};
+    use drover_model::{Policy, Protocol, StickyMode};
     use std::collections::HashMap;
 
     fn container(name: &str, ip: &str, pairs: &[(&str, &str)], serving: Serving) -> Container {
