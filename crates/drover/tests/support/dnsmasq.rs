@@ -268,12 +268,22 @@ impl Drop for Dnsmasq {
     }
 }
 
-/// A loopback port free for both UDP and TCP a moment ago (dnsmasq binds both).
+/// A loopback port free for both UDP and TCP a moment ago (dnsmasq binds both), below the
+/// kernel's ephemeral range (32768 and up): a restart reuses the port, and in that range the
+/// random source port of some client's query (drover's own resolver, say) could take it
+/// while dnsmasq is down.
 fn free_udp_and_tcp_port() -> u16 {
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        ^ std::process::id();
     loop {
-        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = udp.local_addr().unwrap().port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let port = 20_000 + (seed >> 8) as u16 % 12_000;
+        let free = UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if free {
             return port;
         }
     }
