@@ -214,3 +214,84 @@ async fn a_dead_endpoint_is_skipped_and_bad_tcp_routes_are_refused() {
     let n = s.read(&mut buf).await.unwrap();
     assert_eq!(&buf[..n], b"a: still\n");
 }
+
+/// An origin that reports the first `n` bytes of each connection on a channel.
+async fn recording_origin(n: usize) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; n];
+                if s.read_exact(&mut buf).await.is_ok() {
+                    let _ = tx.send(buf);
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn a_service_that_asks_gets_a_proxy_protocol_header_with_the_client_s_address() {
+    for version in ["v1", "v2"] {
+        // Long enough for either header, then the client's first bytes.
+        let (origin, mut got) = recording_origin(if version == "v1" { 48 } else { 33 }).await;
+        let port = free_port();
+        let config = tcp_config(port, &[origin]).replace(
+            "policy = \"round_robin\"",
+            &format!("policy = \"round_robin\"\nproxy_protocol = \"{version}\""),
+        );
+        let _d = Drover::start(&config).await;
+        let client = tokio::net::TcpSocket::new_v4().unwrap();
+        client.bind(([127, 0, 0, 9], 0).into()).unwrap();
+        let mut s = client.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+        let from = s.local_addr().unwrap();
+        s.write_all(b"hello").await.unwrap();
+        let bytes = tokio::time::timeout(Duration::from_secs(5), got.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let expected = if version == "v1" {
+            format!("PROXY TCP4 127.0.0.9 127.0.0.1 {} {port}\r\n", from.port()).into_bytes()
+        } else {
+            let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+            v2.extend_from_slice(&[0x21, 0x11, 0, 12, 127, 0, 0, 9, 127, 0, 0, 1]);
+            v2.extend_from_slice(&from.port().to_be_bytes());
+            v2.extend_from_slice(&port.to_be_bytes());
+            v2
+        };
+        let (header, rest) = bytes.split_at(expected.len());
+        assert_eq!(
+            header,
+            expected,
+            "{version}: {:?}",
+            String::from_utf8_lossy(&bytes)
+        );
+        assert!(
+            b"hello".starts_with(rest),
+            "{version}: then the client's bytes: {rest:?}"
+        );
+    }
+}
+
+#[test]
+fn proxy_protocol_on_an_http_listener_is_refused_for_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("drover.toml");
+    let config = one_service(8080, &[("127.0.0.1:9000".parse().unwrap(), 1)])
+        .replace("[services.web]", "[services.web]\nproxy_protocol = \"v1\"");
+    std::fs::write(&file, config).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["check", "--config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("services.web.proxy_protocol: is sent on TCP listeners only for now"),
+        "{err}"
+    );
+}

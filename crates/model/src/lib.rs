@@ -19,7 +19,7 @@ pub use duration::Duration;
 pub use merge::{Effective, MergeError, SourceId, merge};
 pub use spec::{
     AdminState, Config, DockerConfig, EndpointOverride, EndpointSpec, Global, ListenerSpec,
-    Patches, Policy, Protocol, RouteSpec, ServiceSpec,
+    Patches, Policy, Protocol, ProxyProtocol, RouteSpec, ServiceSpec,
 };
 pub use traffic::{
     CheckKind, Compression, Encoding, HashOn, HealthCheck, Outlier, Retries, StatusRange, Sticky, StickyMode,

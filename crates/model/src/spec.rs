@@ -243,6 +243,20 @@ pub struct ServiceSpec {
     /// Compresses responses for clients that accept it. Off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<crate::Compression>,
+    /// Opens each upstream connection with a PROXY protocol header (`"v1"` or `"v2"`)
+    /// carrying the client's address. TCP listeners only, for now. Off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// A version of HAProxy's PROXY protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyProtocol {
+    /// The text form.
+    V1,
+    /// The binary form.
+    V2,
 }
 
 impl ServiceSpec {
@@ -273,6 +287,7 @@ impl Default for ServiceSpec {
             retries: Retries::default(),
             slow_start: Duration::default(),
             compression: None,
+            proxy_protocol: None,
         }
     }
 }

@@ -113,6 +113,20 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
     let mut seen_routes: HashMap<(&str, Option<&str>, Option<&str>), usize> = HashMap::new();
     for (i, r) in config.routes.iter().enumerate() {
         let p = path("routes").index(i);
+        if !tcp.contains(r.listener.as_str())
+            && config
+                .services
+                .get(&r.service)
+                .is_some_and(|s| s.proxy_protocol.is_some())
+        {
+            err(
+                path("services").key(&r.service).key("proxy_protocol"),
+                format!(
+                    "is sent on TCP listeners only for now, but HTTP listener {:?} routes to this service; use a TCP listener or leave proxy_protocol out",
+                    r.listener
+                ),
+            );
+        }
         if let Some(name) = tcp.get(r.listener.as_str()).copied() {
             if r.host.is_some() || r.path_prefix.is_some() {
                 err(

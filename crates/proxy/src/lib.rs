@@ -23,6 +23,7 @@ mod http;
 mod listener;
 pub mod metrics;
 mod pool;
+pub mod proxy_protocol;
 mod stats;
 pub mod table;
 mod tcp;

@@ -7,17 +7,20 @@
 //! is counted against its endpoint (outlier ejection) and tried on another, up to the
 //! service's `retries.attempts`. A connection stays with its endpoint for its life, even when
 //! that endpoint is drained or removed, as in-flight HTTP requests do; it is closed when its
-//! listener is removed or drover shuts down, after the shutdown grace.
+//! listener is removed or drover shuts down, after the shutdown grace. A service with
+//! `proxy_protocol` gets a PROXY header with the client's address before the first byte.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use drover_model::{HashOn, Policy, StickyMode};
+use drover_model::{HashOn, Policy, ProxyProtocol, StickyMode};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::conn::{Listening, Open};
 use crate::forward::{self, InFlight};
+use crate::proxy_protocol;
 use crate::stats::{ListenerStats, Stats};
 use crate::table::Service;
 
@@ -47,6 +50,17 @@ pub(crate) async fn serve(
         tracing::debug!(%peer, service = %service.name, "no endpoint could be reached; closing");
         return;
     };
+    if let Some(version) = service.spec.proxy_protocol {
+        let destination = client.local_addr().unwrap_or(listening.local);
+        let header = match version {
+            ProxyProtocol::V1 => proxy_protocol::encode_v1(peer, destination),
+            ProxyProtocol::V2 => proxy_protocol::encode_v2(peer, destination),
+        };
+        if let Err(e) = upstream.write_all(&header).await {
+            tracing::debug!(%peer, service = %service.name, "cannot send the PROXY header: {e}");
+            return;
+        }
+    }
     if let Some(sticky) = &service.spec.sticky
         && sticky.mode == StickyMode::SourceIp
     {
