@@ -7,8 +7,10 @@
 //! - [`consul`]: services watched in Consul with blocking queries (docker-nginx-consul's
 //!   `80:webserver`), or discovered from its catalog by tag;
 //! - [`mapping`]: the `PORT:SERVICE[:PORT]` mappings the last two serve;
-//! - [`docker`]: containers configured by their labels (docker-loadbalancer's `lb.*`).
+//! - [`docker`]: containers configured by their labels (docker-loadbalancer's `lb.*`);
+//! - [`agents`]: the containers of many hosts, registered in etcd by `drover agent`.
 
+pub mod agents;
 pub mod consul;
 pub mod dns;
 pub mod docker;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use drover_admin::Admin;
-use drover_control::api::{self, ApiStore};
+use drover_control::api;
 use drover_control::{Reconciler, Snapshot};
 use drover_discovery::file::{self, FileSource};
 use drover_model::{Config, SourceId};
@@ -19,8 +19,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 mod access_log;
+mod agent;
+mod agents_args;
 mod ctl;
 mod sources;
+mod store_args;
 mod top;
 
 /// A dynamic reverse proxy and load balancer.
@@ -45,6 +48,8 @@ enum Command {
     Ctl(ctl::CtlArgs),
     /// Watch a running drover's listeners, services and endpoints in the terminal.
     Top(top::TopArgs),
+    /// Register this host's labelled containers in etcd or Consul, for gateways to serve.
+    Agent(Box<agent::AgentArgs>),
 }
 
 #[derive(clap::Args)]
@@ -76,7 +81,11 @@ struct RunArgs {
     #[command(flatten)]
     docker: sources::DockerArgs,
     #[command(flatten)]
+    agents: agents_args::AgentsArgs,
+    #[command(flatten)]
     access_log: access_log::AccessLogArgs,
+    #[command(flatten)]
+    store: store_args::StoreArgs,
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
@@ -89,6 +98,7 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Ctl(args) => ctl::main(args),
         Command::Top(args) => top::main(args),
+        Command::Agent(args) => agent::main(args),
         Command::Run(args) => {
             let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| args.log_level.clone());
             // Logs go through a bounded queue to a writer thread: nothing logs synchronously.
@@ -174,7 +184,8 @@ async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         "the admin API on {} would be reachable from other hosts without a token; set --admin-token or DROVER_ADMIN_TOKEN, or bind it to a loopback address such as 127.0.0.1:8687",
         args.admin
     );
-    let api_state = api::load(&args.data_dir).map_err(|e| anyhow::anyhow!(e))?;
+    // The API's state: the file in --data-dir, or with --store what etcd holds.
+    let api_start = args.store.open(&args.data_dir).await?;
     let access_log = args.access_log.start()?;
     let proxy = Proxy::with_access_log(access_log.clone());
     let data_plane = proxy.handle();
@@ -185,7 +196,7 @@ async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
 
     args.mappings.check()?;
     let mapping_initial = args.mappings.initial();
-    let with_mappings = args.mappings.any() || args.docker.enabled();
+    let with_mappings = args.mappings.any() || args.docker.enabled() || args.agents.enabled();
     let mapping_source = args.mappings.build()?;
     let docker_source = args.docker.build()?;
     let watched = match &args.config {
@@ -234,14 +245,17 @@ async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
             .apply_now(Snapshot::new(source, config, "startup (mappings)"))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    if !api_state.is_empty() {
-        let state_file = args.data_dir.join(api::STATE_FILE);
+    if let Some(state) = api_start.initial().filter(|s| !s.is_empty()) {
+        let origin = api_start.origin(&args.data_dir);
         reconciler
-            .apply_now(Snapshot::new(api::source_id(), api_state.to_config(), "startup (saved API state)"))
+            .apply_now(Snapshot::new(
+                api::source_id(),
+                state.to_config(),
+                api_start.reason(),
+            ))
             .map_err(|e| {
                 anyhow::anyhow!(
-                    "the state made through the API, saved in {}, does not fit the configuration: {e}",
-                    state_file.display()
+                    "the state made through the API, {origin}, does not fit the configuration: {e}"
                 )
             })?;
     }
@@ -258,13 +272,10 @@ async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         }
     );
     let stop_admin = CancellationToken::new();
+    let (api_store, follower) =
+        api_start.into_store(&args.data_dir, snapshots.clone(), status.clone());
     let admin = Arc::new(Admin {
-        api: Arc::new(ApiStore::new(
-            api_state,
-            &args.data_dir,
-            snapshots.clone(),
-            status.clone(),
-        )),
+        api: api_store,
         status,
         proxy: data_plane.clone(),
         events: reconciler.events(),
@@ -275,6 +286,9 @@ async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     tokio::spawn(drover_admin::serve(admin_listener, admin));
 
     let stop_sources = CancellationToken::new();
+    if let Some(follower) = follower {
+        follower.spawn(stop_sources.clone());
+    }
     mapping_source.spawn(snapshots.clone(), stop_sources.clone());
     if let Some(docker) = docker_source {
         tokio::spawn(docker.run(
@@ -283,6 +297,7 @@ async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
             stop_sources.clone(),
         ));
     }
+    args.agents.spawn(snapshots.clone(), stop_sources.clone())?;
     tokio::spawn(reconciler.run(inbox));
     if let Some((source, text)) = watched {
         tokio::spawn(source.run(snapshots.clone(), reload_rx, text));

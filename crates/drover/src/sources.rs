@@ -225,7 +225,7 @@ pub struct DockerArgs {
     docker_constraint: Vec<(String, Option<String>)>,
 }
 
-fn parse_constraint(s: &str) -> Result<(String, Option<String>), String> {
+pub(crate) fn parse_constraint(s: &str) -> Result<(String, Option<String>), String> {
     let (k, v) = match s.split_once('=') {
         Some((k, v)) => (k.trim(), Some(v.trim().to_string())),
         None => (s.trim(), None),

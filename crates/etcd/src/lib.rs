@@ -157,6 +157,10 @@ pub async fn connect(
         .map_err(|e| StoreError::Etcd(url.to_string(), e))
 }
 
+// --- The API's state in etcd (`drover run --store`): see the module. ---
+
+pub mod state;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,6 +22,7 @@ pub use spec::{
     Patches, Policy, Protocol, ProxyProtocol, RouteSpec, ServiceSpec,
 };
 pub use traffic::{
-    CheckKind, Compression, Encoding, HashOn, HealthCheck, Outlier, Retries, StatusRange, Sticky, StickyMode,
+    CheckKind, Compression, Encoding, HashOn, HealthCheck, Outlier, Retries, StatusRange, Sticky,
+    StickyMode,
 };
 pub use validate::{FieldError, FieldPath, Segment, validate};

@@ -131,13 +131,17 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
             if r.host.is_some() || r.path_prefix.is_some() {
                 err(
                     p.clone(),
-                    format!("listener {name:?} is a TCP listener, which sees no host or path: leave host and path_prefix out"),
+                    format!(
+                        "listener {name:?} is a TCP listener, which sees no host or path: leave host and path_prefix out"
+                    ),
                 );
             }
             if let Some(first) = tcp_routes.insert(name, i) {
                 err(
                     p.clone().key("listener"),
-                    format!("TCP listener {name:?} already sends everything to routes[{first}]'s service; a TCP listener has one route"),
+                    format!(
+                        "TCP listener {name:?} already sends everything to routes[{first}]'s service; a TCP listener has one route"
+                    ),
                 );
             }
         }
@@ -286,7 +290,8 @@ pub fn check_service(err: &mut impl FnMut(FieldPath, String), p: &FieldPath, s: 
         if c.algorithms.is_empty() {
             err(
                 cp.clone().key("algorithms"),
-                "name at least one: \"br\" or \"gzip\"; leave compression out to turn it off".into(),
+                "name at least one: \"br\" or \"gzip\"; leave compression out to turn it off"
+                    .into(),
             );
         }
         let token = |x: &str| {
@@ -298,7 +303,9 @@ pub fn check_service(err: &mut impl FnMut(FieldPath, String), p: &FieldPath, s: 
             if !t.split_once('/').is_some_and(|(a, b)| token(a) && token(b)) {
                 err(
                     cp.clone().key("types").index(i),
-                    format!("{t:?} is not a media type; write one such as \"text/html\", without parameters"),
+                    format!(
+                        "{t:?} is not a media type; write one such as \"text/html\", without parameters"
+                    ),
                 );
             }
         }

@@ -119,7 +119,9 @@ fn parse_v1(buf: &[u8]) -> Result<(Header, usize), ParseError> {
     let window = &buf[..buf.len().min(V1_MAX)];
     let Some(end) = window.windows(2).position(|w| w == b"\r\n") else {
         return if buf.len() >= V1_MAX {
-            Err(ParseError::Invalid("a version 1 line longer than 107 bytes"))
+            Err(ParseError::Invalid(
+                "a version 1 line longer than 107 bytes",
+            ))
         } else {
             Err(ParseError::Incomplete)
         };
@@ -133,9 +135,14 @@ fn parse_v1(buf: &[u8]) -> Result<(Header, usize), ParseError> {
     }
     let fields: Vec<&str> = parts.collect();
     let [src, dst, sport, dport] = fields[..] else {
-        return Err(ParseError::Invalid("a version 1 line needs 4 fields after the family"));
+        return Err(ParseError::Invalid(
+            "a version 1 line needs 4 fields after the family",
+        ));
     };
-    let ip = |s: &str| s.parse::<IpAddr>().map_err(|_| ParseError::Invalid("a bad address"));
+    let ip = |s: &str| {
+        s.parse::<IpAddr>()
+            .map_err(|_| ParseError::Invalid("a bad address"))
+    };
     // Ports are decimal without leading zeros or signs.
     let port = |s: &str| {
         let ok = !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit());
@@ -148,10 +155,16 @@ fn parse_v1(buf: &[u8]) -> Result<(Header, usize), ParseError> {
     let fits = match family {
         "TCP4" => src.is_ipv4() && dst.is_ipv4(),
         "TCP6" => src.is_ipv6() && dst.is_ipv6(),
-        _ => return Err(ParseError::Invalid("the family must be TCP4, TCP6 or UNKNOWN")),
+        _ => {
+            return Err(ParseError::Invalid(
+                "the family must be TCP4, TCP6 or UNKNOWN",
+            ));
+        }
     };
     if !fits {
-        return Err(ParseError::Invalid("addresses of another family than the line says"));
+        return Err(ParseError::Invalid(
+            "addresses of another family than the line says",
+        ));
     }
     let header = Header::Proxied {
         source: SocketAddr::new(src, port(sport)?),
@@ -166,7 +179,9 @@ fn parse_v2(buf: &[u8]) -> Result<(Header, usize), ParseError> {
     }
     let (version, command) = (buf[12] >> 4, buf[12] & 0x0f);
     if version != 2 {
-        return Err(ParseError::Invalid("version 2 signature with another version"));
+        return Err(ParseError::Invalid(
+            "version 2 signature with another version",
+        ));
     }
     let len = u16::from_be_bytes([buf[14], buf[15]]) as usize;
     let total = 16 + len;
@@ -256,7 +271,11 @@ mod tests {
             encode_v2(addr("[2001:db8::7]:51000"), addr("[2001:db8::1]:443")),
         ] {
             for cut in 0..bytes.len() {
-                assert_eq!(parse(&bytes[..cut]), Err(ParseError::Incomplete), "cut {cut}");
+                assert_eq!(
+                    parse(&bytes[..cut]),
+                    Err(ParseError::Incomplete),
+                    "cut {cut}"
+                );
             }
         }
     }
@@ -286,7 +305,10 @@ mod tests {
             );
         }
         let long = format!("PROXY TCP4 {}\r\n", "1".repeat(120));
-        assert!(matches!(parse(long.as_bytes()), Err(ParseError::Invalid(_))));
+        assert!(matches!(
+            parse(long.as_bytes()),
+            Err(ParseError::Invalid(_))
+        ));
         let mut v3 = V2_SIGNATURE.to_vec();
         v3.extend_from_slice(&[0x31, 0x11, 0, 12]);
         v3.extend_from_slice(&[0; 12]);

@@ -96,6 +96,11 @@ pub enum Serving {
 /// Watches the Docker Engine and sends the configuration its containers ask for.
 pub struct DockerSource {
     options: DockerOptions,
+    /// Whether a new publish address must be free here; not for an agent, which never
+    /// listens on it itself.
+    check_binds: bool,
+    /// Told the containers behind each snapshot, when someone asked.
+    containers: Option<watch::Sender<BTreeMap<String, Container>>>,
 }
 
 impl DockerSource {
@@ -110,7 +115,26 @@ impl DockerSource {
                 ));
             }
         }
-        Ok(Self { options })
+        Ok(Self {
+            options,
+            check_binds: true,
+            containers: None,
+        })
+    }
+
+    /// For `drover agent`: renders without checking that publish addresses can be bound on
+    /// this host. The gateways listen on them; the agent only registers what they carry.
+    pub fn for_agent(mut self) -> Self {
+        self.check_binds = false;
+        self
+    }
+
+    /// The containers behind the snapshots: updated just before each snapshot is sent, so
+    /// that whoever reads a snapshot finds its containers (container names, labels) here.
+    pub fn watch_containers(&mut self) -> watch::Receiver<BTreeMap<String, Container>> {
+        let (tx, rx) = watch::channel(BTreeMap::new());
+        self.containers = Some(tx);
+        rx
     }
 
     fn connect(&self) -> Result<Docker, bollard::errors::Error> {
@@ -248,7 +272,16 @@ impl DockerSource {
     ) {
         let rendered = {
             let status = status.borrow();
-            render::render(containers, &status.effective, &source_id(), &|a| {
+            // Listen addresses of the last snapshot accepted are ours, bound or being bound,
+            // even before the status in force shows them.
+            let own: Vec<SocketAddr> = last
+                .as_ref()
+                .map(|l| l.config.listeners.iter().map(|l| l.listen).collect())
+                .unwrap_or_default();
+            render::render(containers, &status.effective, &source_id(), &own, &|a| {
+                if !self.check_binds {
+                    return Ok(());
+                }
                 std::net::TcpListener::bind(a)
                     .map(drop)
                     .map_err(|e| e.to_string())
@@ -268,11 +301,21 @@ impl DockerSource {
                 tracing::info!("docker: {line}");
             }
         }
-        let snapshot = Snapshot::new(source_id(), rendered.config.clone(), reason);
+        if let Some(tx) = &self.containers {
+            tx.send_replace(containers.clone());
+        }
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let mut snapshot = Snapshot::new(source_id(), rendered.config.clone(), reason);
+        snapshot.reply = Some(reply);
         if snapshots.send(snapshot).await.is_err() {
             return;
         }
-        *last = Some(rendered);
+        // Waiting for the verdict keeps `last` to what is in force (or, for a receiver that
+        // does not answer, what was handed over): a rejected snapshot is rendered afresh.
+        match outcome.await {
+            Ok(Err(e)) => tracing::warn!("docker: the configuration was rejected: {e}"),
+            Ok(Ok(_)) | Err(_) => *last = Some(rendered),
+        }
     }
 
     /// Every running container that asks to be balanced.

@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 
 use drover_model::spec::defaults;
 use drover_model::{
-    AdminState, Config, Effective, EndpointSpec, ListenerSpec, RouteSpec, ServiceSpec,
-    SourceId, Sticky,
+    AdminState, Config, Effective, EndpointSpec, ListenerSpec, RouteSpec, ServiceSpec, SourceId,
+    Sticky,
 };
 
 use super::labels::Wanted;
@@ -28,18 +28,20 @@ pub struct Rendered {
 }
 
 /// Renders the containers. `effective` is the configuration in force: the `[docker]` section
-/// and what the other sources own. `can_bind` tells whether a new listen address is free.
+/// and what the other sources own. `own_listens` are the listen addresses of the source's
+/// last accepted snapshot, which need no check; `can_bind` tells whether a new one is free.
 pub fn render(
     containers: &BTreeMap<String, Container>,
     effective: &Effective,
     own: &SourceId,
+    own_listens: &[SocketAddr],
     can_bind: &dyn Fn(SocketAddr) -> Result<(), String>,
 ) -> Rendered {
     let template = &effective.config.docker.defaults;
     let theirs = |name: &str, sources: &BTreeMap<String, SourceId>| {
         sources.get(name).filter(|s| *s != own).cloned()
     };
-    let mut ours_bound: BTreeSet<SocketAddr> = BTreeSet::new();
+    let mut ours_bound: BTreeSet<SocketAddr> = own_listens.iter().copied().collect();
     for l in &effective.config.listeners {
         if theirs(&l.name, &effective.listener_sources).is_none() {
             ours_bound.insert(l.listen);
@@ -360,6 +362,7 @@ mod tests {
             ]),
             &Effective::default(),
             &SourceId("docker".into()),
+            &[],
             &free,
         );
         assert!(r.warnings.is_empty(), "{:?}", r.warnings);
@@ -397,6 +400,7 @@ mod tests {
             ]),
             &Effective::default(),
             &SourceId("docker".into()),
+            &[],
             &free,
         );
         let states: Vec<AdminState> = r.config.services["docker-80"]
@@ -447,6 +451,7 @@ mod tests {
             ]),
             &effective,
             &SourceId("docker".into()),
+            &[],
             &free,
         );
         assert!(r.warnings.is_empty(), "{:?}", r.warnings);
@@ -504,6 +509,7 @@ mod tests {
             ]),
             &effective,
             &SourceId("docker".into()),
+            &[],
             &busy,
         );
         assert_eq!(r.config.services.len(), 1);

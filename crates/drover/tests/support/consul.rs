@@ -27,6 +27,8 @@
 //! Tests can change it directly (`register`, `deregister`, `pass`, `fail`) or through its API
 //! (`put`), make it go away and come back on the same port (`stop`, `start_again`), and
 //! rewind its index as a restored Consul would (`rewind_index`).
+//! `services` shows what is registered, for the tests of registrars such as
+//! `drover agent --register`.
 //!
 //! `start_tls` serves the same API over TLS only (rustls), with a server certificate for
 //! 127.0.0.1 and localhost signed by a CA made for the double (rcgen); `ca_pem` is that CA,
@@ -131,6 +133,18 @@ struct State {
     index: u64,
     /// By service ID.
     services: BTreeMap<String, Instance>,
+}
+
+/// A registered service instance, as [`ConsulDouble::services`] shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registered {
+    pub id: String,
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    pub tags: Vec<String>,
+    /// Its checks' IDs and statuses (`passing`, `warning`, `critical`).
+    pub checks: Vec<(String, String)>,
 }
 
 #[derive(Clone)]
@@ -322,6 +336,31 @@ impl ConsulDouble {
     /// `/v1/catalog/services` queries answered so far.
     pub fn catalog_queries(&self) -> u64 {
         self.shared.catalog_queries.load(Ordering::Relaxed)
+    }
+
+    /// Every registered service instance by ID, as the agent API's registrations left them:
+    /// what a registrar such as `drover agent --register` made.
+    pub fn services(&self) -> BTreeMap<String, Registered> {
+        let state = self.shared.state.lock().unwrap();
+        state
+            .services
+            .values()
+            .map(|s| {
+                let registered = Registered {
+                    id: s.id.clone(),
+                    name: s.name.clone(),
+                    address: s.address.clone(),
+                    port: s.port,
+                    tags: s.tags.clone(),
+                    checks: s
+                        .checks
+                        .iter()
+                        .map(|c| (c.id.clone(), c.status.clone()))
+                        .collect(),
+                };
+                (s.id.clone(), registered)
+            })
+            .collect()
     }
 
     /// Sends `PUT path` with a JSON body (and the token, if given) through the HTTP API;

@@ -7,6 +7,7 @@
 pub mod consul;
 pub mod dnsmasq;
 pub mod docker;
+pub mod etcd;
 
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener as StdListener};

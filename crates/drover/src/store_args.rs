@@ -1,0 +1,424 @@
+//! `drover run --store etcd://…`: the state made through the management API kept in etcd and
+//! shared by every drover that names the same store, instead of `<data-dir>/api-state.json`
+//! (docs/cluster.md).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use drover_control::api::{self, ApiState, ApiStore, SharedStore, Stored};
+use drover_control::{SnapshotSender, Status};
+use drover_etcd::state::EtcdState;
+use drover_etcd::{StoreOptions, StoreUrl};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Where the API's state is kept.
+#[derive(clap::Args, Debug, Default)]
+pub struct StoreArgs {
+    /// Keep the state made through the API in etcd, shared with every drover that names the
+    /// same store, instead of in --data-dir: etcd://HOST:PORT[,HOST:PORT...][/PREFIX]
+    /// (etcds:// for TLS) [default prefix: /drover].
+    #[arg(long, value_name = "URL", value_parser = parse_url)]
+    store: Option<StoreUrl>,
+    /// PEM bundle of the CAs that etcd's certificate chains to (with --store etcds://).
+    #[arg(long, value_name = "FILE")]
+    store_ca: Option<PathBuf>,
+    /// PEM client certificate for etcd (with --store-key and --store-ca).
+    #[arg(long, value_name = "FILE")]
+    store_cert: Option<PathBuf>,
+    /// PEM private key of --store-cert.
+    #[arg(long, value_name = "FILE")]
+    store_key: Option<PathBuf>,
+    /// etcd user, when etcd's authentication is on (with --store-password).
+    #[arg(long, value_name = "USER")]
+    store_user: Option<String>,
+    /// Password of --store-user (from DROVER_STORE_PASSWORD when not given here).
+    #[arg(
+        long,
+        value_name = "PASSWORD",
+        env = "DROVER_STORE_PASSWORD",
+        hide_env_values = true
+    )]
+    store_password: Option<String>,
+}
+
+fn parse_url(s: &str) -> Result<StoreUrl, String> {
+    StoreUrl::parse(s.trim())
+}
+
+/// A file the store needs: it must be there and readable now, not at the first write.
+fn readable(flag: &str, path: &Path) -> Result<(), String> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|e| format!("{flag} {}: cannot read it: {e}", path.display()))
+}
+
+impl StoreArgs {
+    /// The store and how to reach it, checked; None without --store.
+    pub fn build(&self) -> Result<Option<(StoreUrl, StoreOptions)>, String> {
+        let Some(url) = &self.store else {
+            let given = [
+                ("--store-ca", self.store_ca.is_some()),
+                ("--store-cert", self.store_cert.is_some()),
+                ("--store-key", self.store_key.is_some()),
+                ("--store-user", self.store_user.is_some()),
+                // The password may come from the environment, set for another drover.
+                (
+                    "--store-password",
+                    self.store_password.is_some()
+                        && std::env::var_os("DROVER_STORE_PASSWORD").is_none(),
+                ),
+            ];
+            return match given.iter().find(|(_, set)| *set) {
+                Some((flag, _)) => Err(format!(
+                    "{flag} needs --store etcd://HOST:PORT (or etcds:// for TLS)"
+                )),
+                None => Ok(None),
+            };
+        };
+        let tls = url.endpoints.iter().any(|e| e.starts_with("https://"));
+        match (&self.store_ca, tls) {
+            (Some(_), false) => {
+                return Err(format!(
+                    "--store-ca is for TLS to etcd: write --store etcds://… instead of {url}"
+                ));
+            }
+            (None, true) => {
+                return Err(format!(
+                    "--store {url} uses TLS: give --store-ca FILE, the PEM bundle of the CAs that etcd's certificate chains to"
+                ));
+            }
+            (Some(ca), true) => readable("--store-ca", ca)?,
+            (None, false) => {}
+        }
+        match (&self.store_cert, &self.store_key) {
+            (Some(cert), Some(key)) => {
+                if !tls {
+                    return Err(format!(
+                        "--store-cert and --store-key are for TLS to etcd: write --store etcds://… instead of {url}"
+                    ));
+                }
+                readable("--store-cert", cert)?;
+                readable("--store-key", key)?;
+            }
+            (Some(_), None) => {
+                return Err("--store-cert needs --store-key, the certificate's private key".into());
+            }
+            (None, Some(_)) => {
+                return Err("--store-key needs --store-cert, the certificate it belongs to".into());
+            }
+            (None, None) => {}
+        }
+        let user = match (&self.store_user, &self.store_password) {
+            (Some(u), _) if u.is_empty() => return Err("--store-user is empty".into()),
+            (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+            (Some(_), None) => {
+                return Err(
+                    "--store-user needs a password: --store-password, or DROVER_STORE_PASSWORD in the environment"
+                        .into(),
+                );
+            }
+            (None, Some(_)) if std::env::var_os("DROVER_STORE_PASSWORD").is_none() => {
+                return Err("--store-password needs --store-user".into());
+            }
+            (None, _) => None,
+        };
+        Ok(Some((
+            url.clone(),
+            StoreOptions {
+                ca_file: self.store_ca.clone(),
+                cert_file: self.store_cert.clone(),
+                key_file: self.store_key.clone(),
+                user,
+            },
+        )))
+    }
+
+    /// Reads the API's state at start-up: the file in `data_dir`, or, with --store, what etcd
+    /// holds. etcd that cannot be reached is not an error: drover starts without the API's
+    /// state and applies it when etcd answers.
+    pub async fn open(&self, data_dir: &Path) -> anyhow::Result<ApiStart> {
+        let Some((url, options)) = self.build().map_err(anyhow::Error::msg)? else {
+            let state = api::load(data_dir).map_err(anyhow::Error::msg)?;
+            return Ok(ApiStart::File(state));
+        };
+        let store = EtcdState::new(url, options);
+        let file = data_dir.join(api::STATE_FILE);
+        if file.exists() {
+            tracing::warn!(
+                "{} is not used: with --store the state made through the API is kept in {} at {}. To carry the file's state over, put it there before the first drover starts with --store: etcdctl put {} < {}",
+                file.display(),
+                store.url(),
+                store.key(),
+                store.key(),
+                file.display()
+            );
+        }
+        let health = drover_control::sources::health(&api::source_id());
+        let initial = match store.read().await {
+            Ok(stored) => {
+                health.synced();
+                tracing::info!(
+                    "the state made through the API is kept in {} at {} (revision {}: {} services, {} routes, endpoints added to {} services)",
+                    store.url(),
+                    store.key(),
+                    stored.at.modified,
+                    stored.state.services.len(),
+                    stored.state.routes.len(),
+                    stored.state.patches.added.len()
+                );
+                Some(stored)
+            }
+            Err(e) => {
+                health.failed(&e);
+                tracing::warn!(
+                    "{e}; starting without the state made through the API: the configuration file's world serves, the API refuses changes, and the state is applied as soon as etcd answers"
+                );
+                None
+            }
+        };
+        Ok(ApiStart::Etcd { store, initial })
+    }
+}
+
+/// The API's state at start-up, and where it is kept.
+pub enum ApiStart {
+    File(ApiState),
+    Etcd {
+        store: Arc<EtcdState>,
+        /// None when etcd could not be read at start-up.
+        initial: Option<Stored>,
+    },
+}
+
+/// Keeps a drover in step with the API's state in etcd.
+pub struct Follower {
+    store: Arc<EtcdState>,
+    api: Arc<ApiStore>,
+}
+
+impl Follower {
+    /// Follows until `stop` is cancelled.
+    pub fn spawn(self, stop: CancellationToken) {
+        tokio::spawn(drover_etcd::state::follow(
+            self.store,
+            self.api,
+            stop.cancelled_owned(),
+        ));
+    }
+}
+
+impl ApiStart {
+    /// The state to apply before serving.
+    pub fn initial(&self) -> Option<&ApiState> {
+        match self {
+            ApiStart::File(state) => Some(state),
+            ApiStart::Etcd { initial, .. } => initial.as_ref().map(|s| &s.state),
+        }
+    }
+
+    /// Why the state is applied at start-up, for the reconciler's log.
+    pub fn reason(&self) -> String {
+        match self {
+            ApiStart::File(_) => "startup (saved API state)".into(),
+            ApiStart::Etcd { store, initial } => format!(
+                "startup (API state from {} revision {})",
+                store.url(),
+                initial.as_ref().map_or(0, |s| s.at.modified)
+            ),
+        }
+    }
+
+    /// Where the state comes from, for the log and for errors.
+    pub fn origin(&self, data_dir: &Path) -> String {
+        match self {
+            ApiStart::File(_) => format!("saved in {}", data_dir.join(api::STATE_FILE).display()),
+            ApiStart::Etcd { store, .. } => format!("kept in {} at {}", store.url(), store.key()),
+        }
+    }
+
+    /// The API's store, and with etcd what keeps it in step with the other instances.
+    pub fn into_store(
+        self,
+        data_dir: &Path,
+        snapshots: SnapshotSender,
+        status: watch::Receiver<Status>,
+    ) -> (Arc<ApiStore>, Option<Follower>) {
+        match self {
+            ApiStart::File(state) => (
+                Arc::new(ApiStore::new(state, data_dir, snapshots, status)),
+                None,
+            ),
+            ApiStart::Etcd { store, initial } => {
+                let shared: Arc<dyn SharedStore> = store.clone();
+                let read = initial.is_some();
+                let api = Arc::new(ApiStore::shared(initial, shared, snapshots, status));
+                // Not read at start-up: etcd was away just now.
+                api.store_reachable(read);
+                (api.clone(), Some(Follower { store, api }))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        store: StoreArgs,
+    }
+
+    fn build(args: &[&str]) -> Result<Option<(StoreUrl, StoreOptions)>, String> {
+        let cli = Cli::try_parse_from(std::iter::once("drover").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        cli.store.build()
+    }
+
+    #[test]
+    fn without_store_the_file_is_used() {
+        assert!(build(&[]).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_store_url_with_several_members_and_a_prefix() {
+        let (url, options) = build(&["--store", "etcd://127.0.0.1:2379,127.0.0.1:22379/lb"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(url.layout().api_state(), "/lb/api/state");
+        assert_eq!(url.endpoints.len(), 2);
+        assert!(options.ca_file.is_none() && options.user.is_none());
+    }
+
+    #[test]
+    fn a_url_that_is_not_etcd_says_what_to_write() {
+        let e = build(&["--store", "http://x"]).unwrap_err();
+        assert!(
+            e.contains("invalid store \"http://x\": it must start with etcd://")
+                && e.contains("etcd://HOST:PORT[,HOST:PORT...][/PREFIX]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn options_that_do_not_go_together_are_refused_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("x.pem");
+        std::fs::write(&pem, "not checked here").unwrap();
+        let pem = pem.to_str().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let missing = missing.to_str().unwrap();
+        for (args, expected) in [
+            (
+                vec!["--store-ca", pem],
+                "--store-ca needs --store etcd://HOST:PORT",
+            ),
+            (
+                vec!["--store-user", "u"],
+                "--store-user needs --store etcd://HOST:PORT",
+            ),
+            (
+                vec!["--store", "etcd://h:1", "--store-ca", pem],
+                "--store-ca is for TLS to etcd: write --store etcds://",
+            ),
+            (
+                vec!["--store", "etcds://h:1"],
+                "uses TLS: give --store-ca FILE",
+            ),
+            (
+                vec!["--store", "etcds://h:1", "--store-ca", missing],
+                "--store-ca ",
+            ),
+            (
+                vec![
+                    "--store",
+                    "etcds://h:1",
+                    "--store-ca",
+                    pem,
+                    "--store-cert",
+                    pem,
+                ],
+                "--store-cert needs --store-key",
+            ),
+            (
+                vec![
+                    "--store",
+                    "etcds://h:1",
+                    "--store-ca",
+                    pem,
+                    "--store-key",
+                    pem,
+                ],
+                "--store-key needs --store-cert",
+            ),
+            (
+                vec![
+                    "--store",
+                    "etcd://h:1",
+                    "--store-cert",
+                    pem,
+                    "--store-key",
+                    pem,
+                ],
+                "--store-cert and --store-key are for TLS",
+            ),
+            (
+                vec!["--store", "etcd://h:1", "--store-user", "root"],
+                "--store-user needs a password: --store-password, or DROVER_STORE_PASSWORD",
+            ),
+            (
+                vec![
+                    "--store",
+                    "etcd://h:1",
+                    "--store-user",
+                    "",
+                    "--store-password",
+                    "p",
+                ],
+                "--store-user is empty",
+            ),
+        ] {
+            if std::env::var_os("DROVER_STORE_PASSWORD").is_some() && args.contains(&"root") {
+                continue;
+            }
+            let e = build(&args).unwrap_err();
+            assert!(e.contains(expected), "{args:?}: {e}");
+        }
+        let e = build(&["--store", "etcds://h:1", "--store-ca", missing]).unwrap_err();
+        assert!(e.contains(missing) && e.contains("cannot read it"), "{e}");
+    }
+
+    #[test]
+    fn tls_and_a_user_make_the_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("x.pem");
+        std::fs::write(&pem, "pem").unwrap();
+        let pem = pem.to_str().unwrap();
+        let (url, options) = build(&[
+            "--store",
+            "etcds://10.0.0.1:2379",
+            "--store-ca",
+            pem,
+            "--store-cert",
+            pem,
+            "--store-key",
+            pem,
+            "--store-user",
+            "drover",
+            "--store-password",
+            "secret",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(url.endpoints, ["https://10.0.0.1:2379"]);
+        assert_eq!(options.ca_file.as_deref(), Some(Path::new(pem)));
+        assert!(options.cert_file.is_some() && options.key_file.is_some());
+        assert_eq!(
+            options.user,
+            Some(("drover".to_string(), "secret".to_string()))
+        );
+    }
+}

@@ -1,0 +1,270 @@
+//! A real etcd cluster for tests: N members of Debian's etcd-server (3.4, installed by
+//! scripts/test.sh) on free loopback ports, each with its own data directory, killed on drop.
+//! Members can be killed and restarted one at a time, or all stopped and started again with
+//! their data, as a cluster that lost its machines and got them back.
+//!
+//! ```ignore
+//! let mut etcd = EtcdCluster::start(3).await;
+//! let url = etcd.url(); // etcd://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3
+//! etcd.kill(0);
+//! etcd.restart(0).await;
+//! etcd.stop_all();
+//! etcd.start_all().await;
+//! ```
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use drover_etcd::etcd_client;
+
+use super::{client, free_port, full, send, try_get};
+
+/// How long a cluster may take to elect a leader and answer.
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    data: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+/// A running etcd cluster.
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    initial_cluster: String,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until every one of them answers healthy.
+    pub async fn start(n: usize) -> EtcdCluster {
+        assert!(
+            std::path::Path::new("/usr/bin/etcd").exists() || which("etcd"),
+            "etcd is missing: scripts/test.sh installs it (apt-get install etcd-server)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("m{}", i + 1),
+                client_port: free_port(),
+                peer_port: free_port(),
+                data: dir.path().join(format!("m{}.etcd", i + 1)),
+                log: dir.path().join(format!("m{}.log", i + 1)),
+                child: None,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = EtcdCluster {
+            members,
+            initial_cluster,
+            _dir: dir,
+        };
+        for i in 0..n {
+            cluster.launch(i);
+        }
+        cluster.wait_healthy().await;
+        cluster
+    }
+
+    fn launch(&mut self, i: usize) {
+        let initial_cluster = self.initial_cluster.clone();
+        let m = &mut self.members[i];
+        assert!(m.child.is_none(), "member {} is running", m.name);
+        let client_url = format!("http://127.0.0.1:{}", m.client_port);
+        let peer_url = format!("http://127.0.0.1:{}", m.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&m.log)
+            .unwrap();
+        let child = Command::new("etcd")
+            .args(["--name", &m.name])
+            .arg("--data-dir")
+            .arg(&m.data)
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &initial_cluster])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", "drover-test"])
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("etcd starts");
+        m.child = Some(child);
+    }
+
+    /// `etcd://127.0.0.1:P1,…` with every member, and the default prefix.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("127.0.0.1:{}", m.client_port))
+            .collect();
+        format!("etcd://{}", hosts.join(","))
+    }
+
+    /// The client URLs (`http://127.0.0.1:P`) of every member, for etcd-client.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect()
+    }
+
+    /// How many members there are.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Kills member `i` with SIGKILL, as if its machine died.
+    pub fn kill(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        if let Some(mut child) = m.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts member `i` again with its data, and waits until the cluster is healthy.
+    pub async fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.launch(i);
+        self.wait_healthy().await;
+    }
+
+    /// Kills every member.
+    pub fn stop_all(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+
+    /// Starts every member that is not running, with its data, and waits until all are
+    /// healthy.
+    pub async fn start_all(&mut self) {
+        for i in 0..self.members.len() {
+            if self.members[i].child.is_none() {
+                self.launch(i);
+            }
+        }
+        self.wait_healthy().await;
+    }
+
+    /// Waits until every running member says it is healthy (it has a leader).
+    pub async fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + READY_WITHIN;
+        let http = client();
+        for i in 0..self.members.len() {
+            if self.members[i].child.is_none() {
+                continue;
+            }
+            let url = format!("http://127.0.0.1:{}/health", self.members[i].client_port);
+            loop {
+                if let Some(status) = self.members[i].child.as_mut().unwrap().try_wait().unwrap() {
+                    panic!(
+                        "etcd member {} exited with {status}:\n{}",
+                        self.members[i].name,
+                        self.log(i)
+                    );
+                }
+                if let Ok((_, _, body)) = try_get(&http, &url).await
+                    && String::from_utf8_lossy(&body).contains("\"health\":\"true\"")
+                {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "etcd member {} not healthy:\n{}",
+                    self.members[i].name,
+                    self.log(i)
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// Which member is the leader now, as the running members report it.
+    pub async fn leader(&self) -> usize {
+        let http = client();
+        let deadline = Instant::now() + READY_WITHIN;
+        loop {
+            for (i, m) in self.members.iter().enumerate() {
+                if m.child.is_none() {
+                    continue;
+                }
+                let req = http::Request::post(format!(
+                    "http://127.0.0.1:{}/v3/maintenance/status",
+                    m.client_port
+                ))
+                .body(full("{}"))
+                .unwrap();
+                let Ok((_, _, body)) = send(&http, req).await else {
+                    continue;
+                };
+                let status: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                if status["leader"].is_string() && status["leader"] == status["header"]["member_id"]
+                {
+                    return i;
+                }
+            }
+            assert!(Instant::now() < deadline, "the etcd cluster has no leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Member `i`'s log.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.members[i].log).unwrap_or_default()
+    }
+
+    /// A client of the running members.
+    pub async fn client(&self) -> etcd_client::Client {
+        let endpoints: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect();
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5));
+        etcd_client::Client::connect(endpoints, Some(options))
+            .await
+            .expect("etcd-client connects")
+    }
+
+    /// The value of `key` and its mod revision, if it exists.
+    pub async fn get(&self, key: &str) -> Option<(String, i64)> {
+        let response = self.client().await.get(key, None).await.unwrap();
+        response.kvs().first().map(|kv| {
+            (
+                String::from_utf8_lossy(kv.value()).into_owned(),
+                kv.mod_revision(),
+            )
+        })
+    }
+}
+
+fn which(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
