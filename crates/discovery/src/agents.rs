@@ -542,6 +542,8 @@ mod tests {
             host: None,
             path_prefix: None,
             service: service.into(),
+            request_headers: Default::default(),
+            response_headers: Default::default(),
         });
         config.services.insert(
             service.into(),

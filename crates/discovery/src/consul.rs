@@ -678,6 +678,8 @@ impl Published {
             host: self.host.clone(),
             path_prefix: self.path.clone(),
             service: self.service.clone(),
+            request_headers: Default::default(),
+            response_headers: Default::default(),
         });
         let service = config
             .services

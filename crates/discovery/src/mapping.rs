@@ -113,6 +113,8 @@ pub fn config_for(mappings: &[Mapping], found: &BTreeMap<String, Vec<SocketAddr>
             host: None,
             path_prefix: None,
             service: m.service.clone(),
+            request_headers: Default::default(),
+            response_headers: Default::default(),
         });
         let endpoints = found
             .get(&m.service)

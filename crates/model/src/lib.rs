@@ -18,8 +18,8 @@ pub use diff::{Change, diff};
 pub use duration::Duration;
 pub use merge::{Effective, MergeError, SourceId, merge};
 pub use spec::{
-    AdminState, Config, DockerConfig, EndpointOverride, EndpointSpec, Global, ListenerSpec,
-    Patches, Policy, Protocol, ProxyProtocol, RouteSpec, ServiceSpec,
+    AdminState, Config, DockerConfig, EndpointOverride, EndpointSpec, Global, HeaderRules,
+    ListenerSpec, Patches, Policy, Protocol, ProxyProtocol, RouteSpec, ServiceSpec,
 };
 pub use traffic::{
     CheckKind, Compression, Encoding, HashOn, HealthCheck, Outlier, Retries, StatusRange, Sticky,

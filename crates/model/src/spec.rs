@@ -183,6 +183,45 @@ pub struct RouteSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<String>,
     pub service: String,
+    /// Changes to the headers of requests on their way upstream. None.
+    #[serde(default, skip_serializing_if = "HeaderRules::is_empty")]
+    pub request_headers: HeaderRules,
+    /// Changes to the headers of responses on their way to the client (docker-loadbalancer's
+    /// template removed `ETag`). None.
+    #[serde(default, skip_serializing_if = "HeaderRules::is_empty")]
+    pub response_headers: HeaderRules,
+}
+
+/// Header changes, applied in this order: `remove`, then `set` (replacing any value), then
+/// `add` (one more value beside those there).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderRules {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub add: BTreeMap<String, String>,
+}
+
+impl HeaderRules {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
+}
+
+impl fmt::Display for HeaderRules {
+    /// `-etag =cache-control +x-via`: removed, set and added names.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names = self
+            .remove
+            .iter()
+            .map(|n| format!("-{n}"))
+            .chain(self.set.keys().map(|n| format!("={n}")))
+            .chain(self.add.keys().map(|n| format!("+{n}")));
+        f.write_str(&names.collect::<Vec<_>>().join(" "))
+    }
 }
 
 impl fmt::Display for RouteSpec {
@@ -194,7 +233,14 @@ impl fmt::Display for RouteSpec {
             self.host.as_deref().unwrap_or("*"),
             self.path_prefix.as_deref().unwrap_or("/"),
             self.service
-        )
+        )?;
+        if !self.request_headers.is_empty() {
+            write!(f, " request_headers=[{}]", self.request_headers)?;
+        }
+        if !self.response_headers.is_empty() {
+            write!(f, " response_headers=[{}]", self.response_headers)?;
+        }
+        Ok(())
     }
 }
 
@@ -475,6 +521,8 @@ impl Config {
                 host: None,
                 path_prefix: None,
                 service: "default".into(),
+                request_headers: HeaderRules::default(),
+                response_headers: HeaderRules::default(),
             }],
             services: BTreeMap::from([("default".to_string(), ServiceSpec::default())]),
             docker: DockerConfig::default(),

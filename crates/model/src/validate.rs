@@ -7,7 +7,7 @@ use std::fmt;
 use std::net::SocketAddr;
 
 use crate::spec::MAX_WEIGHT;
-use crate::{Config, Duration, Protocol, ServiceSpec};
+use crate::{Config, Duration, HeaderRules, Protocol, ServiceSpec};
 
 /// One step in the path to a field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,6 +181,12 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
                 format!("{prefix:?} must start with '/' and contain no spaces, such as \"/api\""),
             );
         }
+        for (field, rules) in [
+            ("request_headers", &r.request_headers),
+            ("response_headers", &r.response_headers),
+        ] {
+            check_header_rules(&mut err, &p.clone().key(field), rules);
+        }
         let key = (
             r.listener.as_str(),
             r.host.as_deref(),
@@ -331,6 +337,57 @@ pub fn check_service(err: &mut impl FnMut(FieldPath, String), p: &FieldPath, s: 
     }
 }
 
+/// Headers that frame a message or describe its connection: drover sets them, rules may not.
+const FRAMING_HEADERS: &[&str] = &[
+    "connection",
+    "content-length",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn check_header_rules(err: &mut impl FnMut(FieldPath, String), p: &FieldPath, rules: &HeaderRules) {
+    let token = |n: &str| {
+        !n.is_empty()
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    };
+    let name_problem = |name: &str| {
+        if !token(name) {
+            Some(format!(
+                "{name:?} is not a header name: use letters, digits and '-', such as \"X-Request-Source\""
+            ))
+        } else if FRAMING_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            Some(format!(
+                "{name} frames the message or its connection, which drover manages; rules cannot change it"
+            ))
+        } else {
+            None
+        }
+    };
+    for (i, name) in rules.remove.iter().enumerate() {
+        if let Some(m) = name_problem(name) {
+            err(p.clone().key("remove").index(i), m);
+        }
+    }
+    for (field, map) in [("set", &rules.set), ("add", &rules.add)] {
+        for (name, value) in map {
+            if let Some(m) = name_problem(name) {
+                err(p.clone().key(field).key(name), m);
+            }
+            if value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+                err(
+                    p.clone().key(field).key(name),
+                    "a header value cannot hold control characters such as line breaks".into(),
+                );
+            }
+        }
+    }
+}
+
 fn positive(err: &mut impl FnMut(FieldPath, String), p: FieldPath, d: Duration) {
     if d.get().is_zero() {
         err(p, "must be longer than zero, such as \"5s\"".into());
@@ -439,6 +496,40 @@ mod tests {
     }
 
     #[test]
+    fn header_rules_name_headers_and_leave_framing_alone() {
+        let mut c = base();
+        c.routes[0].response_headers.remove = vec!["ETag".into(), "bad name".into()];
+        c.routes[0]
+            .request_headers
+            .set
+            .insert("Transfer-Encoding".into(), "chunked".into());
+        c.routes[0]
+            .request_headers
+            .add
+            .insert("X-Via".into(), "a\r\nb".into());
+        let m = messages(&c);
+        assert_eq!(m.len(), 3, "{m:?}");
+        assert!(
+            m[0].starts_with(
+                "routes[0].request_headers.set.Transfer-Encoding: Transfer-Encoding frames"
+            ),
+            "{m:?}"
+        );
+        assert!(
+            m[1].starts_with(
+                "routes[0].request_headers.add.X-Via: a header value cannot hold control"
+            ),
+            "{m:?}"
+        );
+        assert!(
+            m[2].starts_with(
+                "routes[0].response_headers.remove[1]: \"bad name\" is not a header name"
+            ),
+            "{m:?}"
+        );
+    }
+
+    #[test]
     fn weights_hosts_prefixes_and_duplicates_are_checked() {
         let mut c = base();
         let ep = |a: &str, w| EndpointSpec::new(a.parse().unwrap(), w);
@@ -454,6 +545,8 @@ mod tests {
             host: Some("Example.com".into()),
             path_prefix: Some("api".into()),
             service: "web".into(),
+            request_headers: Default::default(),
+            response_headers: Default::default(),
         });
         c.routes.push(c.routes[0].clone());
         let m = messages(&c);

@@ -36,7 +36,7 @@ use crate::conn::{Active, ConnCtx};
 use crate::forward::{self, Affinity, InFlight};
 use crate::pool::Sender;
 use crate::stats::{RouteStats, Stats};
-use crate::table::Service;
+use crate::table::{HeaderRules, Service};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -189,17 +189,33 @@ impl Drop for Exchange {
     }
 }
 
-async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>, ex: &mut Exchange) -> Response<Kind> {
-    let (service, route) = {
+async fn proxy(ctx: &ConnCtx, req: Request<Incoming>, ex: &mut Exchange) -> Response<Kind> {
+    let (service, route, rules) = {
         let table = ctx.tables.load();
         let Some(listener) = table.listener(ctx.local) else {
             return error(StatusCode::SERVICE_UNAVAILABLE, "this listener is closing");
         };
         match listener.route(request_host(&req), req.uri().path()) {
-            Some(r) => (r.service.clone(), r.stats.clone()),
+            Some(r) => (r.service.clone(), r.stats.clone(), r.headers.clone()),
             None => return error(StatusCode::NOT_FOUND, "no route for this host and path"),
         }
     };
+    let mut response = route_request(ctx, req, ex, service, route, rules.as_deref()).await;
+    if let Some(rules) = &rules {
+        rules.response.apply(response.headers_mut());
+    }
+    response
+}
+
+/// Forwards a request that `route` took to `service`, with the route's request header rules.
+async fn route_request(
+    ctx: &ConnCtx,
+    mut req: Request<Incoming>,
+    ex: &mut Exchange,
+    service: Arc<Service>,
+    route: Arc<RouteStats>,
+    rules: Option<&HeaderRules>,
+) -> Response<Kind> {
     ex.route = Some(route.clone());
     if service.endpoints.is_empty() {
         return error(
@@ -213,6 +229,9 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>, ex: &mut Exchange) -> 
     });
     let upgrade = crate::upgrade::requested(&req);
     prepare_upstream_request(&mut req, ctx);
+    if let Some(rules) = rules {
+        rules.request.apply(req.headers_mut());
+    }
     let forwarded = match upgrade {
         Some(protocol) => {
             crate::upgrade::forward(ctx, &service, &route, req, protocol, &affinity).await

@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use http::{HeaderMap, HeaderName, HeaderValue};
+
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use drover_balance::{Picker, StickTable};
@@ -91,6 +93,56 @@ pub struct Route {
     prefix: String,
     pub service: Arc<Service>,
     pub stats: Arc<RouteStats>,
+    /// Its header rules, ready to apply; None when it has none.
+    pub headers: Option<Arc<HeaderRules>>,
+}
+
+/// A route's header rules with names and values parsed once, at build time.
+#[derive(Debug, Default)]
+pub struct HeaderRules {
+    pub request: Rules,
+    pub response: Rules,
+}
+
+/// `remove`, then `set`, then `add`.
+#[derive(Debug, Default)]
+pub struct Rules {
+    remove: Vec<HeaderName>,
+    set: Vec<(HeaderName, HeaderValue)>,
+    add: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Rules {
+    /// Names and values that do not parse were refused by validation; any left are skipped.
+    fn compile(spec: &drover_model::HeaderRules) -> Rules {
+        let pair = |(n, v): (&String, &String)| {
+            Some((
+                HeaderName::from_bytes(n.as_bytes()).ok()?,
+                HeaderValue::from_str(v).ok()?,
+            ))
+        };
+        Rules {
+            remove: spec
+                .remove
+                .iter()
+                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+                .collect(),
+            set: spec.set.iter().filter_map(pair).collect(),
+            add: spec.add.iter().filter_map(pair).collect(),
+        }
+    }
+
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &self.add {
+            headers.append(name.clone(), value.clone());
+        }
+    }
 }
 
 impl Router {
@@ -100,6 +152,7 @@ impl Router {
         prefix: &str,
         service: Arc<Service>,
         stats: Arc<RouteStats>,
+        headers: Option<Arc<HeaderRules>>,
     ) {
         let group = match host {
             None => &mut self.any,
@@ -121,6 +174,7 @@ impl Router {
             prefix: prefix.to_string(),
             service,
             stats,
+            headers,
         });
         group.sort_by_key(|p| std::cmp::Reverse(p.prefix.len()));
         self.wildcard.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
@@ -402,7 +456,15 @@ impl TableBuilder {
                         });
                         next.routes.insert(key, stats.clone());
                         routes.push(stats.clone());
-                        router.insert(r.host.as_deref(), prefix, service.clone(), stats);
+                        let headers = (!r.request_headers.is_empty()
+                            || !r.response_headers.is_empty())
+                        .then(|| {
+                            Arc::new(HeaderRules {
+                                request: Rules::compile(&r.request_headers),
+                                response: Rules::compile(&r.response_headers),
+                            })
+                        });
+                        router.insert(r.host.as_deref(), prefix, service.clone(), stats, headers);
                     }
                 }
                 let key = (l.name.clone(), l.listen);
@@ -459,6 +521,8 @@ mod tests {
             host: host.map(Into::into),
             path_prefix: prefix.map(Into::into),
             service: service.into(),
+            request_headers: Default::default(),
+            response_headers: Default::default(),
         };
         c.routes
             .push(route(Some("example.com"), Some("/api"), "api"));

@@ -156,6 +156,8 @@ pub fn render(
                 host: wanted.host.clone(),
                 path_prefix: wanted.path.clone(),
                 service: service.clone(),
+                request_headers: Default::default(),
+                response_headers: Default::default(),
             });
             config
                 .services
