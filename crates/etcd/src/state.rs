@@ -299,10 +299,6 @@ impl SharedStore for EtcdState {
         Box::pin(self.read_state())
     }
 
-    fn check(&self) -> StoreFuture<'_, Stored> {
-        Box::pin(self.read_within(ATTEMPT_TIMEOUT))
-    }
-
     fn write<'a>(&'a self, base: i64, state: &'a ApiState) -> StoreFuture<'a, Written> {
         Box::pin(self.write_state(base, state))
     }
