@@ -36,27 +36,28 @@ pub(crate) fn accepted(
     if method == Method::HEAD {
         return None;
     }
-    let mut offered: Vec<(String, bool)> = Vec::new();
-    for value in headers.get_all(header::ACCEPT_ENCODING) {
-        let Ok(value) = value.to_str() else { continue };
-        for item in value.split(',') {
-            let mut parts = item.split(';');
-            let name = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
-            let refused = parts.any(|p| {
-                p.trim()
-                    .strip_prefix("q=")
-                    .and_then(|q| q.trim().parse::<f32>().ok())
-                    .is_some_and(|q| q <= 0.0)
-            });
-            if !name.is_empty() {
-                offered.push((name, !refused));
-            }
-        }
-    }
-    let takes = |token: &str| match offered.iter().find(|(n, _)| n == token) {
-        Some((_, ok)) => *ok,
-        None => offered.iter().any(|(n, ok)| n == "*" && *ok),
+    // Whether the client names `token`, and if so whether with a q above 0; read straight
+    // from the header, so that a request allocates nothing here.
+    let named = |token: &str| {
+        headers
+            .get_all(header::ACCEPT_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .find_map(|item| {
+                let mut parts = item.split(';');
+                let name = parts.next().unwrap_or_default().trim();
+                name.eq_ignore_ascii_case(token).then(|| {
+                    !parts.any(|p| {
+                        p.trim()
+                            .strip_prefix("q=")
+                            .and_then(|q| q.trim().parse::<f32>().ok())
+                            .is_some_and(|q| q <= 0.0)
+                    })
+                })
+            })
     };
+    let takes = |token: &str| named(token).unwrap_or_else(|| named("*").unwrap_or(false));
     spec.algorithms.iter().copied().find(|e| takes(e.token()))
 }
 
