@@ -520,7 +520,6 @@ fn node_of(key: &[u8], prefix: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use drover_model::spec::defaults;
     use drover_model::{EndpointSpec, ListenerSpec, Policy, Protocol, RouteSpec};
 
     /// One agent's slice: a listener `docker-PORT` on `listen`, its route to `service`, and
@@ -529,22 +528,10 @@ mod tests {
         let listen: SocketAddr = listen.parse().unwrap();
         let listener = format!("docker-{}", listen.port());
         let mut config = Config::default();
-        config.listeners.push(ListenerSpec {
-            name: listener.clone(),
-            listen,
-            protocol: Protocol::Http,
-            max_connections: defaults::max_connections(),
-            request_header_timeout: defaults::request_header_timeout(),
-            idle_timeout: defaults::idle_timeout(),
-        });
-        config.routes.push(RouteSpec {
-            listener,
-            host: None,
-            path_prefix: None,
-            service: service.into(),
-            request_headers: Default::default(),
-            response_headers: Default::default(),
-        });
+        config
+            .listeners
+            .push(ListenerSpec::new(listener.clone(), listen, Protocol::Http));
+        config.routes.push(RouteSpec::new(listener, service));
         config.services.insert(
             service.into(),
             ServiceSpec {

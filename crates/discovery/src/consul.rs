@@ -662,24 +662,16 @@ impl Published {
             Some(l) => l.name.clone(),
             None => {
                 let name = self.listener_name();
-                config.listeners.push(ListenerSpec {
-                    name: name.clone(),
-                    listen: self.listen,
-                    protocol: Protocol::Http,
-                    max_connections: drover_model::spec::defaults::max_connections(),
-                    request_header_timeout: drover_model::spec::defaults::request_header_timeout(),
-                    idle_timeout: drover_model::spec::defaults::idle_timeout(),
-                });
+                config
+                    .listeners
+                    .push(ListenerSpec::new(name.clone(), self.listen, Protocol::Http));
                 name
             }
         };
         config.routes.push(RouteSpec {
-            listener,
             host: self.host.clone(),
             path_prefix: self.path.clone(),
-            service: self.service.clone(),
-            request_headers: Default::default(),
-            response_headers: Default::default(),
+            ..RouteSpec::new(listener, self.service.clone())
         });
         let service = config
             .services

@@ -100,22 +100,14 @@ impl FromStr for Mapping {
 pub fn config_for(mappings: &[Mapping], found: &BTreeMap<String, Vec<SocketAddr>>) -> Config {
     let mut config = Config::default();
     for m in mappings {
-        config.listeners.push(ListenerSpec {
-            name: m.listener_name(),
-            listen: m.listen,
-            protocol: Protocol::Http,
-            max_connections: drover_model::spec::defaults::max_connections(),
-            request_header_timeout: drover_model::spec::defaults::request_header_timeout(),
-            idle_timeout: drover_model::spec::defaults::idle_timeout(),
-        });
-        config.routes.push(RouteSpec {
-            listener: m.listener_name(),
-            host: None,
-            path_prefix: None,
-            service: m.service.clone(),
-            request_headers: Default::default(),
-            response_headers: Default::default(),
-        });
+        config.listeners.push(ListenerSpec::new(
+            m.listener_name(),
+            m.listen,
+            Protocol::Http,
+        ));
+        config
+            .routes
+            .push(RouteSpec::new(m.listener_name(), m.service.clone()));
         let endpoints = found
             .get(&m.service)
             .map(|addrs| addrs.iter().map(|a| EndpointSpec::new(*a, 1)).collect())

@@ -10,6 +10,7 @@
 pub mod diff;
 pub mod duration;
 pub mod merge;
+pub mod protocols;
 pub mod spec;
 pub mod traffic;
 pub mod validate;
@@ -17,6 +18,10 @@ pub mod validate;
 pub use diff::{Change, diff};
 pub use duration::Duration;
 pub use merge::{Effective, MergeError, SourceId, merge};
+pub use protocols::{
+    CertificateFiles, IpNet, ListenerTls, TlsVersion, UnderscoreHeaders, UpstreamProtocol,
+    UpstreamTls,
+};
 pub use spec::{
     AdminState, Config, DockerConfig, EndpointOverride, EndpointSpec, Global, HeaderRules,
     ListenerSpec, Patches, Policy, Protocol, ProxyProtocol, RouteSpec, ServiceSpec,

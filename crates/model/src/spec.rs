@@ -11,6 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::Duration;
+use crate::protocols::{IpNet, ListenerTls, UnderscoreHeaders, UpstreamProtocol, UpstreamTls};
 use crate::traffic::{HashOn, HealthCheck, Outlier, Retries, Sticky};
 
 /// One source's whole view of the world, and after merging, the effective configuration.
@@ -73,12 +74,17 @@ pub struct Global {
     /// before their connections are closed. 30 s: Kubernetes' default termination grace.
     #[serde(default = "defaults::shutdown_grace")]
     pub shutdown_grace: Duration,
+    /// Client connections served at once over all listeners; more wait in the kernel's
+    /// accept queues (HAProxy's global `maxconn`). 50,000.
+    #[serde(default = "crate::protocols::defaults::global_max_connections")]
+    pub max_connections: u32,
 }
 
 impl Default for Global {
     fn default() -> Self {
         Self {
             shutdown_grace: defaults::shutdown_grace(),
+            max_connections: crate::protocols::defaults::global_max_connections(),
         }
     }
 }
@@ -147,6 +153,48 @@ pub struct ListenerSpec {
     /// 75 s, nginx's `keepalive_timeout`.
     #[serde(default = "defaults::idle_timeout")]
     pub idle_timeout: Duration,
+    /// Terminates TLS, choosing the certificate by SNI. Off: clear text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTls>,
+    /// Downstream addresses (load balancers in front of drover) whose connections start with
+    /// a PROXY protocol header, v1 or v2; the client address it carries replaces theirs.
+    /// Connections from these addresses without a valid header are closed; those from
+    /// anywhere else are served as they are. None.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proxy_protocol_from: Vec<IpNet>,
+    /// Header fields in one request; more get 431. 100.
+    #[serde(default = "crate::protocols::defaults::max_header_count")]
+    pub max_header_count: u32,
+    /// Bytes in one request head (HTTP/1) or header list (HTTP/2); more get 431. 32 KiB.
+    #[serde(default = "crate::protocols::defaults::max_header_bytes")]
+    pub max_header_bytes: u32,
+    /// What a request header with an underscore in its name gets: `allow`, `drop` or
+    /// `reject` (400). `reject`.
+    #[serde(default)]
+    pub underscores_in_headers: UnderscoreHeaders,
+    /// HTTP/2 streams one client connection may have open at once. 100.
+    #[serde(default = "crate::protocols::defaults::h2_max_concurrent_streams")]
+    pub h2_max_concurrent_streams: u32,
+}
+
+impl ListenerSpec {
+    /// A listener with every setting at its default.
+    pub fn new(name: impl Into<String>, listen: SocketAddr, protocol: Protocol) -> Self {
+        Self {
+            name: name.into(),
+            listen,
+            protocol,
+            max_connections: defaults::max_connections(),
+            request_header_timeout: defaults::request_header_timeout(),
+            idle_timeout: defaults::idle_timeout(),
+            tls: None,
+            proxy_protocol_from: Vec::new(),
+            max_header_count: crate::protocols::defaults::max_header_count(),
+            max_header_bytes: crate::protocols::defaults::max_header_bytes(),
+            underscores_in_headers: UnderscoreHeaders::default(),
+            h2_max_concurrent_streams: crate::protocols::defaults::h2_max_concurrent_streams(),
+        }
+    }
 }
 
 /// What a listener speaks.
@@ -190,6 +238,25 @@ pub struct RouteSpec {
     /// template removed `ETag`). None.
     #[serde(default, skip_serializing_if = "HeaderRules::is_empty")]
     pub response_headers: HeaderRules,
+    /// Largest request body accepted, in bytes; a larger one gets 413. None: no limit, as
+    /// with HAProxy and Traefik.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_body: Option<u64>,
+}
+
+impl RouteSpec {
+    /// A route of every host and path on `listener` to `service`, with no header rules.
+    pub fn new(listener: impl Into<String>, service: impl Into<String>) -> Self {
+        Self {
+            listener: listener.into(),
+            host: None,
+            path_prefix: None,
+            service: service.into(),
+            request_headers: HeaderRules::default(),
+            response_headers: HeaderRules::default(),
+            max_request_body: None,
+        }
+    }
 }
 
 /// Header changes, applied in this order: `remove`, then `set` (replacing any value), then
@@ -293,6 +360,13 @@ pub struct ServiceSpec {
     /// carrying the client's address. TCP listeners only, for now. Off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// The HTTP version spoken to the endpoints: `http1`, or `http2` (h2c in clear text, ALPN
+    /// `h2` over TLS) for gRPC. `http1`.
+    #[serde(default)]
+    pub upstream_protocol: UpstreamProtocol,
+    /// Connects to the endpoints over TLS, verifying their certificates. Off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
 }
 
 /// A version of HAProxy's PROXY protocol.
@@ -334,6 +408,8 @@ impl Default for ServiceSpec {
             slow_start: Duration::default(),
             compression: None,
             proxy_protocol: None,
+            upstream_protocol: UpstreamProtocol::default(),
+            tls: None,
         }
     }
 }
@@ -508,22 +584,8 @@ impl Config {
     pub fn embedded_default(listen: SocketAddr) -> Config {
         Config {
             global: Global::default(),
-            listeners: vec![ListenerSpec {
-                name: "default".into(),
-                listen,
-                protocol: Protocol::Http,
-                max_connections: defaults::max_connections(),
-                request_header_timeout: defaults::request_header_timeout(),
-                idle_timeout: defaults::idle_timeout(),
-            }],
-            routes: vec![RouteSpec {
-                listener: "default".into(),
-                host: None,
-                path_prefix: None,
-                service: "default".into(),
-                request_headers: HeaderRules::default(),
-                response_headers: HeaderRules::default(),
-            }],
+            listeners: vec![ListenerSpec::new("default", listen, Protocol::Http)],
+            routes: vec![RouteSpec::new("default", "default")],
             services: BTreeMap::from([("default".to_string(), ServiceSpec::default())]),
             docker: DockerConfig::default(),
             patches: Patches::default(),

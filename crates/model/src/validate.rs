@@ -7,7 +7,7 @@ use std::fmt;
 use std::net::SocketAddr;
 
 use crate::spec::MAX_WEIGHT;
-use crate::{Config, Duration, HeaderRules, Protocol, ServiceSpec};
+use crate::{Config, Duration, HeaderRules, ListenerSpec, Protocol, ServiceSpec};
 
 /// One step in the path to a field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +101,13 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
             l.request_header_timeout,
         );
         positive(&mut err, p.clone().key("idle_timeout"), l.idle_timeout);
+        check_limits(&mut err, &p, l);
+    }
+    if config.global.max_connections == 0 {
+        err(
+            path("global").key("max_connections"),
+            "must be at least 1".into(),
+        );
     }
 
     let tcp: HashSet<&str> = config
@@ -217,6 +224,28 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         Ok(())
     } else {
         Err(errors)
+    }
+}
+
+/// Checks a listener's TLS settings and its limits on what clients send.
+fn check_limits(err: &mut impl FnMut(FieldPath, String), p: &FieldPath, l: &ListenerSpec) {
+    if let Some(tls) = &l.tls
+        && tls.certificates.is_empty()
+    {
+        err(
+            p.clone().key("tls").key("certificates"),
+            "needs at least one certificate, such as [{ cert = \"site.pem\", key = \"site.key\" }]"
+                .into(),
+        );
+    }
+    for (field, value, least) in [
+        ("max_header_count", l.max_header_count, 1),
+        ("max_header_bytes", l.max_header_bytes, 1024),
+        ("h2_max_concurrent_streams", l.h2_max_concurrent_streams, 1),
+    ] {
+        if value < least {
+            err(p.clone().key(field), format!("must be at least {least}"));
+        }
     }
 }
 
@@ -541,12 +570,9 @@ mod tests {
             },
         );
         c.routes.push(RouteSpec {
-            listener: "default".into(),
             host: Some("Example.com".into()),
             path_prefix: Some("api".into()),
-            service: "web".into(),
-            request_headers: Default::default(),
-            response_headers: Default::default(),
+            ..RouteSpec::new("default", "web")
         });
         c.routes.push(c.routes[0].clone());
         let m = messages(&c);

@@ -517,12 +517,9 @@ mod tests {
             c.services.insert(name.into(), ServiceSpec::default());
         }
         let route = |host: Option<&str>, prefix: Option<&str>, service: &str| RouteSpec {
-            listener: "default".into(),
             host: host.map(Into::into),
             path_prefix: prefix.map(Into::into),
-            service: service.into(),
-            request_headers: Default::default(),
-            response_headers: Default::default(),
+            ..RouteSpec::new("default", service)
         };
         c.routes
             .push(route(Some("example.com"), Some("/api"), "api"));

@@ -8,7 +8,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
-use drover_model::spec::defaults;
 use drover_model::{
     AdminState, Config, Effective, EndpointSpec, ListenerSpec, RouteSpec, ServiceSpec, SourceId,
     Sticky,
@@ -142,22 +141,16 @@ pub fn render(
                 continue;
             }
             if !config.listeners.iter().any(|l| l.name == listener) {
-                config.listeners.push(ListenerSpec {
-                    name: listener.clone(),
-                    listen: wanted.listen,
-                    protocol: wanted.protocol,
-                    max_connections: defaults::max_connections(),
-                    request_header_timeout: defaults::request_header_timeout(),
-                    idle_timeout: defaults::idle_timeout(),
-                });
+                config.listeners.push(ListenerSpec::new(
+                    listener.clone(),
+                    wanted.listen,
+                    wanted.protocol,
+                ));
             }
             config.routes.push(RouteSpec {
-                listener: listener.clone(),
                 host: wanted.host.clone(),
                 path_prefix: wanted.path.clone(),
-                service: service.clone(),
-                request_headers: Default::default(),
-                response_headers: Default::default(),
+                ..RouteSpec::new(listener.clone(), service.clone())
             });
             config
                 .services
@@ -469,14 +462,11 @@ mod tests {
     #[test]
     fn bad_containers_are_left_out_by_name_and_the_rest_goes_on() {
         let mut effective = Effective::default();
-        effective.config.listeners.push(ListenerSpec {
-            name: "web".into(),
-            listen: "0.0.0.0:8080".parse().unwrap(),
-            protocol: Protocol::Http,
-            max_connections: 1,
-            request_header_timeout: "1s".parse().unwrap(),
-            idle_timeout: "1s".parse().unwrap(),
-        });
+        effective.config.listeners.push(ListenerSpec::new(
+            "web",
+            "0.0.0.0:8080".parse().unwrap(),
+            Protocol::Http,
+        ));
         effective
             .listener_sources
             .insert("web".into(), SourceId("file:/etc/drover.toml".into()));
