@@ -21,12 +21,12 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use drover_model::ListenerSpec;
 use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::AccessLog;
@@ -109,13 +109,13 @@ impl Drop for Active {
     }
 }
 
-/// A TCP stream that tells the watchdog when request bytes arrive.
-struct Tracked {
-    stream: TcpStream,
+/// A client stream that tells the watchdog when request bytes arrive.
+struct Tracked<S> {
+    stream: S,
     ctx: Arc<ConnCtx>,
 }
 
-impl AsyncRead for Tracked {
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -131,7 +131,7 @@ impl AsyncRead for Tracked {
     }
 }
 
-impl AsyncWrite for Tracked {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().stream).poll_write(cx, b)
     }
@@ -153,8 +153,8 @@ impl AsyncWrite for Tracked {
     }
 }
 
-/// The hyper server settings every connection uses.
-pub(crate) fn server_builder() -> auto::Builder<TokioExecutor> {
+/// The hyper server settings for the connections of one listener.
+pub(crate) fn server_builder(_spec: &ListenerSpec) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     // The watchdog in `serve` owns the header and idle deadlines; hyper's own header timer
     // would also cut idle keep-alive connections at the header deadline.
@@ -162,7 +162,15 @@ pub(crate) fn server_builder() -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// The deadlines of one connection, read from its listener when it was accepted.
+/// The settings of one connection, read from its listener's entry in the table in force when
+/// it was accepted.
+pub(crate) struct Accepted {
+    pub deadlines: Deadlines,
+    pub server: Arc<auto::Builder<TokioExecutor>>,
+    pub stats: Arc<ListenerStats>,
+}
+
+/// The deadlines of one connection.
 pub(crate) struct Deadlines {
     pub request_header: Duration,
     pub idle: Duration,
@@ -171,7 +179,6 @@ pub(crate) struct Deadlines {
 /// What every connection of one listener shares.
 #[derive(Clone)]
 pub(crate) struct Listening {
-    pub server: Arc<auto::Builder<TokioExecutor>>,
     pub tables: Arc<ArcSwap<RoutingTable>>,
     pub stats: Arc<Stats>,
     pub access_log: Option<AccessLog>,
@@ -207,16 +214,17 @@ impl Drop for Open {
 }
 
 /// Serves a connection until it closes, breaks a deadline, or is drained.
-pub(crate) async fn serve(
-    listening: Listening,
-    stream: TcpStream,
-    peer: SocketAddr,
-    deadlines: Deadlines,
-    listener: Arc<ListenerStats>,
-) {
+pub(crate) async fn serve<S>(listening: Listening, stream: S, peer: SocketAddr, accepted: Accepted)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Accepted {
+        deadlines,
+        server,
+        stats: listener,
+    } = accepted;
     let _open = Open::new(&listener);
     let Listening {
-        server,
         tables,
         stats,
         access_log,

@@ -15,15 +15,13 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use drover_control::Applier;
 use drover_model::{Effective, ListenerSpec, Protocol};
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access::AccessLog;
-use crate::conn::{self, Deadlines, Listening};
+use crate::conn::{self, Accepted, Deadlines, Listening};
 use crate::health::Checker;
 use crate::stats::Stats;
 use crate::table::{RoutingTable, TableBuilder};
@@ -93,7 +91,9 @@ pub struct Proxy {
     handle: ProxyHandle,
     builder: TableBuilder,
     listeners: HashMap<SocketAddr, Running>,
-    server: Arc<auto::Builder<TokioExecutor>>,
+    /// Connections served at once over all listeners (`global.max_connections`).
+    global_slots: Arc<Semaphore>,
+    global_max: u32,
     checker: Checker,
 }
 
@@ -119,7 +119,8 @@ impl Proxy {
             handle,
             builder: TableBuilder::default(),
             listeners: HashMap::new(),
-            server: Arc::new(conn::server_builder()),
+            global_slots: Arc::new(Semaphore::new(0)),
+            global_max: 0,
             checker: Checker::default(),
         }
     }
@@ -136,7 +137,6 @@ impl Proxy {
         };
         tracing::info!(listener = %spec.name, "accepting {} on {}", spec.protocol, spec.listen);
         let listening = Listening {
-            server: self.server.clone(),
             tables: self.handle.tables.clone(),
             stats: self.handle.stats.clone(),
             access_log: self.handle.access_log.clone(),
@@ -144,9 +144,13 @@ impl Proxy {
             drain: running.drain.clone(),
         };
         let tracker = self.handle.tracker.clone();
+        let slots = Slots {
+            listener: running.slots.clone(),
+            global: self.global_slots.clone(),
+        };
         self.handle
             .tracker
-            .spawn(accept(socket, listening, tracker, running.slots.clone()));
+            .spawn(accept(socket, listening, tracker, slots));
         running
     }
 }
@@ -175,6 +179,10 @@ impl Applier for Proxy {
             bound.push((spec, socket));
         }
 
+        let global_max = effective.config.global.max_connections;
+        resize_slots(&self.global_slots, self.global_max, global_max);
+        self.global_max = global_max;
+
         let table = Arc::new(self.builder.commit(built));
         self.handle.tables.store(table.clone());
         self.checker.reconcile(&table, &self.handle.shutdown);
@@ -201,14 +209,18 @@ impl Applier for Proxy {
 
 /// Moves a listener's connection limit to `max`, for connections accepted from now on.
 fn resize(running: &mut Running, max: u32) {
-    if max > running.max_connections {
-        running
-            .slots
-            .add_permits((max - running.max_connections) as usize);
-    } else if max < running.max_connections {
+    resize_slots(&running.slots, running.max_connections, max);
+    running.max_connections = max;
+}
+
+/// Moves a connection limit from `old` to `max` slots.
+fn resize_slots(slots: &Semaphore, old: u32, max: u32) {
+    if max > old {
+        slots.add_permits((max - old) as usize);
+    } else if max < old {
         // Only free slots can be taken away now; busy ones are not handed back.
-        let wanted = (running.max_connections - max) as usize;
-        let taken = running.slots.forget_permits(wanted);
+        let wanted = (old - max) as usize;
+        let taken = slots.forget_permits(wanted);
         if taken < wanted {
             tracing::warn!(
                 "connection limit lowered to {max}, but {} connections over it stay open",
@@ -216,7 +228,13 @@ fn resize(running: &mut Running, max: u32) {
             );
         }
     }
-    running.max_connections = max;
+}
+
+/// The connection limits an accepted connection takes a slot of: its listener's and the
+/// process-wide one.
+struct Slots {
+    listener: Arc<Semaphore>,
+    global: Arc<Semaphore>,
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -230,17 +248,16 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
-async fn accept(
-    socket: TcpListener,
-    listening: Listening,
-    tracker: TaskTracker,
-    slots: Arc<Semaphore>,
-) {
+async fn accept(socket: TcpListener, listening: Listening, tracker: TaskTracker, slots: Slots) {
     let (local, drain) = (listening.local, listening.drain.clone());
     loop {
-        // At the connection limit, wait here: new clients queue in the kernel's backlog.
+        // At a connection limit, wait here: new clients queue in the kernel's backlog.
         let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p {
+            p = async {
+                let listener = slots.listener.clone().acquire_owned().await?;
+                let global = slots.global.clone().acquire_owned().await?;
+                Ok::<_, tokio::sync::AcquireError>((listener, global))
+            } => match p {
                 Ok(p) => p,
                 Err(_) => return,
             },
@@ -260,13 +277,16 @@ async fn accept(
             _ = drain.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
-        let (deadlines, stats, protocol) = match listening.tables.load().listener(local) {
+        let (accepted, protocol) = match listening.tables.load().listener(local) {
             Some(l) => (
-                Deadlines {
-                    request_header: l.spec.request_header_timeout.get(),
-                    idle: l.spec.idle_timeout.get(),
+                Accepted {
+                    deadlines: Deadlines {
+                        request_header: l.spec.request_header_timeout.get(),
+                        idle: l.spec.idle_timeout.get(),
+                    },
+                    server: l.server.clone(),
+                    stats: l.stats.clone(),
                 },
-                l.stats.clone(),
                 l.spec.protocol,
             ),
             None => return,
@@ -274,8 +294,8 @@ async fn accept(
         let listening = listening.clone();
         tracker.spawn(async move {
             match protocol {
-                Protocol::Http => conn::serve(listening, stream, peer, deadlines, stats).await,
-                Protocol::Tcp => crate::tcp::serve(listening, stream, peer, stats).await,
+                Protocol::Http => conn::serve(listening, stream, peer, accepted).await,
+                Protocol::Tcp => crate::tcp::serve(listening, stream, peer, accepted.stats).await,
             }
             drop(permit);
         });

@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use drover_balance::{Picker, StickTable};
 use drover_model::{Effective, ListenerSpec, ServiceSpec, StickyMode};
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
 
 use crate::pool::EndpointState;
 use crate::stats::{ListenerStats, RouteStats, ServiceStats};
@@ -57,6 +59,8 @@ pub struct ListenerRoutes {
     pub spec: ListenerSpec,
     /// Its connection and request counters.
     pub stats: Arc<ListenerStats>,
+    /// The HTTP server settings its connections are served with, made from its spec.
+    pub server: Arc<auto::Builder<TokioExecutor>>,
     router: Router,
     /// The counters of its routes, in the configuration's order.
     routes: Vec<Arc<RouteStats>>,
@@ -475,6 +479,7 @@ impl TableBuilder {
                     .unwrap_or_else(|| Arc::new(ListenerStats::new(&l.name, l.listen)));
                 next.listeners.insert(key, stats.clone());
                 ListenerRoutes {
+                    server: Arc::new(crate::conn::server_builder(l)),
                     spec: l.clone(),
                     stats,
                     router,
