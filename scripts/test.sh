@@ -20,6 +20,9 @@ command -v busybox >/dev/null || [ -x /bin/busybox ] || need_apt+=(busybox-stati
 [ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
 # drover top's interactive test runs it in a tmux pane.
 command -v tmux >/dev/null || need_apt+=(tmux)
+# HTTP/2 under load (h2load) and the slowloris / slow-read checks.
+command -v h2load >/dev/null || need_apt+=(nghttp2-client)
+command -v slowhttptest >/dev/null || need_apt+=(slowhttptest)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update
