@@ -10,6 +10,9 @@
 //!   kept (`retries.replay_buffer`); after a per-try timeout only for idempotent methods;
 //! - the answer was 502, 503 or 504: for idempotent methods whose request can be replayed.
 //!
+//! A streamed body is never sent twice: once a try has taken it, only that try can send it.
+//! gRPC bodies carry no `Content-Length`, so they always stream.
+//!
 //! At most `retries.attempts` tries, each on an endpoint this request has not tried, and
 //! only while the service's retry budget allows: retries never add more than
 //! `retries.budget_percent` to the requests a service receives (plus a small allowance, so
@@ -23,16 +26,19 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use drover_model::UpstreamProtocol;
 use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::http::{Kind, UpstreamBody, error, strip_hop_by_hop};
 use crate::pool::{ConnectError, EndpointState};
 use crate::stats::{RouteStats, Stats};
 use crate::table::Service;
+use crate::upstream::{Conn, Upstream};
 
 /// The most tries the configuration allows.
 pub(crate) const MAX_ATTEMPTS: usize = 10;
@@ -42,29 +48,74 @@ const MAX_STALE: usize = 16;
 /// A request body as sent upstream: the client's stream, or bytes kept for replay.
 pub enum ReqBody {
     Stream(Upload),
-    Bytes(Full<Bytes>),
+    Bytes(KeptBody),
+}
+
+/// A kept request body on its way: its bytes, then its trailers, if it had any.
+pub struct KeptBody {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl KeptBody {
+    fn new(data: &Bytes, trailers: &Option<HeaderMap>) -> Self {
+        Self {
+            data: (!data.is_empty()).then(|| data.clone()),
+            trailers: trailers.clone(),
+        }
+    }
+}
+
+impl Body for KeptBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Some(data) = this.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
 }
 
 /// The client's request body on its way upstream, counted into its route's bytes as it goes.
 pub struct Upload {
     body: Incoming,
     route: Arc<RouteStats>,
+    /// The route's body limit and the client's framing errors (`crate::http::BodyWatch`).
+    watch: Option<Arc<crate::http::BodyWatch>>,
 }
 
 impl Upload {
     pub(crate) fn new(body: Incoming, route: Arc<RouteStats>) -> Self {
-        Self { body, route }
+        Self {
+            body,
+            route,
+            watch: None,
+        }
     }
 }
 
 impl Body for Upload {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = crate::http::BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.body).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled
@@ -74,7 +125,10 @@ impl Body for Upload {
                 .request_bytes
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
         }
-        polled
+        match &this.watch {
+            Some(watch) => watch.pass(polled),
+            None => polled.map_err(Into::into),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -88,12 +142,12 @@ impl Body for Upload {
 
 impl Body for ReqBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = crate::http::BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             ReqBody::Stream(s) => Pin::new(s).poll_frame(cx),
             ReqBody::Bytes(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
@@ -117,14 +171,15 @@ impl Body for ReqBody {
 
 /// The body of the request being forwarded: kept whole (replayable) or still streaming.
 enum Payload {
-    Kept(Bytes),
+    /// The bytes, and the trailers that followed them.
+    Kept(Bytes, Option<HeaderMap>),
     /// Taken by the try that sends it; back here if hyper returns it unsent.
     Streaming(Option<Upload>),
 }
 
 impl Payload {
     fn replayable(&self) -> bool {
-        matches!(self, Payload::Kept(_))
+        matches!(self, Payload::Kept(..))
     }
 }
 
@@ -136,7 +191,7 @@ async fn take_payload(
     route: &Arc<RouteStats>,
 ) -> Result<Payload, Response<Kind>> {
     if body.is_end_stream() {
-        return Ok(Payload::Kept(Bytes::new()));
+        return Ok(Payload::Kept(Bytes::new(), None));
     }
     let announced = headers
         .get(header::CONTENT_LENGTH)
@@ -145,12 +200,13 @@ async fn take_payload(
     match announced {
         Some(n) if n <= u64::from(limit) => {
             match Limited::new(body, limit as usize).collect().await {
-                Ok(b) => {
-                    let b = b.to_bytes();
+                Ok(collected) => {
+                    let trailers = collected.trailers().cloned();
+                    let b = collected.to_bytes();
                     route
                         .request_bytes
                         .fetch_add(b.len() as u64, Ordering::Relaxed);
-                    Ok(Payload::Kept(b))
+                    Ok(Payload::Kept(b, trailers))
                 }
                 Err(_) => Err(error(
                     StatusCode::BAD_REQUEST,
@@ -161,6 +217,7 @@ async fn take_payload(
         _ => Ok(Payload::Streaming(Some(Upload {
             body,
             route: route.clone(),
+            watch: None,
         }))),
     }
 }
@@ -179,7 +236,7 @@ enum Failure {
     TimedOut,
     Broken,
     /// An answer worth another try.
-    Answer(Response<Kind>),
+    Answer(Box<Response<Kind>>),
 }
 
 /// What forwarding a request came to.
@@ -222,6 +279,9 @@ pub(crate) async fn forward(
         Ok(p) => p,
         Err(r) => return Forwarded::alone(r),
     };
+    if let Payload::Streaming(Some(upload)) = &mut payload {
+        upload.watch = parts.extensions.remove();
+    }
     let idempotent = matches!(
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
@@ -281,12 +341,15 @@ pub(crate) async fn forward(
         let in_flight = InFlight::start(endpoint);
         let try_started = Instant::now();
         upstream = Some(endpoint.address);
-        let mut sender = match endpoint.checkout(spec.pool_idle_timeout.get()) {
-            Some(s) => s,
-            None => match endpoint.connect(spec.connect_timeout.get()).await {
-                Ok(s) => s,
+        let mut conn = match endpoint.checkout(&service.upstream, spec.pool_idle_timeout.get()) {
+            Some(c) => c,
+            None => match endpoint
+                .connect(&service.upstream, spec.connect_timeout.get())
+                .await
+            {
+                Ok(c) => c,
                 Err(e) => {
-                    tracing::debug!(service = %service.name, "{e}");
+                    endpoint.log_connect_error(&service.name, &e);
                     record_failure(stats, service, endpoint);
                     failure = match e {
                         ConnectError::Timeout(_) => Failure::TimedOut,
@@ -298,8 +361,10 @@ pub(crate) async fn forward(
                 }
             },
         };
-        // A connection just given back may still be finishing its last response.
-        if sender.ready().await.is_err() {
+        // A connection just given back may still be finishing its last response; a shared
+        // HTTP/2 connection may have closed since it was stored.
+        if conn.ready().await.is_err() {
+            endpoint.forget_closed();
             stale += 1;
             if stale > MAX_STALE {
                 break;
@@ -308,7 +373,7 @@ pub(crate) async fn forward(
         }
         let last_try = tries + 1 >= attempts;
         let body = match &mut payload {
-            Payload::Kept(b) => ReqBody::Bytes(Full::new(b.clone())),
+            Payload::Kept(b, t) => ReqBody::Bytes(KeptBody::new(b, t)),
             Payload::Streaming(s) => match s.take() {
                 Some(s) => ReqBody::Stream(s),
                 // Sent by an earlier try that failed: it cannot go again.
@@ -321,9 +386,16 @@ pub(crate) async fn forward(
         } else {
             parts.headers.clone()
         };
-        let req = upstream_request(&parts.method, &parts.uri, headers, body);
+        let req = upstream_request(
+            &parts.method,
+            &parts.uri,
+            headers,
+            body,
+            &service.upstream,
+            endpoint.address,
+        );
         let started = Instant::now();
-        let sent = tokio::time::timeout(per_try, sender.try_send_request(req)).await;
+        let sent = tokio::time::timeout(per_try, conn.try_send_request(req)).await;
         tried[tries] = index;
         tries += 1;
         match sent {
@@ -343,18 +415,24 @@ pub(crate) async fn forward(
                     && idempotent
                     && payload.replayable()
                     && tries < attempts;
-                strip_hop_by_hop(response.headers_mut());
+                strip_response_headers(response.headers_mut());
+                *response.version_mut() = Version::HTTP_11;
                 let response = response.map(|body| {
-                    Kind::Upstream(UpstreamBody::new(
-                        body,
-                        sender,
-                        spec.pool_max_idle as usize,
-                        in_flight,
-                    ))
+                    Kind::Upstream(match conn {
+                        Conn::H1(sender) => UpstreamBody::pooled(
+                            body,
+                            sender,
+                            service.upstream.id,
+                            spec.pool_max_idle as usize,
+                            in_flight,
+                        ),
+                        // Shared: nothing to give back.
+                        Conn::H2(_) => UpstreamBody::unpooled(body, in_flight),
+                    })
                 });
                 if retry {
                     tracing::debug!(service = %service.name, endpoint = %endpoint.address, %status, "retrying elsewhere");
-                    failure = Failure::Answer(response);
+                    failure = Failure::Answer(Box::new(response));
                     answered = Some((endpoint.address, upstream_time));
                     continue;
                 }
@@ -371,6 +449,7 @@ pub(crate) async fn forward(
                 Some(back) => {
                     let (back_parts, back_body) = back.into_parts();
                     parts.headers = back_parts.headers;
+                    parts.uri = back_parts.uri;
                     if let ReqBody::Stream(s) = back_body {
                         payload = Payload::Streaming(Some(s));
                     }
@@ -401,7 +480,7 @@ pub(crate) async fn forward(
     let response = match failure {
         Failure::Answer(r) => {
             return Forwarded {
-                response: r,
+                response: *r,
                 chosen: tried[..tries].last().copied(),
                 attempts: tries as u32,
                 upstream: answered.map(|a| a.0),
@@ -427,18 +506,62 @@ pub(crate) async fn forward(
     }
 }
 
+/// The request as sent to an endpoint. HTTP/1.1: origin-form target and `Host`. HTTP/2:
+/// `:scheme` from the service's TLS, `:authority` from `Host` (which is then left out, as
+/// RFC 9113 section 8.3.1 asks of intermediaries), and `te: trailers`, which gRPC servers
+/// require and which says drover takes trailers on this hop (nginx's `grpc_pass` sends it
+/// too). hyper removes any other connection-specific header from HTTP/2 messages.
 fn upstream_request(
     method: &Method,
     uri: &Uri,
-    headers: HeaderMap,
+    mut headers: HeaderMap,
     body: ReqBody,
+    upstream: &Upstream,
+    address: SocketAddr,
 ) -> Request<ReqBody> {
     let mut req = Request::new(body);
     *req.method_mut() = method.clone();
-    *req.uri_mut() = uri.clone();
-    *req.version_mut() = Version::HTTP_11;
+    match upstream.protocol {
+        UpstreamProtocol::Http1 => {
+            *req.uri_mut() = uri.clone();
+            *req.version_mut() = Version::HTTP_11;
+        }
+        UpstreamProtocol::Http2 => {
+            // A request handed back unsent already has its authority in its URI.
+            let authority = headers
+                .remove(header::HOST)
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+                .or_else(|| uri.authority().cloned())
+                .or_else(|| Authority::try_from(address.to_string()).ok());
+            let mut target = Uri::builder().scheme(upstream.scheme()).path_and_query(
+                uri.path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            );
+            if let Some(a) = authority {
+                target = target.authority(a);
+            }
+            *req.uri_mut() = target.build().unwrap_or_else(|_| uri.clone());
+            *req.version_mut() = Version::HTTP_2;
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+    }
     *req.headers_mut() = headers;
     req
+}
+
+/// Removes hop-by-hop headers from an upstream's response, but keeps `Trailer`: it names the
+/// trailer fields to come, and hyper sends an HTTP/1.1 client only the trailers it names.
+fn strip_response_headers(headers: &mut HeaderMap) {
+    if !headers.contains_key(header::TRAILER) {
+        strip_hop_by_hop(headers);
+        return;
+    }
+    let declared: Vec<HeaderValue> = headers.get_all(header::TRAILER).iter().cloned().collect();
+    strip_hop_by_hop(headers);
+    for v in declared {
+        headers.append(header::TRAILER, v);
+    }
 }
 
 /// No answer from this endpoint: counts it, and feeds outlier detection.

@@ -21,16 +21,18 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use drover_model::UpstreamProtocol;
 use drover_model::{AdminState, CheckKind, HealthCheck, Outlier};
 use http::{Request, header};
 use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::pool::EndpointState;
 use crate::table::RoutingTable;
+use crate::upstream::Upstream;
 
 /// Milliseconds since the process started, the clock health timestamps are kept in.
 pub(crate) fn now_ms() -> u64 {
@@ -366,31 +368,61 @@ fn spread(address: SocketAddr, round: u64) -> u64 {
         .hash_one((address, round))
 }
 
-/// One active check: a TCP connect, or an HTTP GET whose status must be in range.
-pub(crate) async fn probe(address: SocketAddr, check: &HealthCheck) -> Result<(), String> {
-    let stream = TcpStream::connect(address)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+/// One active check: a TCP connect, or an HTTP GET whose status must be in range. An HTTP
+/// check goes the way requests do: over TLS, verified the same way, when the service has
+/// `tls`, and in HTTP/2 when the service speaks it (on a connection of its own).
+pub(crate) async fn probe(
+    address: SocketAddr,
+    check: &HealthCheck,
+    upstream: &Upstream,
+) -> Result<(), String> {
     if check.kind == CheckKind::Tcp {
+        TcpStream::connect(address)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
         return Ok(());
     }
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    // The check's own timeout bounds the whole probe.
+    let stream = upstream
+        .open(address, check.timeout.get())
         .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let driver = tokio::spawn(conn);
+        .map_err(|e| e.to_string())?;
     let host = check.host.clone().unwrap_or_else(|| address.to_string());
-    let req = Request::get(check.path.as_str())
-        .header(header::HOST, host)
-        .header(header::USER_AGENT, "drover-health-check")
-        .header(header::CONNECTION, "close")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("request: {e}"))?;
-    let res = sender
-        .send_request(req)
-        .await
-        .map_err(|e| format!("request: {e}"));
-    driver.abort();
-    let status = res?.status().as_u16();
+    let io = TokioIo::new(stream);
+    let res = match upstream.protocol {
+        UpstreamProtocol::Http1 => {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            let driver = tokio::spawn(conn);
+            let req = Request::get(check.path.as_str())
+                .header(header::HOST, host)
+                .header(header::USER_AGENT, "drover-health-check")
+                .header(header::CONNECTION, "close")
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| format!("request: {e}"))?;
+            let res = sender.send_request(req).await;
+            driver.abort();
+            res
+        }
+        UpstreamProtocol::Http2 => {
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+            let driver = tokio::spawn(conn);
+            let uri = format!("{}://{host}{}", upstream.scheme(), check.path);
+            let req = Request::get(uri)
+                .version(http::Version::HTTP_2)
+                .header(header::USER_AGENT, "drover-health-check")
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| format!("request: {e}"))?;
+            let res = sender.send_request(req).await;
+            driver.abort();
+            res
+        }
+    };
+    let status = res.map_err(|e| format!("request: {e}"))?.status().as_u16();
     if check.expect_status.contains(status) {
         Ok(())
     } else {
@@ -407,14 +439,19 @@ pub(crate) struct Checker {
 struct Running {
     endpoint: Arc<EndpointState>,
     check: HealthCheck,
+    /// The service's connector the checks go through.
+    upstream: Arc<Upstream>,
     stop: CancellationToken,
 }
+
+/// What a check task needs: the endpoint, the check, whether to wait for a first pass, and
+/// the service's connector.
+type Wanted = (Arc<EndpointState>, HealthCheck, bool, Arc<Upstream>);
 
 impl Checker {
     /// Starts, restarts and stops check tasks to match `table`.
     pub(crate) fn reconcile(&mut self, table: &RoutingTable, shutdown: &CancellationToken) {
-        let mut wanted: HashMap<(String, SocketAddr), (Arc<EndpointState>, HealthCheck, bool)> =
-            HashMap::new();
+        let mut wanted: HashMap<(String, SocketAddr), Wanted> = HashMap::new();
         for service in table.services() {
             let Some(check) = &service.spec.health_check else {
                 continue;
@@ -430,26 +467,28 @@ impl Checker {
                         endpoint.clone(),
                         check.clone(),
                         service.spec.wait_for_first_check,
+                        service.upstream.clone(),
                     ),
                 );
             }
         }
         self.running.retain(|key, r| {
-            let keep = wanted
-                .get(key)
-                .is_some_and(|(e, c, _)| Arc::ptr_eq(e, &r.endpoint) && *c == r.check);
+            let keep = wanted.get(key).is_some_and(|(e, c, _, u)| {
+                Arc::ptr_eq(e, &r.endpoint) && *c == r.check && Arc::ptr_eq(u, &r.upstream)
+            });
             if !keep {
                 r.stop.cancel();
             }
             keep
         });
-        for (key, (endpoint, check, wait)) in wanted {
+        for (key, (endpoint, check, wait, upstream)) in wanted {
             if self.running.contains_key(&key) {
                 continue;
             }
             let stop = shutdown.child_token();
             let (service, address) = key.clone();
             let probe_check = check.clone();
+            let probe_upstream = upstream.clone();
             tokio::spawn(check_loop(
                 service,
                 endpoint.clone(),
@@ -457,7 +496,8 @@ impl Checker {
                 wait,
                 move || {
                     let c = probe_check.clone();
-                    async move { probe(address, &c).await }
+                    let u = probe_upstream.clone();
+                    async move { probe(address, &c, &u).await }
                 },
                 stop.clone(),
             ));
@@ -466,6 +506,7 @@ impl Checker {
                 Running {
                     endpoint,
                     check,
+                    upstream,
                     stop,
                 },
             );

@@ -1,39 +1,45 @@
-//! Endpoint state and the upstream keep-alive pool.
+//! Endpoint state and the upstream connection pool.
 //!
-//! Each endpoint owns a lock-free queue of idle HTTP/1.1 connections. A request takes one
-//! (dropping any that went stale or that the upstream closed), or opens a new one; its response
-//! body gives the connection back when it has been read to the end. A connection whose response
-//! was not read to the end is never reused: hyper closes it. The queue is bounded by the
-//! service's `pool_max_idle`; idle connections older than `pool_idle_timeout` are closed at
-//! the next checkout or sweep.
+//! HTTP/1.1: each endpoint owns a lock-free queue of idle connections. A request takes one
+//! (dropping any that went stale, that the upstream closed, or that an older version of the
+//! service's connection settings opened), or opens a new one; its response body gives the
+//! connection back when it has been read to the end. A connection whose response was not read
+//! to the end is never reused: hyper closes it. The queue is bounded by the service's
+//! `pool_max_idle`; idle connections older than `pool_idle_timeout` are closed at the next
+//! checkout or sweep.
+//!
+//! HTTP/2: each endpoint has one multiplexed connection, opened by the first request that
+//! needs it and shared by all the others (a clone of its `SendRequest` each), held in an
+//! `ArcSwapOption` slot: a request reads it with one atomic load. hyper queues requests beyond
+//! the server's `SETTINGS_MAX_CONCURRENT_STREAMS` until a stream frees up. A connection that
+//! closed (GOAWAY, reset, failed keep-alive ping) is replaced by the next request; one unused
+//! for `pool_idle_timeout` is closed by the sweep. Requests that find the slot empty at the
+//! same moment may each open a connection: the first stored wins and the others close once
+//! their request is done.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use crossbeam_queue::SegQueue;
 use drover_balance::{Candidate, PeakEwma};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use drover_model::UpstreamProtocol;
+use hyper::client::conn::{http1, http2};
 
 use crate::forward::ReqBody;
-use crate::health::Health;
+use crate::health::{Health, now_ms};
 use crate::stats::CodeCounters;
+pub(crate) use crate::upstream::ConnectError;
+use crate::upstream::{Conn, Upstream};
 
 /// The sending half of an upstream HTTP/1.1 connection.
-pub type Sender = SendRequest<ReqBody>;
+pub type Sender = http1::SendRequest<ReqBody>;
 
-/// Why a new upstream connection could not be opened.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("connect to {0} timed out")]
-    Timeout(SocketAddr),
-    #[error("connect to {0} failed: {1}")]
-    Io(SocketAddr, std::io::Error),
-    #[error("HTTP/1.1 handshake with {0} failed: {1}")]
-    Handshake(SocketAddr, hyper::Error),
-}
+/// Warnings about an endpoint's refused certificate: at most one per endpoint this often;
+/// the others go to the debug log.
+const TLS_WARN_EVERY_MS: u64 = 10_000;
 
 /// How fast the latency estimate forgets a slow response: 10 s, Linkerd's default decay.
 const LATENCY_DECAY: Duration = Duration::from_secs(10);
@@ -56,12 +62,27 @@ pub struct EndpointState {
     pub latency: PeakEwma,
     idle: SegQueue<Idle>,
     idle_len: AtomicUsize,
+    /// The shared HTTP/2 connection, when the service speaks HTTP/2 and one is open.
+    h2: ArcSwapOption<Shared>,
+    /// When a refused certificate was last warned about (`now_ms`).
+    tls_warned: AtomicU64,
 }
 
 #[derive(Debug)]
 struct Idle {
     sender: Sender,
     since: Instant,
+    /// The `Upstream::id` that opened it.
+    upstream: u64,
+}
+
+/// An HTTP/2 connection shared by every request to one endpoint.
+#[derive(Debug)]
+struct Shared {
+    sender: http2::SendRequest<ReqBody>,
+    upstream: u64,
+    /// When a request last took it (`now_ms`).
+    used: AtomicU64,
 }
 
 impl EndpointState {
@@ -76,27 +97,42 @@ impl EndpointState {
             latency: PeakEwma::new(LATENCY_DECAY),
             idle: SegQueue::new(),
             idle_len: AtomicUsize::new(0),
+            h2: ArcSwapOption::empty(),
+            tls_warned: AtomicU64::new(0),
         }
     }
 
-    /// Idle pooled connections right now.
+    /// Idle pooled connections right now; an open HTTP/2 connection counts as one.
     pub fn idle_connections(&self) -> usize {
-        self.idle_len.load(Ordering::Relaxed)
+        self.idle_len.load(Ordering::Relaxed) + usize::from(self.h2.load().is_some())
     }
 
-    /// A pooled connection that is still open and fresh, if there is one.
-    pub fn checkout(&self, max_idle_age: Duration) -> Option<Sender> {
+    /// A connection made by `upstream` that is open and fresh, if there is one: an idle
+    /// HTTP/1.1 one, taken out of the pool, or the shared HTTP/2 one.
+    pub(crate) fn checkout(&self, upstream: &Upstream, max_idle_age: Duration) -> Option<Conn> {
+        if upstream.protocol == UpstreamProtocol::Http2 {
+            let guard = self.h2.load();
+            let shared = guard.as_ref()?;
+            if shared.upstream != upstream.id || shared.sender.is_closed() {
+                return None;
+            }
+            shared.used.store(now_ms(), Ordering::Relaxed);
+            return Some(Conn::H2(shared.sender.clone()));
+        }
         while let Some(idle) = self.idle.pop() {
             self.idle_len.fetch_sub(1, Ordering::Relaxed);
-            if !idle.sender.is_closed() && idle.since.elapsed() < max_idle_age {
-                return Some(idle.sender);
+            if !idle.sender.is_closed()
+                && idle.since.elapsed() < max_idle_age
+                && idle.upstream == upstream.id
+            {
+                return Some(Conn::H1(idle.sender));
             }
         }
         None
     }
 
-    /// Gives a connection back, unless the pool is full or the connection is closed.
-    pub fn checkin(&self, sender: Sender, max_idle: usize) {
+    /// Gives an HTTP/1.1 connection back, unless the pool is full or the connection closed.
+    pub fn checkin(&self, sender: Sender, upstream: u64, max_idle: usize) {
         if sender.is_closed() {
             return;
         }
@@ -107,10 +143,13 @@ impl EndpointState {
         self.idle.push(Idle {
             sender,
             since: Instant::now(),
+            upstream,
         });
     }
 
-    /// Closes idle connections that are older than `max_idle_age` or already closed.
+    /// Closes idle connections that are older than `max_idle_age` or already closed, and
+    /// the shared HTTP/2 connection when it is closed, or unused for `max_idle_age` with no
+    /// request in flight.
     pub fn sweep(&self, max_idle_age: Duration) {
         for _ in 0..self.idle_len.load(Ordering::Relaxed) {
             let Some(idle) = self.idle.pop() else { break };
@@ -120,26 +159,73 @@ impl EndpointState {
                 self.idle.push(idle);
             }
         }
+        let max_ms = max_idle_age.as_millis() as u64;
+        self.h2.rcu(|current| match current {
+            Some(s)
+                if s.sender.is_closed()
+                    || (self.in_flight.load(Ordering::Relaxed) == 0
+                        && now_ms().saturating_sub(s.used.load(Ordering::Relaxed)) >= max_ms) =>
+            {
+                None
+            }
+            other => other.clone(),
+        });
     }
 
-    /// Opens a new connection and spawns the task that drives it.
-    pub async fn connect(&self, timeout: Duration) -> Result<Sender, ConnectError> {
-        let addr = self.address;
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Err(_) => return Err(ConnectError::Timeout(addr)),
-            Ok(Err(e)) => return Err(ConnectError::Io(addr, e)),
-            Ok(Ok(s)) => s,
+    /// Opens a new connection with `upstream` and spawns the task that drives it. An HTTP/2
+    /// connection becomes the endpoint's shared one, unless another request stored a live
+    /// one first: then that one is used, and this one closes.
+    pub(crate) async fn connect(
+        &self,
+        upstream: &Upstream,
+        timeout: Duration,
+    ) -> Result<Conn, ConnectError> {
+        let conn = upstream.connect(self.address, timeout).await?;
+        let Conn::H2(sender) = conn else {
+            return Ok(conn);
         };
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ConnectError::Handshake(addr, e))?;
-        tokio::spawn(async move {
-            // Ends when the upstream or drover closes the connection; either is routine.
-            let _ = conn.await;
+        let fresh = Arc::new(Shared {
+            sender,
+            upstream: upstream.id,
+            used: AtomicU64::new(now_ms()),
         });
-        Ok(sender)
+        let before = self.h2.rcu(|current| match current {
+            Some(s) if s.upstream == upstream.id && !s.sender.is_closed() => Some(s.clone()),
+            _ => Some(fresh.clone()),
+        });
+        let chosen = match before {
+            Some(s) if s.upstream == upstream.id && !s.sender.is_closed() => s,
+            _ => fresh,
+        };
+        Ok(Conn::H2(chosen.sender.clone()))
+    }
+
+    /// Drops the shared HTTP/2 connection if it has closed, so that the next request opens
+    /// another.
+    pub(crate) fn forget_closed(&self) {
+        self.h2.rcu(|current| match current {
+            Some(s) if s.sender.is_closed() => None,
+            other => other.clone(),
+        });
+    }
+
+    /// Logs a connection failure: a refused certificate as a warning at most every 10 s per
+    /// endpoint, everything else at debug level.
+    pub(crate) fn log_connect_error(&self, service: &str, e: &ConnectError) {
+        if e.is_certificate() {
+            let now = now_ms().max(1);
+            let last = self.tls_warned.load(Ordering::Relaxed);
+            if (last == 0 || now.saturating_sub(last) >= TLS_WARN_EVERY_MS)
+                && self
+                    .tls_warned
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(service, endpoint = %self.address, "{e}");
+                return;
+            }
+        }
+        tracing::debug!(service, endpoint = %self.address, "{e}");
     }
 }
 

@@ -23,6 +23,7 @@ use hyper_util::server::conn::auto;
 
 use crate::pool::EndpointState;
 use crate::stats::{ListenerStats, RouteStats, ServiceStats};
+use crate::upstream::Upstream;
 
 /// Everything a request needs to find where it goes.
 #[derive(Debug, Default)]
@@ -99,6 +100,8 @@ pub struct Route {
     pub stats: Arc<RouteStats>,
     /// Its header rules, ready to apply; None when it has none.
     pub headers: Option<Arc<HeaderRules>>,
+    /// The largest request body it accepts, in bytes; None: no limit.
+    pub max_request_body: Option<u64>,
 }
 
 /// A route's header rules with names and values parsed once, at build time.
@@ -157,6 +160,7 @@ impl Router {
         service: Arc<Service>,
         stats: Arc<RouteStats>,
         headers: Option<Arc<HeaderRules>>,
+        max_request_body: Option<u64>,
     ) {
         let group = match host {
             None => &mut self.any,
@@ -179,6 +183,7 @@ impl Router {
             service,
             stats,
             headers,
+            max_request_body,
         });
         group.sort_by_key(|p| std::cmp::Reverse(p.prefix.len()));
         self.wildcard.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
@@ -233,6 +238,9 @@ pub struct Service {
     pub(crate) retries: AtomicU64,
     /// Counters that outlive rebuilds.
     pub stats: Arc<ServiceStats>,
+    /// How its endpoints are reached: TLS config and HTTP version, made once at build time
+    /// and kept while they do not change.
+    pub upstream: Arc<Upstream>,
 }
 
 /// Slots in a service's source-IP stick table: 64 Ki clients (HAProxy users write sizes
@@ -349,8 +357,9 @@ pub struct Built {
 impl TableBuilder {
     /// Builds the table for a validated configuration. Nothing changes in `self` until the
     /// result is [`commit`](Self::commit)ted, so a table that is never published leaves no
-    /// trace.
-    pub fn build(&self, effective: &Arc<Effective>) -> Built {
+    /// trace. A service whose TLS settings cannot be used (its CA bundle cannot be read)
+    /// fails the build with a message that names it.
+    pub fn build(&self, effective: &Arc<Effective>) -> Result<Built, String> {
         let config = &effective.config;
         let mut next = TableBuilder::default();
         for (name, spec) in &config.services {
@@ -363,6 +372,10 @@ impl TableBuilder {
                 next.services.insert(name.clone(), old.clone());
                 continue;
             }
+            let upstream = match self.services.get(name) {
+                Some(old) if old.upstream.same_settings(spec) => old.upstream.clone(),
+                _ => Arc::new(Upstream::new(name, spec)?),
+            };
             let endpoints: Vec<Arc<EndpointState>> = spec
                 .endpoints
                 .iter()
@@ -430,6 +443,7 @@ impl TableBuilder {
                         .get(name)
                         .map(|old| old.stats.clone())
                         .unwrap_or_default(),
+                    upstream,
                     endpoints,
                 }),
             );
@@ -468,7 +482,14 @@ impl TableBuilder {
                                 response: Rules::compile(&r.response_headers),
                             })
                         });
-                        router.insert(r.host.as_deref(), prefix, service.clone(), stats, headers);
+                        router.insert(
+                            r.host.as_deref(),
+                            prefix,
+                            service.clone(),
+                            stats,
+                            headers,
+                            r.max_request_body,
+                        );
                     }
                 }
                 let key = (l.name.clone(), l.listen);
@@ -487,14 +508,14 @@ impl TableBuilder {
                 }
             })
             .collect();
-        Built {
+        Ok(Built {
             table: RoutingTable {
                 effective: effective.clone(),
                 listeners,
                 services: next.services.clone(),
             },
             next,
-        }
+        })
     }
 
     /// Keeps the state of a table that was published.
@@ -536,7 +557,7 @@ mod tests {
     #[test]
     fn host_then_longest_prefix_then_fallback() {
         let mut b = TableBuilder::default();
-        let built = b.build(&effective(config()));
+        let built = b.build(&effective(config())).unwrap();
         let t = b.commit(built);
         let l = t.listener("127.0.0.1:8080".parse().unwrap()).unwrap();
         let to = |host, path| l.route(host, path).map(|r| r.service.name.as_str());
@@ -558,12 +579,12 @@ mod tests {
         let ep = |a: &str| EndpointSpec::new(a.parse().unwrap(), 1);
         c.services.get_mut("api").unwrap().endpoints = vec![ep("127.0.0.1:1"), ep("127.0.0.1:2")];
         let mut b = TableBuilder::default();
-        let built = b.build(&effective(c.clone()));
+        let built = b.build(&effective(c.clone())).unwrap();
         let t1 = b.commit(built);
         let first = t1.service("api").unwrap().endpoints[1].clone();
 
         c.services.get_mut("api").unwrap().endpoints.remove(0);
-        let built = b.build(&effective(c.clone()));
+        let built = b.build(&effective(c.clone())).unwrap();
         let t2 = b.commit(built);
         assert!(Arc::ptr_eq(
             &t2.service("api").unwrap().endpoints[0],
@@ -583,7 +604,7 @@ mod tests {
     fn listener_route_and_service_counters_survive_a_rebuild() {
         let mut c = config();
         let mut b = TableBuilder::default();
-        let built = b.build(&effective(c.clone()));
+        let built = b.build(&effective(c.clone())).unwrap();
         let t1 = b.commit(built);
         let addr = "127.0.0.1:8080".parse().unwrap();
         let l1 = t1.listener(addr).unwrap();
@@ -596,7 +617,7 @@ mod tests {
             vec![EndpointSpec::new("127.0.0.1:1".parse().unwrap(), 1)];
         let www = c.routes.iter_mut().find(|r| r.service == "www").unwrap();
         www.service = "wild".into();
-        let built = b.build(&effective(c));
+        let built = b.build(&effective(c)).unwrap();
         let t2 = b.commit(built);
         let l2 = t2.listener(addr).unwrap();
         assert!(Arc::ptr_eq(&l1.stats, &l2.stats));
@@ -621,7 +642,7 @@ mod tests {
         c.services.get_mut("api").unwrap().endpoints =
             vec![EndpointSpec::new("127.0.0.1:1".parse().unwrap(), 1)];
         let b = TableBuilder::default();
-        let _ = b.build(&effective(c));
+        let _ = b.build(&effective(c)).unwrap();
         assert!(b.endpoints.is_empty() && b.services.is_empty());
         assert!(b.listeners.is_empty() && b.routes.is_empty());
     }

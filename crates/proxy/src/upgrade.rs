@@ -17,13 +17,13 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 use crate::conn::{ConnCtx, Open};
 use crate::forward::{self, Affinity, Forwarded, InFlight, ReqBody, Upload};
 use crate::http::{Kind, UpstreamBody, error, strip_hop_by_hop};
 use crate::stats::{RouteStats, Stats};
 use crate::table::Service;
+use crate::upstream::Upstream;
 
 /// The protocol an HTTP/1.1 request asks to switch to: its `Upgrade` header, when its
 /// `Connection` header names `upgrade`.
@@ -90,7 +90,13 @@ pub(crate) async fn forward(
         last = Some(endpoint.address);
         let in_flight = InFlight::start(endpoint);
         let started = Instant::now();
-        let mut sender = match connect(endpoint.address, spec.connect_timeout.get()).await {
+        let mut sender = match connect(
+            &service.upstream,
+            endpoint.address,
+            spec.connect_timeout.get(),
+        )
+        .await
+        {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(service = %service.name, "upgrade: {e}");
@@ -200,17 +206,22 @@ fn done(
     }
 }
 
-/// A connection of its own to `address`, driven with upgrades allowed.
+/// A connection of its own to `address` (over TLS when the service has it), driven with
+/// upgrades allowed.
 async fn connect(
+    upstream: &Upstream,
     address: SocketAddr,
     timeout: Duration,
 ) -> Result<hyper::client::conn::http1::SendRequest<ReqBody>, String> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
-        Err(_) => return Err(format!("connect to {address} timed out")),
-        Ok(Err(e)) => return Err(format!("connect to {address} failed: {e}")),
-        Ok(Ok(s)) => s,
-    };
-    let _ = stream.set_nodelay(true);
+    let stream = upstream
+        .open(address, timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    if stream.alpn() == Some(b"h2") {
+        return Err(format!(
+            "{address} chose HTTP/2 by ALPN, which has no HTTP/1.1 Upgrade; use upstream_protocol = \"http1\" for this service"
+        ));
+    }
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await

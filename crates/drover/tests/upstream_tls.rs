@@ -1,0 +1,307 @@
+//! HTTPS to upstreams: an origin with a certificate for `origin.test` signed by a test CA
+//! (rcgen), served over rustls with ALPN h2 and http/1.1, behind drover services with `tls`.
+//! Verified against the right CA it serves; against another CA, or under another name, it is
+//! a 502 and a failure of the endpoint; HTTP/2 is negotiated by ALPN; a CA file that cannot be
+//! read rejects the configuration and the old one keeps serving.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use support::*;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
+
+/// A CA and its key.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+fn ca(name: &str) -> Ca {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ca {
+        cert: params.self_signed(&key).unwrap(),
+        key,
+    }
+}
+
+/// An HTTPS origin with a certificate for `origin.test` signed by `ca`. It answers with the
+/// HTTP version it received the request in, and the ALPN protocol in `x-alpn`.
+async fn https_origin(ca: &Ca) -> SocketAddr {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["origin.test".to_string()]).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "origin.test");
+    let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.der().clone()], key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // A client that refuses the certificate ends the handshake: routine here.
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let alpn = tls
+                    .get_ref()
+                    .1
+                    .alpn_protocol()
+                    .map(|p| String::from_utf8_lossy(p).to_string())
+                    .unwrap_or_else(|| "none".into());
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let alpn = alpn.clone();
+                    async move {
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .header("x-alpn", alpn)
+                                .body(Full::new(Bytes::from(format!("{:?}", req.version()))))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// One listener on `port`; a route `/NAME` to each service `NAME = (ca file, server_name,
+/// protocol)`, all to `origin`.
+fn config(port: u16, origin: SocketAddr, services: &[(&str, &Path, &str, &str)]) -> String {
+    let mut out = format!("[[listeners]]\nname = \"web\"\nlisten = \"127.0.0.1:{port}\"\n");
+    for (name, ..) in services {
+        out.push_str(&format!(
+            "\n[[routes]]\nlistener = \"web\"\npath_prefix = \"/{name}\"\nservice = \"{name}\"\n"
+        ));
+    }
+    for (name, ca, server_name, protocol) in services {
+        out.push_str(&format!(
+            r#"
+[services.{name}]
+upstream_protocol = "{protocol}"
+tls = {{ ca = "{}", server_name = "{server_name}" }}
+endpoints = [ {{ address = "{origin}" }} ]
+"#,
+            ca.display()
+        ));
+    }
+    out
+}
+
+/// The `failed` count of one endpoint of one service, from `/stats/detail`.
+async fn failed(drover: &Drover, service: &str, endpoint: SocketAddr) -> u64 {
+    let (status, stats) = drover.api("GET", "/stats/detail", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let id = format!("{service}/{endpoint}");
+    stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == id.as_str())
+        .unwrap_or_else(|| panic!("{id} not in {stats}"))["failed"]
+        .as_u64()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn https_upstreams_are_verified_against_the_given_ca_and_name() {
+    let good_ca = ca("drover test CA");
+    let other_ca = ca("some other CA");
+    let origin = https_origin(&good_ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let good_pem = dir.path().join("good-ca.pem");
+    let other_pem = dir.path().join("other-ca.pem");
+    std::fs::write(&good_pem, good_ca.cert.pem()).unwrap();
+    std::fs::write(&other_pem, other_ca.cert.pem()).unwrap();
+
+    let port = free_port();
+    let services = [
+        ("good", good_pem.as_path(), "origin.test", "http1"),
+        ("h2", good_pem.as_path(), "origin.test", "http2"),
+        ("badca", other_pem.as_path(), "origin.test", "http1"),
+        ("badname", good_pem.as_path(), "other.test", "http1"),
+    ];
+    let drover = Drover::start(&config(port, origin, &services)).await;
+    let client = client();
+    let url = |path: &str| format!("http://127.0.0.1:{port}/{path}");
+
+    // Verified: served over TLS with HTTP/1.1, twice (the second on the pooled connection).
+    for _ in 0..2 {
+        let (status, headers, body) = get(&client, &url("good")).await;
+        assert_eq!(status, StatusCode::OK, "{}", drover.log_text());
+        assert_eq!(body, "HTTP/1.1");
+        assert_eq!(headers["x-alpn"], "http/1.1");
+    }
+
+    // HTTP/2 negotiated by ALPN, from an HTTP/1.1 client.
+    let (status, headers, body) = get(&client, &url("h2")).await;
+    assert_eq!(status, StatusCode::OK, "{}", drover.log_text());
+    assert_eq!(body, "HTTP/2.0", "the origin saw HTTP/2");
+    assert_eq!(headers["x-alpn"], "h2");
+
+    // Signed by a CA the service does not trust: 502, and a failure of the endpoint.
+    let (status, _, _) = get(&client, &url("badca")).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(failed(&drover, "badca", origin).await >= 1);
+    assert_eq!(failed(&drover, "good", origin).await, 0);
+    let log = drover.wait_log("its certificate did not verify", 1).await;
+    assert!(log.contains("signed by no CA the service trusts"), "{log}");
+
+    // The right CA, but the certificate is not for the name asked for.
+    let (status, _, _) = get(&client, &url("badname")).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(failed(&drover, "badname", origin).await >= 1);
+    let log = drover.wait_log("its certificate did not verify", 2).await;
+    assert!(log.contains("not valid for name \"other.test\""), "{log}");
+
+    // curl, a real client, through the TLS upstream path.
+    // Off the runtime's thread, which also serves the origin.
+    let target = url("h2");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "5", &target])
+            .output()
+            .expect("curl runs")
+    })
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "HTTP/2.0");
+}
+
+#[tokio::test]
+async fn a_ca_file_that_cannot_be_read_rejects_the_config_and_the_old_one_serves() {
+    let good_ca = ca("drover test CA");
+    let origin = https_origin(&good_ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let good_pem = dir.path().join("good-ca.pem");
+    std::fs::write(&good_pem, good_ca.cert.pem()).unwrap();
+    let port = free_port();
+    let drover = Drover::start(&config(
+        port,
+        origin,
+        &[("good", good_pem.as_path(), "origin.test", "http1")],
+    ))
+    .await;
+    let client = client();
+    let url = format!("http://127.0.0.1:{port}/good");
+    assert_eq!(get(&client, &url).await.0, StatusCode::OK);
+    let generation = drover.generation().await;
+
+    let missing = dir.path().join("missing-ca.pem");
+    drover.write_config(&config(
+        port,
+        origin,
+        &[("good", missing.as_path(), "origin.test", "http1")],
+    ));
+    let log = drover.wait_log("configuration rejected", 1).await;
+    let expected = format!(
+        "service good: cannot read its tls.ca file {}",
+        missing.display()
+    );
+    assert!(log.contains(&expected), "{log}");
+    let status = drover.status().await.unwrap();
+    assert!(
+        status["last_rejection"]["error"]
+            .as_str()
+            .unwrap()
+            .contains(&expected),
+        "{status}"
+    );
+    assert_eq!(drover.generation().await, generation);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (status, _, body) = get(&client, &url).await;
+    assert_eq!(status, StatusCode::OK, "the old configuration still serves");
+    assert_eq!(body, "HTTP/1.1");
+}
+
+/// The health report of the one endpoint of `service`, once a check has run and its state is
+/// `state`.
+async fn wait_for_health(drover: &Drover, service: &str, state: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, view) = drover
+            .api("GET", &format!("/api/v1/services/{service}"), None)
+            .await;
+        let health = view["endpoints"][0]["health"].clone();
+        if health["state"] == state && !health["last_check_ms"].is_null() {
+            return health;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{service} never became {state}: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn http_health_checks_go_over_tls_and_http2_like_requests() {
+    let good_ca = ca("drover test CA");
+    let other_ca = ca("some other CA");
+    let origin = https_origin(&good_ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let good_pem = dir.path().join("good-ca.pem");
+    let other_pem = dir.path().join("other-ca.pem");
+    std::fs::write(&good_pem, good_ca.cert.pem()).unwrap();
+    std::fs::write(&other_pem, other_ca.cert.pem()).unwrap();
+    let port = free_port();
+    let names = ["good", "h2", "badca"];
+    let mut text = config(
+        port,
+        origin,
+        &[
+            ("good", good_pem.as_path(), "origin.test", "http1"),
+            ("h2", good_pem.as_path(), "origin.test", "http2"),
+            ("badca", other_pem.as_path(), "origin.test", "http1"),
+        ],
+    );
+    for name in names {
+        text.push_str(&format!(
+            "\n[services.{name}.health_check]\npath = \"/health\"\ninterval = \"100ms\"\nfall = 1\nrise = 1\n"
+        ));
+    }
+    let drover = Drover::start(&text).await;
+    let good = wait_for_health(&drover, "good", "healthy").await;
+    assert_eq!(good["last_check_passed"], true, "{good}");
+    let h2 = wait_for_health(&drover, "h2", "healthy").await;
+    assert_eq!(h2["last_check_passed"], true, "{h2}");
+    let bad = wait_for_health(&drover, "badca", "unhealthy").await;
+    let error = bad["last_check_error"].as_str().unwrap();
+    assert!(error.contains("its certificate did not verify"), "{bad}");
+}

@@ -1,0 +1,427 @@
+//! How drover reaches a service's endpoints: a TCP connection, then TLS when the service has
+//! `tls`, then the HTTP/1.1 or HTTP/2 handshake its `upstream_protocol` asks for.
+//!
+//! A service's [`Upstream`] is made when its table entry is built, off the hot path: the CA
+//! bundle is read and the rustls `ClientConfig` built there, once, and a bundle that cannot be
+//! read rejects the configuration. Connections share that config; a new connection costs a
+//! TCP connect, a TLS handshake (resumed when rustls has a session ticket for the server) and
+//! the HTTP handshake, all within the service's `connect_timeout`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use drover_model::{ServiceSpec, UpstreamProtocol, UpstreamTls};
+use hyper::client::conn::{TrySendError, http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::forward::ReqBody;
+
+/// Why a new upstream connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect to {0} timed out")]
+    Timeout(SocketAddr),
+    #[error("connect to {0} failed: {1}")]
+    Io(SocketAddr, io::Error),
+    /// The TLS handshake failed; the message says whether the certificate did not verify.
+    #[error("TLS handshake with {0} failed: {1}")]
+    Tls(SocketAddr, String),
+    #[error("{2} handshake with {0} failed: {1}")]
+    Handshake(SocketAddr, hyper::Error, &'static str),
+}
+
+impl ConnectError {
+    /// Whether the endpoint's certificate was refused.
+    pub fn is_certificate(&self) -> bool {
+        matches!(self, ConnectError::Tls(_, m) if m.starts_with(CERT_REFUSED))
+    }
+}
+
+const CERT_REFUSED: &str = "its certificate did not verify";
+
+/// A service's way to its endpoints, shared by all of them.
+pub struct Upstream {
+    pub protocol: UpstreamProtocol,
+    tls: Option<Tls>,
+    /// The settings it was made from: a service whose settings change gets a new one.
+    settings: (UpstreamProtocol, Option<UpstreamTls>),
+    /// Tells pooled connections made by another `Upstream` (older settings) from its own.
+    pub(crate) id: u64,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("protocol", &self.protocol)
+            .field("tls", &self.settings.1)
+            .finish()
+    }
+}
+
+struct Tls {
+    connector: TlsConnector,
+    /// The SNI and verification name; None: each endpoint's IP address.
+    name: Option<ServerName<'static>>,
+}
+
+/// A connection ready for requests.
+pub(crate) enum Conn {
+    H1(http1::SendRequest<ReqBody>),
+    H2(http2::SendRequest<ReqBody>),
+}
+
+impl Conn {
+    /// Waits until the connection can take a request; an error means it closed.
+    pub(crate) async fn ready(&mut self) -> hyper::Result<()> {
+        match self {
+            Conn::H1(s) => s.ready().await,
+            Conn::H2(s) => s.ready().await,
+        }
+    }
+
+    /// Sends a request; hands it back in the error when it was never written.
+    pub(crate) async fn try_send_request(
+        &mut self,
+        req: http::Request<ReqBody>,
+    ) -> Result<http::Response<hyper::body::Incoming>, TrySendError<http::Request<ReqBody>>> {
+        match self {
+            Conn::H1(s) => s.try_send_request(req).await,
+            Conn::H2(s) => s.try_send_request(req).await,
+        }
+    }
+}
+
+impl Upstream {
+    /// Builds the connector for `service`: reads its CA bundle, if any, and makes its TLS
+    /// config. The error names the service and the file and says what would be right.
+    pub fn new(service: &str, spec: &ServiceSpec) -> Result<Upstream, String> {
+        static IDS: AtomicU64 = AtomicU64::new(1);
+        let tls = match &spec.tls {
+            None => None,
+            Some(t) => Some(Tls::new(service, t, spec.upstream_protocol)?),
+        };
+        Ok(Upstream {
+            protocol: spec.upstream_protocol,
+            tls,
+            settings: (spec.upstream_protocol, spec.tls.clone()),
+            id: IDS.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    /// Whether `spec` asks for exactly this connector.
+    pub fn same_settings(&self, spec: &ServiceSpec) -> bool {
+        self.settings.0 == spec.upstream_protocol && self.settings.1 == spec.tls
+    }
+
+    /// Whether it connects over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// `https` over TLS, else `http`: the `:scheme` of HTTP/2 requests.
+    pub(crate) fn scheme(&self) -> http::uri::Scheme {
+        if self.is_tls() {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        }
+    }
+
+    /// A byte stream to `address`: TCP, then TLS when the service has it, within `timeout`.
+    pub async fn open(
+        &self,
+        address: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Stream, ConnectError> {
+        match tokio::time::timeout(timeout, self.open_now(address)).await {
+            Err(_) => Err(ConnectError::Timeout(address)),
+            Ok(r) => r,
+        }
+    }
+
+    async fn open_now(&self, address: SocketAddr) -> Result<Stream, ConnectError> {
+        let tcp = TcpStream::connect(address)
+            .await
+            .map_err(|e| ConnectError::Io(address, e))?;
+        let _ = tcp.set_nodelay(true);
+        let Some(tls) = &self.tls else {
+            return Ok(Stream::Plain(tcp));
+        };
+        let name = tls
+            .name
+            .clone()
+            .unwrap_or_else(|| ServerName::IpAddress(address.ip().into()));
+        match tls.connector.connect(name, tcp).await {
+            Ok(s) => Ok(Stream::Tls(Box::new(s))),
+            Err(e) => Err(ConnectError::Tls(address, describe_tls_error(&e))),
+        }
+    }
+
+    /// A new connection to `address`, with the driving task spawned.
+    pub(crate) async fn connect(
+        &self,
+        address: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Conn, ConnectError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let stream = self.open(address, timeout).await?;
+        let io = TokioIo::new(stream);
+        let handshake = async {
+            match self.protocol {
+                UpstreamProtocol::Http1 => {
+                    let (sender, conn) = http1::Builder::new()
+                        .handshake(io)
+                        .await
+                        .map_err(|e| ConnectError::Handshake(address, e, "HTTP/1.1"))?;
+                    tokio::spawn(async move {
+                        // Ends when the upstream or drover closes the connection; routine.
+                        let _ = conn.await;
+                    });
+                    Ok(Conn::H1(sender))
+                }
+                UpstreamProtocol::Http2 => {
+                    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        // Keeps an idle multiplexed connection known to be alive, and finds
+                        // a dead one before a request does (gRPC clients ping too).
+                        .keep_alive_interval(Duration::from_secs(30))
+                        .keep_alive_timeout(Duration::from_secs(10))
+                        .handshake(io)
+                        .await
+                        .map_err(|e| ConnectError::Handshake(address, e, "HTTP/2"))?;
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                    Ok(Conn::H2(sender))
+                }
+            }
+        };
+        match tokio::time::timeout_at(deadline, handshake).await {
+            Err(_) => Err(ConnectError::Timeout(address)),
+            Ok(r) => r,
+        }
+    }
+}
+
+impl Tls {
+    fn new(service: &str, spec: &UpstreamTls, protocol: UpstreamProtocol) -> Result<Tls, String> {
+        let roots = match &spec.ca {
+            Some(path) => Arc::new(read_ca(service, path)?),
+            None => system_roots(),
+        };
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("service {service}: cannot set up TLS to its endpoints: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![match protocol {
+            UpstreamProtocol::Http1 => b"http/1.1".to_vec(),
+            UpstreamProtocol::Http2 => b"h2".to_vec(),
+        }];
+        let name = match &spec.server_name {
+            None => None,
+            Some(n) => Some(ServerName::try_from(n.clone()).map_err(|_| {
+                format!(
+                    "service {service}: tls.server_name {n:?} is not a valid DNS name: write one such as \"api.example.com\""
+                )
+            })?),
+        };
+        Ok(Tls {
+            connector: TlsConnector::from(Arc::new(config)),
+            name,
+        })
+    }
+}
+
+/// The CAs of a PEM bundle.
+fn read_ca(service: &str, path: &std::path::Path) -> Result<rustls::RootCertStore, String> {
+    let file = path.display();
+    let pem = std::fs::read(path).map_err(|e| {
+        format!(
+            "service {service}: cannot read its tls.ca file {file}: {e}; give the path of a PEM bundle of CA certificates"
+        )
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, cert) in CertificateDer::pem_slice_iter(&pem).enumerate() {
+        let cert = cert.map_err(|e| {
+            format!("service {service}: its tls.ca file {file} is not a valid PEM bundle: {e}")
+        })?;
+        roots.add(cert).map_err(|e| {
+            format!(
+                "service {service}: its tls.ca file {file}: certificate {} cannot be used as a CA: {e}",
+                i + 1
+            )
+        })?;
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "service {service}: its tls.ca file {file} holds no certificate: give a PEM bundle of CA certificates (-----BEGIN CERTIFICATE-----)"
+        ));
+    }
+    Ok(roots)
+}
+
+/// The system's trusted roots, read once per process.
+fn system_roots() -> Arc<rustls::RootCertStore> {
+    static ROOTS: OnceLock<Arc<rustls::RootCertStore>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let found = rustls_native_certs::load_native_certs();
+            let mut roots = rustls::RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                tracing::warn!(
+                    "no system root certificates were found; services with tls and no tls.ca cannot verify their endpoints: give tls.ca"
+                );
+            }
+            Arc::new(roots)
+        })
+        .clone()
+}
+
+/// What went wrong in a TLS handshake, in words; a refused certificate says so first.
+fn describe_tls_error(e: &io::Error) -> String {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => {
+            format!(
+                "{CERT_REFUSED}: it is signed by no CA the service trusts (UnknownIssuer); give the CA that signed it in tls.ca"
+            )
+        }
+        Some(rustls::Error::InvalidCertificate(why)) => format!("{CERT_REFUSED}: {why}"),
+        Some(other) => other.to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// A connection to an endpoint, in clear text or TLS.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// The protocol ALPN chose, if any.
+    pub fn alpn(&self) -> Option<&[u8]> {
+        match self {
+            Stream::Plain(_) => None,
+            Stream::Tls(s) => s.get_ref().1.alpn_protocol(),
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(tls: UpstreamTls) -> ServiceSpec {
+        ServiceSpec {
+            tls: Some(tls),
+            ..ServiceSpec::default()
+        }
+    }
+
+    #[test]
+    fn a_missing_ca_file_names_the_service_and_the_file() {
+        let e = Upstream::new(
+            "api",
+            &spec(UpstreamTls {
+                ca: Some("/nonexistent/ca.pem".into()),
+                server_name: None,
+            }),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("service api") && e.contains("/nonexistent/ca.pem"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_file_without_certificates_is_refused() {
+        let dir = std::env::temp_dir().join(format!("drover-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("empty.pem");
+        std::fs::write(&path, "not a certificate\n").unwrap();
+        let e = Upstream::new(
+            "api",
+            &spec(UpstreamTls {
+                ca: Some(path.clone()),
+                server_name: None,
+            }),
+        )
+        .unwrap_err();
+        assert!(e.contains("holds no certificate"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
