@@ -200,13 +200,13 @@ async fn a_dead_endpoint_is_skipped_and_bad_tcp_routes_are_refused() {
         let mut r = BufReader::new(r).lines();
         assert_eq!(ask(&mut w, &mut r, "hi").await.unwrap(), "a");
     }
-    // A host on a TCP route cannot be matched: the file is refused, and the old one kept.
+    // A path on a TCP route cannot be matched: the file is refused, and the old one kept.
     let bad = tcp_config(port, &[a]).replace(
         "listener = \"db\"\nservice",
-        "listener = \"db\"\nhost = \"db.example\"\nservice",
+        "listener = \"db\"\npath_prefix = \"/db\"\nservice",
     );
     d.write_config(&bad);
-    let log = d.wait_log("sees no host or path", 1).await;
+    let log = d.wait_log("which sees no path", 1).await;
     assert!(log.contains("routes[0]"), "{log}");
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     s.write_all(b"still\n").await.unwrap();

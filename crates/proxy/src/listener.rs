@@ -6,6 +6,12 @@
 //! and closes nothing. Listeners are keyed by address: an address that stays keeps its socket
 //! and its connections whatever else changes (its name, limits or routes), one that goes
 //! stops accepting at once and drains its connections within the shutdown grace.
+//!
+//! Before a connection is served, its listener's [`Frontend`] applies: a PROXY protocol
+//! header is read from trusted downstreams, then TLS is terminated, or for TLS passthrough
+//! the ClientHello's server name is read; both within the listener's
+//! `request_header_timeout`. Certificates are loaded when a configuration is applied, and a
+//! certificate that cannot be loaded rejects it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,17 +20,19 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use drover_control::Applier;
-use drover_model::{Effective, ListenerSpec, Protocol};
-use tokio::net::{TcpListener, TcpSocket};
+use drover_model::{Effective, IpNet, ListenerSpec, Protocol, RouteSpec};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access::AccessLog;
-use crate::conn::{self, Accepted, Deadlines, Listening};
+use crate::conn::{self, Accepted, Client, Deadlines, Listening, Open};
 use crate::health::Checker;
-use crate::stats::Stats;
+use crate::proxy_protocol::{self, Prefixed};
+use crate::stats::{ListenerStats, Stats};
 use crate::table::{RoutingTable, TableBuilder};
+use crate::tls::{self, Terminator};
 
 /// Pending connections the kernel queues for each listener.
 const BACKLOG: u32 = 1024;
@@ -84,6 +92,51 @@ struct Running {
     drain: CancellationToken,
     slots: Arc<Semaphore>,
     max_connections: u32,
+    frontend: Arc<ArcSwap<Frontend>>,
+}
+
+/// What happens to a listener's connections before HTTP or TCP serving starts. Read once per
+/// connection, when it is accepted.
+pub(crate) struct Frontend {
+    /// TLS termination, when the listener has `tls`.
+    tls: Option<Arc<Terminator>>,
+    /// Downstreams whose connections open with a PROXY protocol header.
+    proxy_from: Vec<IpNet>,
+    /// A TCP listener without TLS whose routes have hosts: read each ClientHello's SNI.
+    sni_routing: bool,
+}
+
+impl Frontend {
+    /// The frontend for `spec`, keeping the TLS terminator of `current` if its settings are
+    /// the same (its watcher reloads the files), else loading the certificates. The bool says
+    /// whether the terminator is new, so that its watcher must be started.
+    fn new(
+        spec: &ListenerSpec,
+        routes: &[RouteSpec],
+        current: Option<&Frontend>,
+    ) -> Result<(Frontend, bool), String> {
+        let kept = current
+            .and_then(|c| c.tls.clone())
+            .filter(|t| t.serves(spec));
+        let (tls, fresh) = match (&spec.tls, kept) {
+            (None, _) => (None, false),
+            (Some(_), Some(kept)) => (Some(kept), false),
+            (Some(settings), None) => (Some(Arc::new(Terminator::load(spec, settings)?)), true),
+        };
+        let sni_routing = spec.protocol == Protocol::Tcp
+            && spec.tls.is_none()
+            && routes
+                .iter()
+                .any(|r| r.listener == spec.name && r.host.is_some());
+        Ok((
+            Frontend {
+                tls,
+                proxy_from: spec.proxy_protocol_from.clone(),
+                sni_routing,
+            },
+            fresh,
+        ))
+    }
 }
 
 /// The data plane's side of reconciliation: tables, listeners, and the handle to them.
@@ -129,11 +182,12 @@ impl Proxy {
         self.handle.clone()
     }
 
-    fn start(&self, spec: &ListenerSpec, socket: TcpListener) -> Running {
+    fn start(&self, spec: &ListenerSpec, socket: TcpListener, frontend: Arc<Frontend>) -> Running {
         let running = Running {
             drain: self.handle.shutdown.child_token(),
             slots: Arc::new(Semaphore::new(spec.max_connections as usize)),
             max_connections: spec.max_connections,
+            frontend: Arc::new(ArcSwap::new(frontend)),
         };
         tracing::info!(listener = %spec.name, "accepting {} on {}", spec.protocol, spec.listen);
         let listening = Listening {
@@ -148,9 +202,13 @@ impl Proxy {
             listener: running.slots.clone(),
             global: self.global_slots.clone(),
         };
-        self.handle
-            .tracker
-            .spawn(accept(socket, listening, tracker, slots));
+        self.handle.tracker.spawn(accept(
+            socket,
+            listening,
+            tracker,
+            slots,
+            running.frontend.clone(),
+        ));
         running
     }
 }
@@ -163,8 +221,19 @@ impl Default for Proxy {
 
 impl Applier for Proxy {
     fn apply(&mut self, effective: &Arc<Effective>) -> Result<(), String> {
-        let built = self.builder.build(effective);
+        let built = self.builder.build(effective)?;
         let listeners = &effective.config.listeners;
+        // Certificates first: a file that cannot be used rejects the configuration before any
+        // socket is bound or anything is published.
+        let mut frontends = HashMap::with_capacity(listeners.len());
+        for spec in listeners {
+            let current = self
+                .listeners
+                .get(&spec.listen)
+                .map(|r| r.frontend.load_full());
+            let made = Frontend::new(spec, &effective.config.routes, current.as_deref())?;
+            frontends.insert(spec.listen, made);
+        }
         let mut bound = Vec::new();
         for spec in listeners {
             if self.listeners.contains_key(&spec.listen) {
@@ -187,12 +256,25 @@ impl Applier for Proxy {
         self.handle.tables.store(table.clone());
         self.checker.reconcile(&table, &self.handle.shutdown);
 
+        for (frontend, fresh) in frontends.values() {
+            if let (true, Some(t)) = (fresh, &frontend.tls) {
+                t.watch(&self.handle.shutdown);
+            }
+        }
+        let mut frontends: HashMap<SocketAddr, Arc<Frontend>> = frontends
+            .into_iter()
+            .map(|(addr, (frontend, _))| (addr, Arc::new(frontend)))
+            .collect();
         for (spec, socket) in bound {
-            let running = self.start(spec, socket);
+            let frontend = frontends.remove(&spec.listen).expect("made above");
+            let running = self.start(spec, socket, frontend);
             self.listeners.insert(spec.listen, running);
         }
         for spec in listeners {
             let running = self.listeners.get_mut(&spec.listen).expect("started above");
+            if let Some(frontend) = frontends.remove(&spec.listen) {
+                running.frontend.store(frontend);
+            }
             resize(running, spec.max_connections);
         }
         self.listeners.retain(|addr, running| {
@@ -248,7 +330,13 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
-async fn accept(socket: TcpListener, listening: Listening, tracker: TaskTracker, slots: Slots) {
+async fn accept(
+    socket: TcpListener,
+    listening: Listening,
+    tracker: TaskTracker,
+    slots: Slots,
+    frontend: Arc<ArcSwap<Frontend>>,
+) {
     let (local, drain) = (listening.local, listening.drain.clone());
     loop {
         // At a connection limit, wait here: new clients queue in the kernel's backlog.
@@ -283,6 +371,7 @@ async fn accept(socket: TcpListener, listening: Listening, tracker: TaskTracker,
                     deadlines: Deadlines {
                         request_header: l.spec.request_header_timeout.get(),
                         idle: l.spec.idle_timeout.get(),
+                        send: l.spec.send_timeout.get(),
                     },
                     server: l.server.clone(),
                     stats: l.stats.clone(),
@@ -292,14 +381,112 @@ async fn accept(socket: TcpListener, listening: Listening, tracker: TaskTracker,
             None => return,
         };
         let listening = listening.clone();
+        let frontend = frontend.load_full();
         tracker.spawn(async move {
-            match protocol {
-                Protocol::Http => conn::serve(listening, stream, peer, accepted).await,
-                Protocol::Tcp => crate::tcp::serve(listening, stream, peer, accepted.stats).await,
-            }
+            serve(listening, stream, peer, accepted, protocol, &frontend).await;
             drop(permit);
         });
     }
+}
+
+/// Reads a connection's PROXY header and does its TLS handshake as its listener asks, then
+/// serves it as HTTP or TCP.
+async fn serve(
+    listening: Listening,
+    stream: TcpStream,
+    peer: SocketAddr,
+    accepted: Accepted,
+    protocol: Protocol,
+    frontend: &Frontend,
+) {
+    let stats = accepted.stats.clone();
+    let open = Open::new(&stats);
+    // The PROXY header, the TLS handshake or ClientHello together: a request head's time.
+    let deadline = tokio::time::Instant::now() + accepted.deadlines.request_header;
+    let mut client = Client {
+        addr: peer,
+        destination: stream.local_addr().unwrap_or(listening.local),
+        tls: false,
+        open,
+    };
+    let stream = if frontend.proxy_from.iter().any(|n| n.contains(peer.ip())) {
+        match tokio::time::timeout_at(deadline, proxy_protocol::read_header(stream)).await {
+            Ok(Ok((header, stream))) => {
+                if let proxy_protocol::Header::Proxied {
+                    source,
+                    destination,
+                } = header
+                {
+                    client.addr = source;
+                    client.destination = destination;
+                }
+                stream
+            }
+            Ok(Err(e)) => return proxy_header_failed(&stats, peer, &e.to_string()),
+            Err(_) => return proxy_header_failed(&stats, peer, "no header before the deadline"),
+        }
+    } else {
+        Prefixed::new(Vec::new(), stream)
+    };
+    match (&frontend.tls, protocol) {
+        (None, Protocol::Http) => conn::serve(listening, stream, client, accepted).await,
+        (Some(t), Protocol::Http) => {
+            if let Some(stream) = handshake(t, stream, deadline, &stats, &client).await {
+                client.tls = true;
+                conn::serve(listening, stream, client, accepted).await;
+            }
+        }
+        (Some(t), Protocol::Tcp) => {
+            if let Some(stream) = handshake(t, stream, deadline, &stats, &client).await {
+                client.tls = true;
+                let name = stream.get_ref().1.server_name().map(str::to_string);
+                crate::tcp::serve(listening, stream, client, name).await;
+            }
+        }
+        (None, Protocol::Tcp) if frontend.sni_routing => {
+            let mut stream = stream;
+            match tokio::time::timeout_at(deadline, tls::read_sni(&mut stream)).await {
+                Ok(Ok((hello, name))) => {
+                    stream.unread(hello);
+                    crate::tcp::serve(listening, stream, client, name).await;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %client.addr, "reading the ClientHello failed: {e}")
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %client.addr, "no ClientHello before the deadline; closing")
+                }
+            }
+        }
+        (None, Protocol::Tcp) => crate::tcp::serve(listening, stream, client, None).await,
+    }
+}
+
+fn proxy_header_failed(stats: &ListenerStats, peer: SocketAddr, why: &str) {
+    stats
+        .proxy_header_failures
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::debug!(%peer, "closing a connection from a trusted downstream: {why}");
+}
+
+/// Terminates TLS within `deadline`; None (and counted) when the handshake fails.
+async fn handshake(
+    terminator: &Terminator,
+    stream: Prefixed<TcpStream>,
+    deadline: tokio::time::Instant,
+    stats: &ListenerStats,
+    client: &Client,
+) -> Option<tokio_rustls::server::TlsStream<Prefixed<TcpStream>>> {
+    let why = match tokio::time::timeout_at(deadline, terminator.acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => return Some(stream),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "not finished before the deadline".to_string(),
+    };
+    stats
+        .tls_handshake_failures
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::debug!(peer = %client.addr, "TLS handshake failed: {why}");
+    None
 }
 
 async fn sweep_pools(tables: Arc<ArcSwap<RoutingTable>>, stop: CancellationToken) {

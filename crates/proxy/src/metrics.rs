@@ -256,7 +256,7 @@ fn write_listeners(out: &mut Exposition, table: &RoutingTable) {
         [("listener", l.0.name.clone()), ("address", l.1.clone())]
     };
     type Read = fn(&ListenerStats) -> u64;
-    let simple: [(&str, Kind, &str, Read); 3] = [
+    let simple: [(&str, Kind, &str, Read); 5] = [
         (
             "drover_listener_connections_active",
             Kind::Gauge,
@@ -274,6 +274,18 @@ fn write_listeners(out: &mut Exposition, table: &RoutingTable) {
             Kind::Gauge,
             "Requests whose response is not finished yet.",
             |l| l.requests_active.load(Ordering::Relaxed),
+        ),
+        (
+            "drover_listener_tls_handshake_failures_total",
+            Kind::Counter,
+            "TLS handshakes that failed or timed out.",
+            |l| l.tls_handshake_failures.load(Ordering::Relaxed),
+        ),
+        (
+            "drover_listener_proxy_header_failures_total",
+            Kind::Counter,
+            "Connections from trusted downstreams closed for a missing or invalid PROXY header.",
+            |l| l.proxy_header_failures.load(Ordering::Relaxed),
         ),
     ];
     for (name, kind, help, read) in simple {

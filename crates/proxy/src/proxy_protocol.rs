@@ -2,9 +2,16 @@
 //! that carries the original client's and destination's addresses across a proxy.
 //!
 //! drover writes it to upstreams of services that ask for it (`proxy_protocol = "v1"` or
-//! `"v2"`). The parser reads what a trusted downstream proxy sends.
+//! `"v2"`), and reads it from the downstream addresses a listener trusts
+//! (`proxy_protocol_from`): [`read_header`] takes the header off the front of a connection and
+//! hands back, in a [`Prefixed`] stream, whatever bytes came with it.
 
+use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 /// The 12 bytes that open a version 2 header.
 const V2_SIGNATURE: [u8; 12] = [
@@ -228,9 +235,155 @@ fn parse_v2(buf: &[u8]) -> Result<(Header, usize), ParseError> {
     Ok((header, total))
 }
 
+/// Reads a PROXY header (v1 or v2) from the start of `stream`: what it says, and the stream
+/// with the bytes that arrived after the header put back in front. Bytes that cannot start a
+/// header, a malformed header, or a stream that ends first are errors.
+pub(crate) async fn read_header<S: AsyncRead + Unpin>(
+    mut stream: S,
+) -> io::Result<(Header, Prefixed<S>)> {
+    let mut buf = Vec::with_capacity(256);
+    loop {
+        match parse(&buf) {
+            Ok((header, len)) => {
+                buf.drain(..len);
+                return Ok((header, Prefixed::new(buf, stream)));
+            }
+            Err(ParseError::Incomplete) => {}
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+        // A v2 header announces its length; v1 is one short line. Read no further than that
+        // needs, in chunks.
+        buf.reserve(512);
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the connection ended before a whole PROXY protocol header",
+            ));
+        }
+    }
+}
+
+/// A stream with bytes already read from it put back in front: reads return those bytes
+/// first, then the stream's own. Writes go straight to the stream.
+#[derive(Debug)]
+pub(crate) struct Prefixed<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub(crate) fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Self {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+
+    /// Puts more bytes back in front, after any not read yet.
+    pub(crate) fn unread(&mut self, bytes: Vec<u8>) {
+        if self.pos >= self.prefix.len() {
+            self.prefix = bytes;
+            self.pos = 0;
+        } else {
+            self.prefix.extend_from_slice(&bytes);
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.prefix.len() {
+            let rest = &this.prefix[this.pos..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.pos += n;
+            if this.pos == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, b)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_header_is_taken_off_and_the_bytes_after_it_are_read_next() {
+        let src = addr("192.0.2.7:51000");
+        let dst = addr("10.0.0.1:443");
+        for header in [encode_v1(src, dst), encode_v2(src, dst)] {
+            let (mut client, server) = tokio::io::duplex(64);
+            let mut sent = header.clone();
+            sent.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+            let writer = tokio::spawn(async move {
+                // In small pieces, so the header arrives split.
+                for chunk in sent.chunks(5) {
+                    client.write_all(chunk).await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+                client
+            });
+            let (h, mut rest) = read_header(server).await.unwrap();
+            assert_eq!(
+                h,
+                Header::Proxied {
+                    source: src,
+                    destination: dst
+                }
+            );
+            drop(writer.await.unwrap());
+            let mut after = Vec::new();
+            rest.read_to_end(&mut after).await.unwrap();
+            assert_eq!(after, b"GET / HTTP/1.1\r\n\r\n");
+        }
+    }
+
+    #[tokio::test]
+    async fn no_header_or_an_early_end_is_an_error() {
+        let (mut c, s) = tokio::io::duplex(64);
+        c.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let e = read_header(s).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        let (mut c, s) = tokio::io::duplex(64);
+        c.write_all(b"PROXY TCP4 1.2.3.4").await.unwrap();
+        drop(c);
+        let e = read_header(s).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+    }
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()

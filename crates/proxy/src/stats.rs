@@ -66,6 +66,10 @@ pub struct ListenerStats {
     pub connections_active: AtomicU64,
     /// Requests whose response is not finished yet.
     pub requests_active: AtomicU64,
+    /// TLS handshakes that failed or timed out.
+    pub tls_handshake_failures: AtomicU64,
+    /// Connections from a trusted downstream closed for a missing or invalid PROXY header.
+    pub proxy_header_failures: AtomicU64,
     /// Finished requests by the status class of their response, routed or not.
     pub responses: CodeCounters,
 }
@@ -78,6 +82,8 @@ impl ListenerStats {
             connections_accepted: AtomicU64::new(0),
             connections_active: AtomicU64::new(0),
             requests_active: AtomicU64::new(0),
+            tls_handshake_failures: AtomicU64::new(0),
+            proxy_header_failures: AtomicU64::new(0),
             responses: CodeCounters::default(),
         }
     }

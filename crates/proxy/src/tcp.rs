@@ -9,38 +9,54 @@
 //! that endpoint is drained or removed, as in-flight HTTP requests do; it is closed when its
 //! listener is removed or drover shuts down, after the shutdown grace. A service with
 //! `proxy_protocol` gets a PROXY header with the client's address before the first byte.
+//!
+//! A TCP listener may have several routes, each for a `host`, plus one without a host. The
+//! host is matched against the TLS server name (SNI): the one of the handshake when the
+//! listener terminates TLS, else the one read from the client's ClientHello, which is then
+//! passed on untouched (TLS passthrough). A connection whose name matches no route goes to the
+//! route without a host, or is closed if there is none.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use drover_model::{HashOn, Policy, ProxyProtocol, StickyMode};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::conn::{Listening, Open};
+use crate::conn::{Client, Listening};
 use crate::forward::{self, InFlight};
 use crate::proxy_protocol;
-use crate::stats::{ListenerStats, Stats};
+use crate::stats::Stats;
 use crate::table::Service;
 
-/// Serves one client connection of a TCP listener.
-pub(crate) async fn serve(
+/// Serves one client connection of a TCP listener; `server_name` is its TLS SNI, if known.
+pub(crate) async fn serve<S>(
     listening: Listening,
-    mut client: TcpStream,
-    peer: SocketAddr,
-    listener: Arc<ListenerStats>,
-) {
-    let _open = Open::new(&listener);
+    mut client: S,
+    from: Client,
+    server_name: Option<String>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Client {
+        addr: peer,
+        destination,
+        open: _open,
+        ..
+    } = from;
     let (service, route) = {
         let table = listening.tables.load();
         let Some(routes) = table.listener(listening.local) else {
             return;
         };
-        // Validation leaves a TCP listener one route, with no host and no path.
-        match routes.route("", "/") {
+        // Validation leaves a TCP listener routes with no path, and at most one without a
+        // host.
+        match routes.route(server_name.as_deref().unwrap_or(""), "/") {
             Some(r) => (r.service.clone(), r.stats.clone()),
-            None => return,
+            None => {
+                tracing::debug!(%peer, server_name = ?server_name, "no route for this server name; closing");
+                return;
+            }
         }
     };
     let client_hash = drover_balance::hash_bytes(peer.ip().to_canonical().to_string().as_bytes());
@@ -51,7 +67,6 @@ pub(crate) async fn serve(
         return;
     };
     if let Some(version) = service.spec.proxy_protocol {
-        let destination = client.local_addr().unwrap_or(listening.local);
         let header = match version {
             ProxyProtocol::V1 => proxy_protocol::encode_v1(peer, destination),
             ProxyProtocol::V2 => proxy_protocol::encode_v2(peer, destination),
