@@ -7,7 +7,10 @@
 //!   total, not per read, so a client that drips one byte a second is still cut off;
 //! - `idle_timeout`: how long a connection may wait for its next request.
 //!
-//! While a request is in flight neither applies; the upstream's deadlines do. On drain
+//! While a request is in flight neither applies; the upstream's deadlines do. One more applies
+//! at any time: `send_timeout`, how long a write to the client may stay blocked because the
+//! client reads nothing (nginx's `send_timeout`), so that a client that stops reading does not
+//! hold its connection, its upstream request and their buffers for ever. On drain
 //! (listener removed, or shutdown) hyper is told to finish: HTTP/1.1 completes the request in
 //! progress and closes, HTTP/2 sends GOAWAY. Whatever is still running when the grace period
 //! ends is cut.
@@ -48,6 +51,8 @@ pub(crate) struct ConnCtx {
     pub client_ip: HeaderValue,
     /// The IP the client connected to, for X-Original-To.
     pub local_ip: HeaderValue,
+    /// Whether the connection came over TLS, for X-Forwarded-Proto.
+    pub tls: bool,
     /// A hash of the client's IP, for `hash_on = "source_ip"` and the stick table.
     pub client_hash: u64,
     /// Cancelled when the listener is removed or drover shuts down; tunnels outlive the
@@ -63,9 +68,12 @@ struct Clock {
     idle_since: AtomicU64,
     /// When the first byte of the next request head arrived; `NOT_READING` if none has.
     head_since: AtomicU64,
+    /// Since when a write to the client has been blocked; `NOT_BLOCKED` if none is.
+    write_blocked_since: AtomicU64,
 }
 
 const NOT_READING: u64 = u64::MAX;
+const NOT_BLOCKED: u64 = u64::MAX;
 
 impl Clock {
     fn now(&self) -> u64 {
@@ -94,6 +102,21 @@ impl ConnCtx {
             c.head_since.store(c.now(), Ordering::Relaxed);
         }
     }
+
+    /// Notes whether a write to the client went through or must wait for the client to read.
+    fn on_write<T>(&self, r: &Poll<T>) {
+        let c = &self.clock;
+        let blocked = c.write_blocked_since.load(Ordering::Relaxed);
+        match r {
+            Poll::Pending if blocked == NOT_BLOCKED => {
+                c.write_blocked_since.store(c.now(), Ordering::Relaxed)
+            }
+            Poll::Ready(_) if blocked != NOT_BLOCKED => {
+                c.write_blocked_since.store(NOT_BLOCKED, Ordering::Relaxed)
+            }
+            _ => {}
+        }
+    }
 }
 
 impl Drop for Active {
@@ -109,7 +132,7 @@ impl Drop for Active {
     }
 }
 
-/// A client stream that tells the watchdog when request bytes arrive.
+/// A client stream that tells the watchdog when request bytes arrive and when writes block.
 struct Tracked<S> {
     stream: S,
     ctx: Arc<ConnCtx>,
@@ -133,32 +156,74 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, b)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_write(cx, b);
+        this.ctx.on_write(&r);
+        r
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.ctx.on_write(&r);
+        r
     }
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_flush(cx);
+        this.ctx.on_write(&r);
+        r
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
+/// hyper's default number of request headers, parsed into a stack buffer; any other count
+/// makes hyper allocate one on the heap per request.
+const HYPER_DEFAULT_MAX_HEADERS: u32 = 100;
+
+/// Locally reset HTTP/2 streams (malformed requests answered with RST_STREAM) a connection
+/// may cause before it gets GOAWAY: bounds the "MadeYouReset" variant of rapid reset
+/// (CVE-2025-8671). hyper's default is 1024; a well-behaved client causes none.
+const H2_MAX_LOCAL_ERROR_RESETS: usize = 200;
+
+/// Streams a client may open and reset before drover accepts them (CVE-2023-44487, rapid
+/// reset). h2's default, written down so that it does not move under us.
+const H2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
+
 /// The hyper server settings for the connections of one listener.
-pub(crate) fn server_builder(_spec: &ListenerSpec) -> auto::Builder<TokioExecutor> {
+///
+/// HTTP/1: a head that does not fit in `max_header_bytes` (hyper's read buffer, at least its
+/// floor of 8 KiB) or that has more than `max_header_count` fields gets 431 from hyper, which
+/// then closes the connection. HTTP/2: `max_header_bytes` is the advertised
+/// SETTINGS_MAX_HEADER_LIST_SIZE, which h2 also uses to bound CONTINUATION frames;
+/// `h2_max_concurrent_streams` is SETTINGS_MAX_CONCURRENT_STREAMS (streams over it get
+/// REFUSED_STREAM). The header count of HTTP/2 requests is checked in `crate::http`.
+pub(crate) fn server_builder(spec: &ListenerSpec) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
+    let header_bytes = spec.max_header_bytes as usize;
     // The watchdog in `serve` owns the header and idle deadlines; hyper's own header timer
     // would also cut idle keep-alive connections at the header deadline.
-    b.http1().keep_alive(true).header_read_timeout(None);
+    let mut h1 = b.http1();
+    h1.keep_alive(true)
+        .header_read_timeout(None)
+        // hyper's floor is 8 KiB; validation keeps smaller settings out.
+        .max_buf_size(header_bytes.max(8192));
+    if spec.max_header_count != HYPER_DEFAULT_MAX_HEADERS {
+        h1.max_headers(spec.max_header_count as usize);
+    }
+    b.http2()
+        .max_concurrent_streams(spec.h2_max_concurrent_streams)
+        .max_header_list_size(spec.max_header_bytes)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS);
     b
 }
 
@@ -174,6 +239,7 @@ pub(crate) struct Accepted {
 pub(crate) struct Deadlines {
     pub request_header: Duration,
     pub idle: Duration,
+    pub send: Duration,
 }
 
 /// What every connection of one listener shares.
@@ -186,6 +252,19 @@ pub(crate) struct Listening {
     pub local: SocketAddr,
     /// Cancelled when the listener is removed or drover shuts down.
     pub drain: CancellationToken,
+}
+
+/// Who a connection is from, once its PROXY header (if any) is read and its TLS handshake (if
+/// any) is done.
+pub(crate) struct Client {
+    /// The client's address: the peer's, or the one its PROXY header carried.
+    pub addr: SocketAddr,
+    /// The address the client connected to: the socket's, or the PROXY header's destination.
+    pub destination: SocketAddr,
+    /// Whether it came over TLS.
+    pub tls: bool,
+    /// Counts it open from its accept on.
+    pub open: Open,
 }
 
 /// Counts a connection as open for as long as it lives.
@@ -214,7 +293,7 @@ impl Drop for Open {
 }
 
 /// Serves a connection until it closes, breaks a deadline, or is drained.
-pub(crate) async fn serve<S>(listening: Listening, stream: S, peer: SocketAddr, accepted: Accepted)
+pub(crate) async fn serve<S>(listening: Listening, stream: S, client: Client, accepted: Accepted)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -223,7 +302,12 @@ where
         server,
         stats: listener,
     } = accepted;
-    let _open = Open::new(&listener);
+    let Client {
+        addr: peer,
+        destination,
+        tls,
+        open: _open,
+    } = client;
     let Listening {
         tables,
         stats,
@@ -233,7 +317,8 @@ where
     } = listening;
     let ip_value =
         |ip: std::net::IpAddr| HeaderValue::from_str(&ip.to_canonical().to_string()).ok();
-    let (Some(client_ip), Some(local_ip)) = (ip_value(peer.ip()), ip_value(local.ip())) else {
+    let (Some(client_ip), Some(local_ip)) = (ip_value(peer.ip()), ip_value(destination.ip()))
+    else {
         return;
     };
     let ctx = Arc::new(ConnCtx {
@@ -246,12 +331,14 @@ where
         client_hash: drover_balance::hash_bytes(client_ip.as_bytes()),
         client_ip,
         local_ip,
+        tls,
         drain: drain.clone(),
         clock: Clock {
             start: Instant::now(),
             in_flight: AtomicU32::new(0),
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(NOT_READING),
+            write_blocked_since: AtomicU64::new(NOT_BLOCKED),
         },
     });
     let io = TokioIo::new(Tracked {
@@ -263,7 +350,10 @@ where
     let conn = server.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
 
-    let check_every = deadlines.request_header.min(deadlines.idle);
+    let check_every = deadlines
+        .request_header
+        .min(deadlines.idle)
+        .min(deadlines.send);
     let watchdog = tokio::time::sleep(check_every);
     tokio::pin!(watchdog);
     let mut draining = false;
@@ -296,18 +386,23 @@ where
 /// How long until the connection's next deadline, or None if one has passed.
 fn next_check(clock: &Clock, d: &Deadlines) -> Option<Duration> {
     let now = clock.now();
-    if clock.in_flight.load(Ordering::Relaxed) > 0 {
-        return Some(d.request_header.min(d.idle));
-    }
     let remaining = |since: u64, limit: Duration| {
         let limit = limit.as_millis() as u64;
         let elapsed = now.saturating_sub(since);
         (elapsed < limit).then(|| Duration::from_millis(limit - elapsed))
     };
-    match clock.head_since.load(Ordering::Relaxed) {
+    let sending = match clock.write_blocked_since.load(Ordering::Relaxed) {
+        NOT_BLOCKED => d.send,
+        since => remaining(since, d.send)?,
+    };
+    if clock.in_flight.load(Ordering::Relaxed) > 0 {
+        return Some(d.request_header.min(d.idle).min(sending));
+    }
+    let next = match clock.head_since.load(Ordering::Relaxed) {
         NOT_READING => remaining(clock.idle_since.load(Ordering::Relaxed), d.idle),
         since => remaining(since, d.request_header),
-    }
+    };
+    next.map(|n| n.min(sending))
 }
 
 #[cfg(test)]
@@ -320,12 +415,14 @@ mod tests {
             in_flight: AtomicU32::new(0),
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(NOT_READING),
+            write_blocked_since: AtomicU64::new(NOT_BLOCKED),
         }
     }
 
     const D: Deadlines = Deadlines {
         request_header: Duration::from_secs(10),
         idle: Duration::from_secs(75),
+        send: Duration::from_secs(60),
     };
 
     #[test]
@@ -355,5 +452,18 @@ mod tests {
         let c = clock();
         c.in_flight.store(1, Ordering::Relaxed);
         assert_eq!(next_check(&c, &D), Some(Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn a_write_blocked_on_a_client_that_does_not_read_expires_even_while_busy() {
+        let c = clock();
+        c.in_flight.store(1, Ordering::Relaxed);
+        c.write_blocked_since.store(95_000, Ordering::Relaxed);
+        let left = next_check(&c, &D).unwrap();
+        assert!(left <= Duration::from_secs(10), "{left:?}");
+        c.write_blocked_since.store(30_000, Ordering::Relaxed);
+        assert_eq!(next_check(&c, &D), None, "blocked for 70 s, limit 60 s");
+        c.write_blocked_since.store(NOT_BLOCKED, Ordering::Relaxed);
+        assert!(next_check(&c, &D).is_some(), "unblocked again");
     }
 }

@@ -19,14 +19,14 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use drover_model::{HashOn, StickyMode};
+use drover_model::{HashOn, ListenerSpec, StickyMode, UnderscoreHeaders};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -189,22 +189,306 @@ impl Drop for Exchange {
     }
 }
 
-async fn proxy(ctx: &ConnCtx, req: Request<Incoming>, ex: &mut Exchange) -> Response<Kind> {
-    let (service, route, rules) = {
+async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>, ex: &mut Exchange) -> Response<Kind> {
+    let (service, route, rules, max_body) = {
         let table = ctx.tables.load();
         let Some(listener) = table.listener(ctx.local) else {
             return error(StatusCode::SERVICE_UNAVAILABLE, "this listener is closing");
         };
-        match listener.route(request_host(&req), req.uri().path()) {
-            Some(r) => (r.service.clone(), r.stats.clone(), r.headers.clone()),
+        if let Err((status, message)) = check_request(&mut req, &listener.spec) {
+            return error(status, message);
+        }
+        let path = match req.uri().path() {
+            // `OPTIONS *` asks about the server as a whole: the route of `/` answers it.
+            "*" => "/",
+            path => path,
+        };
+        match listener.route(request_host(&req), path) {
+            Some(r) => {
+                if let (Some(limit), Some(announced)) = (r.max_request_body, content_length(&req))
+                    && announced > limit
+                {
+                    ex.route = Some(r.stats.clone());
+                    return error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "the request body is larger than this route accepts",
+                    );
+                }
+                (
+                    r.service.clone(),
+                    r.stats.clone(),
+                    r.headers.clone(),
+                    r.max_request_body,
+                )
+            }
             None => return error(StatusCode::NOT_FOUND, "no route for this host and path"),
         }
     };
-    let mut response = route_request(ctx, req, ex, service, route, rules.as_deref()).await;
+    let mut response =
+        route_request(ctx, req, ex, service, route, rules.as_deref(), max_body).await;
     if let Some(rules) = &rules {
         rules.response.apply(response.headers_mut());
     }
     response
+}
+
+/// Why a request is refused before it is routed.
+type Refusal = (StatusCode, &'static str);
+
+/// The checks a request passes before it is routed, on top of hyper's (which answers 400 to
+/// malformed heads, obs-fold, invalid or differing Content-Lengths, Transfer-Encoding in
+/// HTTP/1.0 or not ending in `chunked`, and 431 to heads over the buffer or the header count):
+/// - request target: CONNECT is refused (drover is no forward proxy), `*` is for OPTIONS
+///   only, an absolute-form target must be http or https, and a path must not hold dot
+///   segments (`.`, `..`, also percent-encoded) or encoded slashes or backslashes, or
+///   backslashes; everything else is forwarded byte for byte as it was matched;
+/// - framing: a Transfer-Encoding must be exactly `chunked`, once (hyper takes
+///   `chunked, chunked` and `gzip, chunked`);
+/// - limits: HTTP/2 header counts (hyper counts HTTP/1 ones), and HTTP/1 heads under hyper's
+///   8 KiB buffer floor;
+/// - header names with an underscore, per the listener's `underscores_in_headers`.
+fn check_request<B>(req: &mut Request<B>, spec: &ListenerSpec) -> Result<(), Refusal> {
+    check_target(req)?;
+    let headers = req.headers();
+    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = te.next()
+        && (te.next().is_some() || !first.as_bytes().eq_ignore_ascii_case(b"chunked"))
+    {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "a Transfer-Encoding other than chunked",
+        ));
+    }
+    if req.version() == Version::HTTP_2 && headers.len() > spec.max_header_count as usize {
+        return Err((
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "too many header fields",
+        ));
+    }
+    if spec.max_header_bytes < HYPER_MIN_BUF && req.version() < Version::HTTP_2 {
+        // hyper's read buffer cannot be smaller than 8 KiB: count smaller limits here.
+        let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+        let fields: usize = headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum();
+        if line + fields + 2 > spec.max_header_bytes as usize {
+            return Err((
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "the request head is too large",
+            ));
+        }
+    }
+    match spec.underscores_in_headers {
+        UnderscoreHeaders::Allow => {}
+        policy => {
+            if headers.keys().any(|n| n.as_str().contains('_')) {
+                if policy == UnderscoreHeaders::Reject {
+                    return Err((StatusCode::BAD_REQUEST, "a header name with an underscore"));
+                }
+                let names: Vec<HeaderName> = headers
+                    .keys()
+                    .filter(|n| n.as_str().contains('_'))
+                    .cloned()
+                    .collect();
+                for name in names {
+                    req.headers_mut().remove(name);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Watches a request body on its way upstream (`forward::Upload` passes each frame through
+/// it): counts it against its route's `max_request_body`, and remembers why it broke off, so
+/// that the client is told 413 or 400 rather than the 502 of an aborted upstream request.
+pub(crate) struct BodyWatch {
+    /// Bytes still allowed; `u64::MAX` without a limit.
+    remaining: AtomicU64,
+    state: AtomicU8,
+}
+
+const BODY_OK: u8 = 0;
+const BODY_OVER_LIMIT: u8 = 1;
+const BODY_BROKEN: u8 = 2;
+
+/// The error an upload ends with when it goes over its limit.
+#[derive(Debug)]
+struct OverLimit;
+
+impl std::fmt::Display for OverLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body is larger than its route accepts")
+    }
+}
+
+impl std::error::Error for OverLimit {}
+
+impl BodyWatch {
+    fn new(limit: Option<u64>) -> Self {
+        Self {
+            remaining: AtomicU64::new(limit.unwrap_or(u64::MAX)),
+            state: AtomicU8::new(BODY_OK),
+        }
+    }
+
+    /// Passes one poll of the client's body through.
+    pub(crate) fn pass(
+        &self,
+        polled: Poll<Option<Result<Frame<Bytes>, hyper::Error>>>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    let left = self.remaining.load(Ordering::Relaxed);
+                    if len > left {
+                        self.state.store(BODY_OVER_LIMIT, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(Box::new(OverLimit))));
+                    }
+                    self.remaining.store(left - len, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.state.store(BODY_BROKEN, Ordering::Relaxed);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// The answer the client gets instead of the upstream's, if its body broke off.
+    fn refusal(&self) -> Option<Refusal> {
+        match self.state.load(Ordering::Relaxed) {
+            BODY_OVER_LIMIT => Some((
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "the request body is larger than this route accepts",
+            )),
+            BODY_BROKEN => Some((
+                StatusCode::BAD_REQUEST,
+                "the request body is malformed or was cut off",
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// hyper's smallest HTTP/1 read buffer, which bounds a request head.
+const HYPER_MIN_BUF: u32 = 8192;
+
+/// The request-target rules of [`check_request`].
+fn check_target<B>(req: &Request<B>) -> Result<(), Refusal> {
+    if req.method() == Method::CONNECT {
+        return Err((
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not served: drover is not a forward proxy",
+        ));
+    }
+    let uri = req.uri();
+    if let Some(scheme) = uri.scheme_str()
+        && scheme != "http"
+        && scheme != "https"
+    {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "a request target of another scheme",
+        ));
+    }
+    let path = uri.path();
+    if path == "*" {
+        return if req.method() == Method::OPTIONS {
+            Ok(())
+        } else {
+            Err((StatusCode::BAD_REQUEST, "the target * is for OPTIONS only"))
+        };
+    }
+    if !path.starts_with('/') {
+        return Err((StatusCode::BAD_REQUEST, "a request path must start with /"));
+    }
+    if !path_is_plain(path) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "a request path with a dot segment, an encoded slash or a backslash",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a path has no dot segment (`.` or `..`, plain or percent-encoded), no `%2F` or
+/// `%5C`, and no backslash: the paths that every upstream reads as drover matched them.
+#[doc(hidden)]
+pub fn path_is_plain(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    if bytes.contains(&b'\\') {
+        return false;
+    }
+    let mut i = 0;
+    while let Some(at) = bytes[i..].iter().position(|&b| b == b'%') {
+        let at = i + at;
+        if let Some(code) = bytes.get(at + 1..at + 3)
+            && (code.eq_ignore_ascii_case(b"2f") || code.eq_ignore_ascii_case(b"5c"))
+        {
+            return false;
+        }
+        i = at + 1;
+    }
+    path.split('/').all(|segment| !is_dot_segment(segment))
+}
+
+/// `.` or `..`, with any dot written `%2e`.
+fn is_dot_segment(segment: &str) -> bool {
+    let mut rest = segment.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() {
+        if rest[0] == b'.' {
+            rest = &rest[1..];
+        } else if rest.len() >= 3 && rest[..3].eq_ignore_ascii_case(b"%2e") {
+            rest = &rest[3..];
+        } else {
+            return false;
+        }
+        dots += 1;
+        if dots > 2 {
+            return false;
+        }
+    }
+    dots > 0
+}
+
+/// The Content-Length a request announced (hyper has checked that it is one valid number).
+fn content_length<B>(req: &Request<B>) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Whether an upstream response's framing is unambiguous. hyper refuses differing
+/// Content-Lengths and bad chunk sizes itself, but takes identical repeated Content-Lengths,
+/// and a Content-Length beside Transfer-Encoding (it reads the chunks, and the
+/// Transfer-Encoding is then removed as hop-by-hop, leaving a length that is not the body's).
+fn upstream_framing_ok(head: bool, response: &Response<Kind>) -> bool {
+    let Kind::Upstream(body) = response.body() else {
+        return true;
+    };
+    let mut lengths = response.headers().get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = lengths.next() else {
+        return true;
+    };
+    if lengths.next().is_some() {
+        return false;
+    }
+    let status = response.status();
+    if head || status == StatusCode::NOT_MODIFIED || status.is_informational() {
+        return true;
+    }
+    let announced = first.to_str().ok().and_then(|v| v.parse::<u64>().ok());
+    announced.is_some() && body.body.size_hint().exact() == announced
 }
 
 /// Forwards a request that `route` took to `service`, with the route's request header rules.
@@ -215,6 +499,7 @@ async fn route_request(
     service: Arc<Service>,
     route: Arc<RouteStats>,
     rules: Option<&HeaderRules>,
+    max_body: Option<u64>,
 ) -> Response<Kind> {
     ex.route = Some(route.clone());
     if service.endpoints.is_empty() {
@@ -232,6 +517,13 @@ async fn route_request(
     if let Some(rules) = rules {
         rules.request.apply(req.headers_mut());
     }
+    let head = req.method() == Method::HEAD;
+    // A body that streams is watched for the route's limit and for client framing errors.
+    let watch = (!req.body().is_end_stream()).then(|| {
+        let w = Arc::new(BodyWatch::new(max_body));
+        req.extensions_mut().insert(w.clone());
+        w
+    });
     let forwarded = match upgrade {
         Some(protocol) => {
             crate::upgrade::forward(ctx, &service, &route, req, protocol, &affinity).await
@@ -244,6 +536,16 @@ async fn route_request(
         log.attempts = forwarded.attempts;
     }
     let (mut response, chosen) = (forwarded.response, forwarded.chosen);
+    if let Some((status, message)) = watch.as_deref().and_then(BodyWatch::refusal) {
+        return error(status, message);
+    }
+    if !upstream_framing_ok(head, &response) {
+        // Dropping the upstream body closes its connection: it never goes back to the pool.
+        return error(
+            StatusCode::BAD_GATEWAY,
+            "the upstream sent a response with conflicting framing",
+        );
+    }
     if let Some((encoding, spec)) = compression {
         response = crate::compress::maybe(response, encoding, spec);
     }
@@ -298,14 +600,17 @@ fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
         })
 }
 
-/// The host a request is for, without its port: the Host header, or for HTTP/2 the
-/// `:authority`.
+/// The host a request is for, without its port: the authority of an absolute-form target
+/// or of an HTTP/2 request, which RFC 9112 section 3.2.2 puts before the Host header, else
+/// the Host header.
 fn request_host<B>(req: &Request<B>) -> &str {
+    if let Some(a) = req.uri().authority() {
+        return a.host();
+    }
     let raw = req
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()))
         .unwrap_or("");
     strip_port(raw)
 }
@@ -322,12 +627,12 @@ fn strip_port(host: &str) -> &str {
 /// connection headers removed, forwarding headers added (HAProxy's `forwardfor` and
 /// `originalto`).
 fn prepare_upstream_request(req: &mut Request<Incoming>, ctx: &ConnCtx) {
-    if req.headers().get(header::HOST).is_none()
-        && let Some(value) = req
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    {
+    // The host routed on goes upstream: an absolute-form target's authority replaces the
+    // Host header (without any userinfo).
+    if let Some(value) = req.uri().authority().and_then(|a| {
+        let hostport = a.as_str().rsplit_once('@').map_or(a.as_str(), |(_, h)| h);
+        HeaderValue::from_str(hostport).ok()
+    }) {
         req.headers_mut().insert(header::HOST, value);
     }
     if req.uri().scheme().is_some() || req.uri().authority().is_some() {
@@ -352,7 +657,8 @@ fn prepare_upstream_request(req: &mut Request<Incoming>, ctx: &ConnCtx) {
         }
     };
     headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    let proto = if ctx.tls { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     if let Some(host) = headers.get(header::HOST).cloned() {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
@@ -417,27 +723,61 @@ pub(crate) enum Kind {
     Full(Full<Bytes>),
 }
 
-/// An upstream response body; gives its connection back to the pool once read to the end.
+/// An upstream response body, trailers included; gives its HTTP/1.1 connection back to the
+/// pool once read to the end.
 pub(crate) struct UpstreamBody {
     body: Incoming,
-    sender: Option<Sender>,
+    /// The HTTP/1.1 connection and the `Upstream::id` that opened it; None when shared
+    /// (HTTP/2) or never pooled.
+    sender: Option<(Sender, u64)>,
     max_idle: usize,
     in_flight: InFlight,
+    /// The body returned its end. A chunked HTTP/1.1 body cannot tell its end before that.
+    done: bool,
 }
 
 impl UpstreamBody {
+    /// A body whose connection is never pooled (`max_idle` 0) or pooled as opened by no
+    /// current service settings.
     pub(crate) fn new(
         body: Incoming,
         sender: Sender,
         max_idle: usize,
         in_flight: InFlight,
     ) -> Self {
+        Self::pooled(body, sender, 0, max_idle, in_flight)
+    }
+
+    /// A body whose HTTP/1.1 connection goes back to the pool at its end.
+    pub(crate) fn pooled(
+        body: Incoming,
+        sender: Sender,
+        upstream: u64,
+        max_idle: usize,
+        in_flight: InFlight,
+    ) -> Self {
         Self {
             body,
-            sender: Some(sender),
+            sender: Some((sender, upstream)),
             max_idle,
             in_flight,
+            done: false,
         }
+    }
+
+    /// A body on a shared HTTP/2 connection.
+    pub(crate) fn unpooled(body: Incoming, in_flight: InFlight) -> Self {
+        Self {
+            body,
+            sender: None,
+            max_idle: 0,
+            in_flight,
+            done: false,
+        }
+    }
+
+    fn ended(&self) -> bool {
+        self.done || self.body.is_end_stream()
     }
 }
 
@@ -449,11 +789,17 @@ impl Body for UpstreamBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        // Data, then trailers (HTTP/2, or a chunked HTTP/1.1 body's), then the end.
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            this.done = true;
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.ended()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -463,10 +809,12 @@ impl Body for UpstreamBody {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        if self.body.is_end_stream()
-            && let Some(sender) = self.sender.take()
+        if self.ended()
+            && let Some((sender, upstream)) = self.sender.take()
         {
-            self.in_flight.endpoint().checkin(sender, self.max_idle);
+            self.in_flight
+                .endpoint()
+                .checkin(sender, upstream, self.max_idle);
         }
     }
 }
@@ -485,7 +833,7 @@ impl Body for ResponseBody {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             Kind::Full(f) => Pin::new(f).poll_frame(cx).map_err(|never| match never {}),
-            Kind::Upstream(u) => Pin::new(&mut u.body).poll_frame(cx).map_err(Into::into),
+            Kind::Upstream(u) => Pin::new(u).poll_frame(cx).map_err(Into::into),
             Kind::Compressed(c) => c.as_mut().poll_frame(cx).map_err(Into::into),
         };
         let ended = match &polled {
@@ -524,15 +872,186 @@ impl ResponseBody {
     fn kind_ended(&self) -> bool {
         match &self.kind {
             Kind::Full(f) => f.is_end_stream(),
-            Kind::Upstream(u) => u.body.is_end_stream(),
+            Kind::Upstream(u) => u.ended(),
             Kind::Compressed(c) => c.is_end_stream(),
         }
     }
 }
 
+/// Route matching for fuzzing and its corpus replay: every line of `data` but the last is a
+/// route `HOST PREFIX` (`-` for any host) on a default listener, the last is a request
+/// `HOST PATH`. The table is built only from configurations that validate, as drover does.
+/// Returns whether a route matched.
+#[doc(hidden)]
+pub fn fuzz_route(data: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(data);
+    let mut lines: Vec<&str> = text.lines().collect();
+    let Some(request) = lines.pop() else {
+        return false;
+    };
+    let addr: SocketAddr = ([127, 0, 0, 1], 8080).into();
+    let mut config = drover_model::Config::embedded_default(addr);
+    for line in lines.iter().take(64) {
+        let mut parts = line.splitn(2, ' ');
+        let host = parts.next().filter(|h| *h != "-").map(str::to_string);
+        config.routes.push(drover_model::RouteSpec {
+            host,
+            path_prefix: parts.next().map(str::to_string),
+            ..drover_model::RouteSpec::new("default", "default")
+        });
+    }
+    if drover_model::validate(&config).is_err() {
+        return false;
+    }
+    let effective = Arc::new(drover_model::Effective {
+        config,
+        ..Default::default()
+    });
+    let mut builder = crate::table::TableBuilder::default();
+    let Ok(built) = builder.build(&effective) else {
+        return false;
+    };
+    let table = builder.commit(built);
+    let (host, path) = request.split_once(' ').unwrap_or((request, "/"));
+    let _ = path_is_plain(path);
+    table
+        .listener(addr)
+        .is_some_and(|l| l.route(host, path).is_some())
+}
+
+/// The HTTP/1 front end without a network, for fuzzing and its corpus replay: `input` is fed
+/// as a client's bytes to hyper with a default listener's settings ([`server_builder`]), and
+/// each request goes through drover's checks and routing (to a service with no endpoints, so
+/// nothing is forwarded). Returns what the client would read back.
+///
+/// [`server_builder`]: crate::conn::server_builder
+#[doc(hidden)]
+pub async fn fuzz_front_end(input: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr: SocketAddr = ([127, 0, 0, 1], 8080).into();
+    let config = drover_model::Config::embedded_default(addr);
+    let effective = Arc::new(drover_model::Effective {
+        config,
+        ..Default::default()
+    });
+    let mut builder = crate::table::TableBuilder::default();
+    let Ok(built) = builder.build(&effective) else {
+        return Vec::new();
+    };
+    let table = Arc::new(builder.commit(built));
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    let Some(listener) = table.listener(addr) else {
+        return Vec::new();
+    };
+    // The listener's settings, and half-close: the input ends with EOF, after which hyper
+    // still answers the requests it has read.
+    let mut settings = (*listener.server).clone();
+    settings.http1().half_close(true);
+    let answer = |status: StatusCode, message: &'static str| {
+        let mut r = Response::new(Full::new(Bytes::from(message)));
+        *r.status_mut() = status;
+        Ok::<_, Infallible>(r)
+    };
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let table = table.clone();
+        async move {
+            let Some(listener) = table.listener(addr) else {
+                return answer(StatusCode::SERVICE_UNAVAILABLE, "closing");
+            };
+            if let Err((status, message)) = check_request(&mut req, &listener.spec) {
+                return answer(status, message);
+            }
+            let path = match req.uri().path() {
+                "*" => "/",
+                path => path,
+            };
+            match listener.route(request_host(&req), path) {
+                Some(r) if r.service.endpoints.is_empty() => {
+                    answer(StatusCode::SERVICE_UNAVAILABLE, "no endpoints")
+                }
+                Some(_) => answer(StatusCode::OK, "routed"),
+                None => answer(StatusCode::NOT_FOUND, "no route"),
+            }
+        }
+    });
+    let conn = tokio::spawn(async move {
+        let io = hyper_util::rt::TokioIo::new(server);
+        let _ = settings.serve_connection_with_upgrades(io, service).await;
+    });
+    let _ = client.write_all(input).await;
+    let _ = client.shutdown().await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.read_to_end(&mut out)).await;
+    conn.abort();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_with_dot_segments_or_encoded_separators_are_not_plain() {
+        for bad in [
+            "/..",
+            "/a/..",
+            "/a/../b",
+            "/./a",
+            "/a/.",
+            "/%2e%2e/a",
+            "/%2E./a",
+            "/.%2e",
+            "/%2e",
+            "/a%2fb",
+            "/a%2Fb",
+            "/a%5cb",
+            "/a%5Cb",
+            "/a\\b",
+        ] {
+            assert!(!path_is_plain(bad), "{bad}");
+        }
+        for good in [
+            "/",
+            "//a//",
+            "/a/...",
+            "/a/.b",
+            "/a/b.",
+            "/a..b",
+            "/%2e%2e%2e",
+            "/%2",
+            "/a%",
+            "/%41",
+            "/a%252fb",
+        ] {
+            assert!(path_is_plain(good), "{good}");
+        }
+    }
+
+    #[test]
+    fn a_transfer_encoding_must_be_one_chunked() {
+        let spec = ListenerSpec::new(
+            "l",
+            ([127, 0, 0, 1], 1).into(),
+            drover_model::Protocol::Http,
+        );
+        let check = |te: &[&str]| {
+            let mut b = Request::post("/");
+            for v in te {
+                b = b.header("transfer-encoding", *v);
+            }
+            check_request(&mut b.body(()).unwrap(), &spec).map_err(|r| r.0)
+        };
+        assert_eq!(check(&[]), Ok(()));
+        assert_eq!(check(&["chunked"]), Ok(()));
+        assert_eq!(check(&["Chunked"]), Ok(()));
+        for bad in [
+            &["chunked", "chunked"][..],
+            &["gzip, chunked"],
+            &["chunked, chunked"],
+        ] {
+            assert_eq!(check(bad), Err(StatusCode::BAD_REQUEST), "{bad:?}");
+        }
+    }
 
     #[test]
     fn ports_are_stripped_from_hosts() {

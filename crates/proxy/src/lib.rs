@@ -27,10 +27,14 @@ pub mod proxy_protocol;
 mod stats;
 pub mod table;
 mod tcp;
+mod tls;
 mod upgrade;
+mod upstream;
 
 pub use access::AccessLog;
 pub use health::Report as HealthReport;
+#[doc(hidden)]
+pub use http::{fuzz_front_end, fuzz_route, path_is_plain};
 pub use listener::{Proxy, ProxyHandle};
 pub use pool::EndpointState;
 pub use stats::{CODE_CLASSES, CodeCounters, ListenerStats, RouteStats, ServiceStats, Stats};
