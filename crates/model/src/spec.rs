@@ -153,6 +153,10 @@ pub struct ListenerSpec {
     /// 75 s, nginx's `keepalive_timeout`.
     #[serde(default = "defaults::idle_timeout")]
     pub idle_timeout: Duration,
+    /// How long a write to the client may stay blocked because the client reads nothing,
+    /// before the connection is closed. 60 s, nginx's `send_timeout`.
+    #[serde(default = "defaults::send_timeout")]
+    pub send_timeout: Duration,
     /// Terminates TLS, choosing the certificate by SNI. Off: clear text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ListenerTls>,
@@ -187,6 +191,7 @@ impl ListenerSpec {
             max_connections: defaults::max_connections(),
             request_header_timeout: defaults::request_header_timeout(),
             idle_timeout: defaults::idle_timeout(),
+            send_timeout: defaults::send_timeout(),
             tls: None,
             proxy_protocol_from: Vec::new(),
             max_header_count: crate::protocols::defaults::max_header_count(),
@@ -560,6 +565,9 @@ pub mod defaults {
     }
     pub fn idle_timeout() -> Duration {
         Duration::from_secs(75)
+    }
+    pub fn send_timeout() -> Duration {
+        Duration::from_secs(60)
     }
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(5)

@@ -101,6 +101,7 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
             l.request_header_timeout,
         );
         positive(&mut err, p.clone().key("idle_timeout"), l.idle_timeout);
+        positive(&mut err, p.clone().key("send_timeout"), l.send_timeout);
         check_limits(&mut err, &p, l);
     }
     if config.global.max_connections == 0 {
@@ -134,20 +135,46 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
                 ),
             );
         }
+        if let Some(s) = config.services.get(&r.service)
+            && tcp.contains(r.listener.as_str())
+        {
+            let http_only = [
+                ("tls", s.tls.is_some()),
+                (
+                    "upstream_protocol",
+                    s.upstream_protocol != Default::default(),
+                ),
+            ];
+            for (field, set) in http_only {
+                if set {
+                    err(
+                        path("services").key(&r.service).key(field),
+                        format!(
+                            "applies to HTTP listeners only, but TCP listener {:?} routes to this service; leave {field} out, or pass TLS through untouched",
+                            r.listener
+                        ),
+                    );
+                }
+            }
+        }
+        // A TCP listener routes by the TLS server name (SNI) alone: routes with distinct hosts,
+        // and at most one without, for every other name.
         if let Some(name) = tcp.get(r.listener.as_str()).copied() {
-            if r.host.is_some() || r.path_prefix.is_some() {
+            if r.path_prefix.is_some() {
                 err(
-                    p.clone(),
+                    p.clone().key("path_prefix"),
                     format!(
-                        "listener {name:?} is a TCP listener, which sees no host or path: leave host and path_prefix out"
+                        "listener {name:?} is a TCP listener, which sees no path: leave path_prefix out (a TCP route may have a host, matched against the TLS server name)"
                     ),
                 );
             }
-            if let Some(first) = tcp_routes.insert(name, i) {
+            if r.host.is_none()
+                && let Some(first) = tcp_routes.insert(name, i)
+            {
                 err(
-                    p.clone().key("listener"),
+                    p.clone().key("host"),
                     format!(
-                        "TCP listener {name:?} already sends everything to routes[{first}]'s service; a TCP listener has one route"
+                        "TCP listener {name:?} already sends connections for any server name to routes[{first}]'s service; give one of them a host (matched against the TLS server name)"
                     ),
                 );
             }
@@ -229,14 +256,24 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
 
 /// Checks a listener's TLS settings and its limits on what clients send.
 fn check_limits(err: &mut impl FnMut(FieldPath, String), p: &FieldPath, l: &ListenerSpec) {
-    if let Some(tls) = &l.tls
-        && tls.certificates.is_empty()
-    {
-        err(
-            p.clone().key("tls").key("certificates"),
-            "needs at least one certificate, such as [{ cert = \"site.pem\", key = \"site.key\" }]"
-                .into(),
-        );
+    if let Some(tls) = &l.tls {
+        if tls.certificates.is_empty() {
+            err(
+                p.clone().key("tls").key("certificates"),
+                "needs at least one certificate, such as [{ cert = \"site.pem\", key = \"site.key\" }]"
+                    .into(),
+            );
+        }
+        for (i, files) in tls.certificates.iter().enumerate() {
+            for (field, path) in [("cert", &files.cert), ("key", &files.key)] {
+                if path.as_os_str().is_empty() {
+                    err(
+                        p.clone().key("tls").key("certificates").index(i).key(field),
+                        "must name a PEM file, such as \"/etc/drover/site.pem\"".into(),
+                    );
+                }
+            }
+        }
     }
     for (field, value, least) in [
         ("max_header_count", l.max_header_count, 1),
@@ -345,6 +382,27 @@ pub fn check_service(err: &mut impl FnMut(FieldPath, String), p: &FieldPath, s: 
             }
         }
     }
+    if let Some(tls) = &s.tls {
+        let tp = p.clone().key("tls");
+        if let Some(ca) = &tls.ca
+            && ca.as_os_str().is_empty()
+        {
+            err(
+                tp.clone().key("ca"),
+                "is empty: give the path of a PEM bundle of CA certificates, or leave ca out to use the system's roots".into(),
+            );
+        }
+        if let Some(name) = &tls.server_name
+            && !is_dns_name(name)
+        {
+            err(
+                tp.key("server_name"),
+                format!(
+                    "{name:?} is not a valid DNS name: write one such as \"api.example.com\", or leave server_name out to verify the endpoint's IP address"
+                ),
+            );
+        }
+    }
     let mut addrs: BTreeMap<SocketAddr, usize> = BTreeMap::new();
     for (j, e) in s.endpoints.iter().enumerate() {
         let ep = p.clone().key("endpoints").index(j);
@@ -364,6 +422,24 @@ pub fn check_service(err: &mut impl FnMut(FieldPath, String), p: &FieldPath, s: 
             );
         }
     }
+}
+
+/// Whether `name` is a DNS name a certificate can be checked against: dot-separated labels
+/// of letters, digits and inner hyphens, 63 bytes each, 253 in all, and not an IP address.
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.parse::<std::net::IpAddr>().is_err()
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 /// Headers that frame a message or describe its connection: drover sets them, rules may not.
@@ -500,6 +576,19 @@ mod tests {
     }
 
     #[test]
+    fn upstream_tls_and_http2_are_refused_behind_a_tcp_listener() {
+        let mut c = base();
+        c.listeners[0].protocol = Protocol::Tcp;
+        let service = c.services.get_mut("default").unwrap();
+        service.tls = Some(Default::default());
+        service.upstream_protocol = crate::UpstreamProtocol::Http2;
+        let m = messages(&c);
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert!(m[0].starts_with("services.default.tls: applies to HTTP listeners only"));
+        assert!(m[1].starts_with("services.default.upstream_protocol: applies to HTTP"));
+    }
+
+    #[test]
     fn a_route_to_a_missing_service_names_the_field_and_the_choices() {
         let mut c = base();
         c.routes[0].service = "api".into();
@@ -587,5 +676,70 @@ mod tests {
                 "services.web.endpoints[1].address",
             ]
         );
+    }
+
+    #[test]
+    fn tcp_routes_have_distinct_hosts_one_fallback_and_no_path() {
+        let mut c = base();
+        c.listeners.push(ListenerSpec::new(
+            "tls",
+            "127.0.0.1:8443".parse().unwrap(),
+            Protocol::Tcp,
+        ));
+        let route = |host: Option<&str>| RouteSpec {
+            host: host.map(String::from),
+            ..RouteSpec::new("tls", "default")
+        };
+        c.routes.push(route(Some("a.example.com")));
+        c.routes.push(route(Some("*.example.com")));
+        c.routes.push(route(None));
+        validate(&c).unwrap();
+        c.routes.push(route(None));
+        c.routes.push(RouteSpec {
+            path_prefix: Some("/x".into()),
+            ..route(Some("b.example.com"))
+        });
+        let m = messages(&c);
+        assert!(
+            m.iter().any(|e| e.starts_with(
+                "routes[4].host: TCP listener \"tls\" already sends connections for any server name to routes[3]"
+            )),
+            "{m:?}"
+        );
+        assert!(
+            m.iter().any(|e| e.starts_with(
+                "routes[5].path_prefix: listener \"tls\" is a TCP listener, which sees no path"
+            )),
+            "{m:?}"
+        );
+    }
+
+    #[test]
+    fn upstream_tls_needs_a_dns_server_name_and_a_ca_path() {
+        let mut c = base();
+        let tls = |ca: &str, name: &str| ServiceSpec {
+            tls: Some(crate::UpstreamTls {
+                ca: Some(ca.into()),
+                server_name: Some(name.into()),
+            }),
+            ..Default::default()
+        };
+        c.services
+            .insert("good".into(), tls("/etc/ca.pem", "api.example.com"));
+        validate(&c).unwrap();
+        c.services.insert("bad".into(), tls("", "not a name"));
+        c.services.insert("ip".into(), tls("/ca.pem", "10.0.0.1"));
+        let m = messages(&c);
+        let fields: Vec<&str> = m.iter().map(|s| s.split(':').next().unwrap()).collect();
+        assert_eq!(
+            fields,
+            [
+                "services.bad.tls.ca",
+                "services.bad.tls.server_name",
+                "services.ip.tls.server_name",
+            ],
+            "{m:?}"
+        );
+        assert!(m[1].contains("\"api.example.com\""), "{m:?}");
     }
 }
