@@ -677,21 +677,40 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<Vec<u8>> {
 }
 
 /// Removes hop-by-hop headers and every header the Connection header names.
+///
+/// Most messages carry none of them, or only `Connection: keep-alive`, so one walk over the
+/// names (no hashing) finds which are there, and only those are removed.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
+    let list = hop_by_hop();
+    let mut present = [false; 9];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = list.iter().position(|h| *h == name) {
+            present[i] = true;
+            any = true;
+        }
+    }
+    if !any {
+        return;
+    }
+    // `present[0]` is Connection: the headers its tokens name go too. `close` and
+    // `keep-alive` are options, not header names (Keep-Alive is in the list anyway).
+    if present[0] {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|n| !n.eq_ignore_ascii_case("close") && !n.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
             .collect();
         for name in named {
             headers.remove(name);
         }
     }
-    for name in hop_by_hop() {
-        headers.remove(name);
+    for (name, _) in list.iter().zip(present).filter(|(_, p)| *p) {
+        headers.remove(*name);
     }
 }
 
