@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Profile drover under the benchmark's centre scenario (64 keep-alive
+connections, 1 KiB bodies, drover alone on CPU 0 with one worker).
+
+    python3 bench/profile.py perf [SECONDS]        # perf record (cpu-clock), default 10 s
+    python3 bench/profile.py callgrind [SECONDS]   # valgrind callgrind, default 20 s
+    python3 bench/profile.py massif [CONNS]        # valgrind massif: the heap with CONNS
+                                                   # idle keep-alive connections (default 1000)
+    python3 bench/profile.py syscalls [SECONDS]    # strace -c: syscalls per request,
+                                                   # drover, nginx and HAProxy (default 5 s)
+
+Uses the origin and drover config of bench/bench.py and the release binary
+(DROVER_BIN, default target/release/drover; build it with debug info for
+symbols: the workspace's release profile has it). Writes to
+bench/results/tmp/profile/ and prints the top of the report.
+perf needs only the software cpu-clock event, so it works in VMs without
+hardware counters; callgrind counts instructions, user space only.
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402
+
+OUT = os.path.join(bench.TMP, "profile")
+
+
+def syscalls(secs):
+    """Syscalls per request for each proxy, counted by strace -c over one wrk run.
+    strace slows the proxy down; the counts per request are what matter."""
+    rows = {}
+    sc = bench.scenario(64, "1k")
+    for name in ("drover", "nginx", "haproxy"):
+        proc, err = bench.start_proxy(name, 1, str(bench.PROXY_CPU))
+        if err:
+            print(f"{name}: {err}")
+            continue
+        try:
+            bench.run_tool(bench.load_cmd(sc, name, 1, str(bench.LOAD_CPU)),
+                           os.path.join(OUT, "warmup.txt"), 60)
+            pids = bench.proc_tree(proc.pid)
+            worker = pids[-1]  # nginx: the worker; the others: the process itself
+            out = os.path.join(OUT, f"strace-{name}.txt")
+            st = subprocess.Popen(["strace", "-c", "-f", "-o", out, "-p", str(worker)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1)
+            text = bench.run_tool(bench.load_cmd(sc, name, secs, str(bench.LOAD_CPU)),
+                                  os.path.join(OUT, f"wrk-strace-{name}.txt"), secs + 60)
+            time.sleep(0.5)
+            st.send_signal(2)
+            st.wait(30)
+            reqs = bench.report.parse_wrk(text)["requests"] or 1
+            calls = {}
+            with open(out) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+                        calls[parts[-1]] = int(parts[3])
+            rows[name] = {k: v / reqs for k, v in calls.items()}
+            rows[name]["_total"] = sum(calls.values()) / reqs
+        finally:
+            proc.stop()
+            bench.wait_port_free(bench.LISTEN_PORT)
+    names = sorted({k for r in rows.values() for k in r},
+                   key=lambda k: -max(r.get(k, 0) for r in rows.values()))
+    print("| syscall per request | " + " | ".join(rows) + " |")
+    print("|---|" + "---:|" * len(rows))
+    for k in names:
+        if max(r.get(k, 0) for r in rows.values()) >= 0.05:
+            print(f"| {k.strip('_')} | " + " | ".join(f"{r.get(k, 0):.2f}" for r in rows.values()) + " |")
+
+
+def main():
+    tool = sys.argv[1] if len(sys.argv) > 1 else "perf"
+    if tool == "syscalls":
+        os.makedirs(OUT, exist_ok=True)
+        os.sched_setaffinity(0, {bench.LOAD_CPU})
+        origin = bench.Proc("origin", ["nginx", "-p", bench.TMP, "-e",
+                                       f"{bench.TMP}/origin-error.log", "-c", bench.write_origin()],
+                            str(bench.LOAD_CPU))
+        try:
+            err = bench.wait_ready(bench.ORIGIN_PORT, origin, 10)
+            if err:
+                raise SystemExit(f"origin: {err}")
+            syscalls(int(sys.argv[2]) if len(sys.argv) > 2 else 5)
+        finally:
+            bench.stop_all()
+        return
+    secs = int(sys.argv[2]) if len(sys.argv) > 2 else (10 if tool == "perf" else 20)
+    os.makedirs(OUT, exist_ok=True)
+    os.sched_setaffinity(0, {bench.LOAD_CPU})
+    origin = bench.Proc("origin", ["nginx", "-p", bench.TMP, "-e", f"{bench.TMP}/origin-error.log",
+                                   "-c", bench.write_origin()], str(bench.LOAD_CPU))
+    try:
+        err = bench.wait_ready(bench.ORIGIN_PORT, origin, 10)
+        if err:
+            raise SystemExit(f"origin: {err}")
+        if tool == "massif":
+            conns = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
+            wrapper = ["valgrind", "--tool=massif", "--threshold=0.2", "--max-snapshots=40",
+                       f"--massif-out-file={OUT}/massif.out"]
+            proc, err = bench.start_proxy("drover", 1, str(bench.PROXY_CPU), wrapper,
+                                          ready_timeout=120)
+            if err:
+                raise SystemExit(f"drover: {err}")
+            import resource
+            resource.setrlimit(resource.RLIMIT_NOFILE, (conns + 500, max(conns + 500,
+                               resource.getrlimit(resource.RLIMIT_NOFILE)[1])))
+            socks = bench.hold_idle(conns)
+            time.sleep(3)
+            proc.stop()
+            for s_ in socks:
+                s_.close()
+            with open(f"{OUT}/massif.txt", "w") as f:
+                subprocess.run(["ms_print", f"{OUT}/massif.out"], stdout=f)
+            print(f"massif report: {OUT}/massif.txt")
+            return
+        if tool == "callgrind":
+            wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={OUT}/callgrind.out",
+                       "--dump-instr=no", "--collect-jumps=no"]
+        elif tool == "perf":
+            wrapper = []
+        else:
+            raise SystemExit("tool: perf or callgrind")
+        proc, err = bench.start_proxy("drover", 1, str(bench.PROXY_CPU), wrapper, ready_timeout=120)
+        if err:
+            raise SystemExit(f"drover: {err}")
+        sc = bench.scenario(64, "1k")
+        bench.run_tool(bench.load_cmd(sc, "drover", 2, str(bench.LOAD_CPU)),
+                       os.path.join(OUT, "warmup.txt"), 60)
+        perf = None
+        if tool == "perf":
+            perf = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "1999",
+                                     "--call-graph", "dwarf,16384", "-o", f"{OUT}/perf.data",
+                                     "-p", str(proc.pid)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+        text = bench.run_tool(bench.load_cmd(sc, "drover", secs, str(bench.LOAD_CPU)),
+                              os.path.join(OUT, "wrk.txt"), secs + 120)
+        print(text, file=sys.stderr)
+        if perf:
+            perf.send_signal(2)
+            perf.wait(120)
+        proc.stop()  # callgrind writes its output as drover exits
+    finally:
+        bench.stop_all()
+    if tool == "perf":
+        for children, name in (("--no-children", "self"), ("--children", "inclusive")):
+            with open(f"{OUT}/perf-{name}.txt", "w") as f:
+                subprocess.run(["perf", "report", "-i", f"{OUT}/perf.data", "--stdio", children,
+                                "-g", "none", "--percent-limit", "0.5", "--sort", "dso,sym"],
+                               stdout=f, stderr=subprocess.DEVNULL)
+        print(f"perf reports: {OUT}/perf-self.txt, {OUT}/perf-inclusive.txt")
+    else:
+        for incl, name in (("no", "self"), ("yes", "inclusive")):
+            with open(f"{OUT}/callgrind-{name}.txt", "w") as f:
+                subprocess.run(["callgrind_annotate", f"--inclusive={incl}", "--threshold=99",
+                                f"{OUT}/callgrind.out"], stdout=f)
+        print(f"callgrind reports: {OUT}/callgrind-self.txt, {OUT}/callgrind-inclusive.txt")
+
+
+if __name__ == "__main__":
+    main()
