@@ -92,9 +92,6 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     drover_model::spec::parse_listen_addr(s)
 }
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
