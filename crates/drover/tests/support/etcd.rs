@@ -40,12 +40,29 @@ pub struct EtcdCluster {
 }
 
 impl EtcdCluster {
-    /// Starts `n` members and waits until every one of them answers healthy.
+    /// Starts `n` members and waits until every one of them answers healthy. The ports are
+    /// free when chosen, but another test can take one before etcd binds it: then the
+    /// cluster is started again on new ports, up to three times.
     pub async fn start(n: usize) -> EtcdCluster {
         assert!(
             std::path::Path::new("/usr/bin/etcd").exists() || which("etcd"),
             "etcd is missing: scripts/test.sh installs it (apt-get install etcd-server)"
         );
+        for _ in 0..2 {
+            let mut cluster = Self::launch_all(n);
+            match cluster.healthy().await {
+                Ok(()) => return cluster,
+                Err(log) if log.contains("address already in use") => continue,
+                Err(log) => panic!("{log}"),
+            }
+        }
+        let mut cluster = Self::launch_all(n);
+        cluster.wait_healthy().await;
+        cluster
+    }
+
+    /// Launches `n` new members on fresh ports, without waiting for them.
+    fn launch_all(n: usize) -> EtcdCluster {
         let dir = tempfile::tempdir().unwrap();
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
@@ -70,7 +87,6 @@ impl EtcdCluster {
         for i in 0..n {
             cluster.launch(i);
         }
-        cluster.wait_healthy().await;
         cluster
     }
 
@@ -162,6 +178,13 @@ impl EtcdCluster {
 
     /// Waits until every running member says it is healthy (it has a leader).
     pub async fn wait_healthy(&mut self) {
+        if let Err(why) = self.healthy().await {
+            panic!("{why}");
+        }
+    }
+
+    /// Waits until every running member is healthy, or says which one exited and why.
+    async fn healthy(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + READY_WITHIN;
         let http = client();
         for i in 0..self.members.len() {
@@ -170,12 +193,19 @@ impl EtcdCluster {
             }
             let url = format!("http://127.0.0.1:{}/health", self.members[i].client_port);
             loop {
-                if let Some(status) = self.members[i].child.as_mut().unwrap().try_wait().unwrap() {
-                    panic!(
-                        "etcd member {} exited with {status}:\n{}",
-                        self.members[i].name,
-                        self.log(i)
-                    );
+                // A member that exits (a port taken, say) keeps the others from a quorum:
+                // watch them all.
+                for j in 0..self.members.len() {
+                    let Some(child) = self.members[j].child.as_mut() else {
+                        continue;
+                    };
+                    if let Some(status) = child.try_wait().unwrap() {
+                        return Err(format!(
+                            "etcd member {} exited with {status}:\n{}",
+                            self.members[j].name,
+                            self.log(j)
+                        ));
+                    }
                 }
                 if let Ok((_, _, body)) = try_get(&http, &url).await
                     && String::from_utf8_lossy(&body).contains("\"health\":\"true\"")
@@ -191,6 +221,7 @@ impl EtcdCluster {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+        Ok(())
     }
 
     /// Which member is the leader now, as the running members report it.
