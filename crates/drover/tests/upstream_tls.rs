@@ -139,8 +139,14 @@ async fn failed(drover: &Drover, service: &str, endpoint: SocketAddr) -> u64 {
         .unwrap()
 }
 
-#[tokio::test]
-async fn https_upstreams_are_verified_against_the_given_ca_and_name() {
+/// An HTTPS origin signed by a test CA, and two CA bundles in a temporary directory: the CA
+/// that signed it, and one that did not.
+async fn origin_and_two_cas() -> (
+    SocketAddr,
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
     let good_ca = ca("drover test CA");
     let other_ca = ca("some other CA");
     let origin = https_origin(&good_ca).await;
@@ -149,6 +155,12 @@ async fn https_upstreams_are_verified_against_the_given_ca_and_name() {
     let other_pem = dir.path().join("other-ca.pem");
     std::fs::write(&good_pem, good_ca.cert.pem()).unwrap();
     std::fs::write(&other_pem, other_ca.cert.pem()).unwrap();
+    (origin, dir, good_pem, other_pem)
+}
+
+#[tokio::test]
+async fn https_upstreams_are_verified_against_the_given_ca_and_name() {
+    let (origin, _dir, good_pem, other_pem) = origin_and_two_cas().await;
 
     let port = free_port();
     let services = [
@@ -272,14 +284,7 @@ async fn wait_for_health(drover: &Drover, service: &str, state: &str) -> serde_j
 
 #[tokio::test]
 async fn http_health_checks_go_over_tls_and_http2_like_requests() {
-    let good_ca = ca("drover test CA");
-    let other_ca = ca("some other CA");
-    let origin = https_origin(&good_ca).await;
-    let dir = tempfile::tempdir().unwrap();
-    let good_pem = dir.path().join("good-ca.pem");
-    let other_pem = dir.path().join("other-ca.pem");
-    std::fs::write(&good_pem, good_ca.cert.pem()).unwrap();
-    std::fs::write(&other_pem, other_ca.cert.pem()).unwrap();
+    let (origin, _dir, good_pem, other_pem) = origin_and_two_cas().await;
     let port = free_port();
     let names = ["good", "h2", "badca"];
     let mut text = config(
