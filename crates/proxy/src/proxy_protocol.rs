@@ -281,14 +281,12 @@ impl<S> Prefixed<S> {
         }
     }
 
-    /// Puts more bytes back in front, after any not read yet.
-    pub(crate) fn unread(&mut self, bytes: Vec<u8>) {
-        if self.pos >= self.prefix.len() {
-            self.prefix = bytes;
-            self.pos = 0;
-        } else {
-            self.prefix.extend_from_slice(&bytes);
-        }
+    /// Puts bytes just read back in front: they are read again first, then any bytes of the
+    /// prefix not read yet, then the stream's own.
+    pub(crate) fn unread(&mut self, mut bytes: Vec<u8>) {
+        bytes.extend_from_slice(&self.prefix[self.pos..]);
+        self.prefix = bytes;
+        self.pos = 0;
     }
 }
 
@@ -307,6 +305,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             if this.pos == this.prefix.len() {
                 this.prefix = Vec::new();
                 this.pos = 0;
+                // What the stream already holds comes in the same read: hyper sizes its read
+                // buffer by what one read gives, and would double it for a short first read.
+                // If the stream has nothing yet, or fails, the next read finds out again.
+                if buf.remaining() > 0 {
+                    let _ = Pin::new(&mut this.inner).poll_read(cx, buf);
+                }
             }
             return Poll::Ready(Ok(()));
         }
@@ -370,6 +374,22 @@ mod tests {
             rest.read_to_end(&mut after).await.unwrap();
             assert_eq!(after, b"GET / HTTP/1.1\r\n\r\n");
         }
+    }
+
+    #[tokio::test]
+    async fn unread_bytes_come_back_first_and_the_streams_own_bytes_follow_in_the_same_read() {
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(b" HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut stream = Prefixed::new(b"GET /path".to_vec(), server);
+        // Read part of the prefix, put it back: the order stays as it was sent.
+        let mut first = [0u8; 4];
+        stream.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"GET ");
+        stream.unread(first.to_vec());
+        // One read gives the whole prefix and what the stream already holds.
+        let mut buf = [0u8; 64];
+        let n = stream.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"GET /path HTTP/1.1\r\n\r\n");
     }
 
     #[tokio::test]
