@@ -26,13 +26,14 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use drover_model::ListenerSpec;
 use http::HeaderValue;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use crate::access::AccessLog;
+use crate::proxy_protocol::Prefixed;
 use crate::stats::{ListenerStats, Stats};
 use crate::table::RoutingTable;
 
@@ -206,12 +207,11 @@ const H2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
 /// SETTINGS_MAX_HEADER_LIST_SIZE, which h2 also uses to bound CONTINUATION frames;
 /// `h2_max_concurrent_streams` is SETTINGS_MAX_CONCURRENT_STREAMS (streams over it get
 /// REFUSED_STREAM). The header count of HTTP/2 requests is checked in `crate::http`.
-pub(crate) fn server_builder(spec: &ListenerSpec) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
+pub(crate) fn server_builder(spec: &ListenerSpec) -> ServerSettings {
     let header_bytes = spec.max_header_bytes as usize;
+    let mut h1 = http1::Builder::new();
     // The watchdog in `serve` owns the header and idle deadlines; hyper's own header timer
     // would also cut idle keep-alive connections at the header deadline.
-    let mut h1 = b.http1();
     h1.keep_alive(true)
         .header_read_timeout(None)
         // hyper's floor is 8 KiB; validation keeps smaller settings out.
@@ -219,19 +219,77 @@ pub(crate) fn server_builder(spec: &ListenerSpec) -> auto::Builder<TokioExecutor
     if spec.max_header_count != HYPER_DEFAULT_MAX_HEADERS {
         h1.max_headers(spec.max_header_count as usize);
     }
-    b.http2()
-        .max_concurrent_streams(spec.h2_max_concurrent_streams)
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.max_concurrent_streams(spec.h2_max_concurrent_streams)
         .max_header_list_size(spec.max_header_bytes)
         .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
         .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS);
-    b
+    ServerSettings { h1, h2 }
+}
+
+/// A listener's hyper server settings, one for each HTTP version.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    pub h1: http1::Builder,
+    pub h2: http2::Builder<TokioExecutor>,
+}
+
+/// The HTTP version a connection speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HttpVersion {
+    Http1,
+    Http2,
+}
+
+/// What a client with HTTP/2 prior knowledge sends first (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Tells HTTP/2 with prior knowledge from HTTP/1.x by a cleartext connection's first bytes,
+/// and puts them back. Most HTTP/1 requests are told by their first byte; only one that starts
+/// like the preface waits for more. None if the client closes, or sends nothing within the
+/// idle deadline, or what it started within the header deadline, or if drover drains first.
+///
+/// Doing this before hyper, rather than with hyper-util's `auto` server, means hyper reads
+/// straight from the stream: `auto` hands hyper the first bytes alone, which makes hyper
+/// double its read buffer to 16 KiB for the life of every connection.
+pub(crate) async fn sniff_version<S: AsyncRead + Unpin>(
+    stream: &mut Prefixed<S>,
+    deadlines: &Deadlines,
+    drain: &CancellationToken,
+) -> Option<HttpVersion> {
+    let mut seen = Vec::with_capacity(H2_PREFACE.len());
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let version = loop {
+        let wait = if seen.is_empty() {
+            deadlines.idle
+        } else {
+            deadlines.request_header
+        };
+        let want = H2_PREFACE.len() - seen.len();
+        let n = tokio::select! {
+            r = tokio::time::timeout(wait, stream.read(&mut buf[..want])) => match r {
+                Ok(Ok(n)) if n > 0 => n,
+                _ => return None,
+            },
+            _ = drain.cancelled() => return None,
+        };
+        seen.extend_from_slice(&buf[..n]);
+        if !H2_PREFACE.starts_with(&seen) {
+            break HttpVersion::Http1;
+        }
+        if seen.len() == H2_PREFACE.len() {
+            break HttpVersion::Http2;
+        }
+    };
+    stream.unread(seen);
+    Some(version)
 }
 
 /// The settings of one connection, read from its listener's entry in the table in force when
 /// it was accepted.
 pub(crate) struct Accepted {
     pub deadlines: Deadlines,
-    pub server: Arc<auto::Builder<TokioExecutor>>,
+    pub server: Arc<ServerSettings>,
     pub stats: Arc<ListenerStats>,
 }
 
@@ -293,8 +351,13 @@ impl Drop for Open {
 }
 
 /// Serves a connection until it closes, breaks a deadline, or is drained.
-pub(crate) async fn serve<S>(listening: Listening, stream: S, client: Client, accepted: Accepted)
-where
+pub(crate) async fn serve<S>(
+    listening: Listening,
+    stream: S,
+    client: Client,
+    accepted: Accepted,
+    version: HttpVersion,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Accepted {
@@ -346,10 +409,32 @@ where
         ctx: ctx.clone(),
     });
     let service_ctx = ctx.clone();
-    let service = service_fn(move |req| crate::http::handle(service_ctx.clone(), req));
-    let conn = server.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
+    // Boxed: hyper keeps a slot for the request future for the connection's whole life, idle
+    // or not; a box there is 8 bytes instead of the future's 4.8 KB.
+    let service = service_fn(move |req| Box::pin(crate::http::handle(service_ctx.clone(), req)));
+    match version {
+        HttpVersion::Http1 => {
+            let conn = server.h1.serve_connection(io, service).with_upgrades();
+            watch(conn, |c| c.graceful_shutdown(), &ctx, &deadlines, &drain).await
+        }
+        HttpVersion::Http2 => {
+            let conn = server.h2.serve_connection(io, service);
+            watch(conn, |c| c.graceful_shutdown(), &ctx, &deadlines, &drain).await
+        }
+    }
+}
 
+/// Drives hyper's connection until it ends, a deadline passes, or the grace period after a
+/// drain runs out. `shutdown` asks hyper to finish.
+async fn watch<C: Future>(
+    conn: C,
+    shutdown: impl Fn(Pin<&mut C>),
+    ctx: &ConnCtx,
+    deadlines: &Deadlines,
+    drain: &CancellationToken,
+) {
+    let peer = ctx.peer;
+    tokio::pin!(conn);
     let check_every = deadlines
         .request_header
         .min(deadlines.idle)
@@ -362,7 +447,7 @@ where
             _ = conn.as_mut() => return,
             _ = drain.cancelled(), if !draining => {
                 draining = true;
-                conn.as_mut().graceful_shutdown();
+                shutdown(conn.as_mut());
                 let grace = ctx.tables.load().effective.config.global.shutdown_grace.get();
                 watchdog.as_mut().reset(tokio::time::Instant::now() + grace);
             }
@@ -371,7 +456,7 @@ where
                     tracing::debug!(%peer, "grace period over; closing the connection");
                     return;
                 }
-                match next_check(&ctx.clock, &deadlines) {
+                match next_check(&ctx.clock, deadlines) {
                     None => {
                         tracing::debug!(%peer, "connection deadline passed; closing it");
                         return;

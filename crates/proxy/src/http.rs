@@ -196,7 +196,14 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>, ex: &mut Exchange) -> 
             return error(StatusCode::SERVICE_UNAVAILABLE, "this listener is closing");
         };
         if let Err((status, message)) = check_request(&mut req, &listener.spec) {
-            return error(status, message);
+            let mut refused = error(status, message);
+            if status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE {
+                // As hyper does with the heads it refuses itself.
+                refused
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return refused;
         }
         let path = match req.uri().path() {
             // `OPTIONS *` asks about the server as a whole: the route of `/` answers it.
@@ -244,8 +251,8 @@ type Refusal = (StatusCode, &'static str);
 ///   backslashes; everything else is forwarded byte for byte as it was matched;
 /// - framing: a Transfer-Encoding must be exactly `chunked`, once (hyper takes
 ///   `chunked, chunked` and `gzip, chunked`);
-/// - limits: HTTP/2 header counts (hyper counts HTTP/1 ones), and HTTP/1 heads under hyper's
-///   8 KiB buffer floor;
+/// - limits: HTTP/2 header counts (hyper counts HTTP/1 ones), and the size of HTTP/1 heads
+///   (see `head_size`);
 /// - header names with an underscore, per the listener's `underscores_in_headers`.
 fn check_request<B>(req: &mut Request<B>, spec: &ListenerSpec) -> Result<(), Refusal> {
     check_target(req)?;
@@ -265,19 +272,11 @@ fn check_request<B>(req: &mut Request<B>, spec: &ListenerSpec) -> Result<(), Ref
             "too many header fields",
         ));
     }
-    if spec.max_header_bytes < HYPER_MIN_BUF && req.version() < Version::HTTP_2 {
-        // hyper's read buffer cannot be smaller than 8 KiB: count smaller limits here.
-        let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
-        let fields: usize = headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 4)
-            .sum();
-        if line + fields + 2 > spec.max_header_bytes as usize {
-            return Err((
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "the request head is too large",
-            ));
-        }
+    if req.version() < Version::HTTP_2 && head_size(req) > spec.max_header_bytes as usize {
+        return Err((
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "the request head is too large",
+        ));
     }
     match spec.underscores_in_headers {
         UnderscoreHeaders::Allow => {}
@@ -376,8 +375,25 @@ impl BodyWatch {
     }
 }
 
-/// hyper's smallest HTTP/1 read buffer, which bounds a request head.
-const HYPER_MIN_BUF: u32 = 8192;
+/// The size of an HTTP/1 request head as sent, give or take optional whitespace.
+///
+/// hyper bounds a head by its read buffer, which cannot be under 8 KiB and which it checks
+/// only between reads: one read can take a head past the limit and complete it. Counting here
+/// makes `max_header_bytes` exact, whatever the reads.
+fn head_size<B>(req: &Request<B>) -> usize {
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len());
+    // "METHOD TARGET HTTP/1.1\r\n", each "name: value\r\n", and the blank line.
+    let line = req.method().as_str().len() + 1 + target + 11;
+    let fields: usize = req
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + 2 + v.len() + 2)
+        .sum();
+    line + fields + 2
+}
 
 /// The request-target rules of [`check_request`].
 fn check_target<B>(req: &Request<B>) -> Result<(), Refusal> {
@@ -964,8 +980,8 @@ pub async fn fuzz_front_end(input: &[u8]) -> Vec<u8> {
     };
     // The listener's settings, and half-close: the input ends with EOF, after which hyper
     // still answers the requests it has read.
-    let mut settings = (*listener.server).clone();
-    settings.http1().half_close(true);
+    let mut settings = listener.server.h1.clone();
+    settings.half_close(true);
     let answer = |status: StatusCode, message: &'static str| {
         let mut r = Response::new(Full::new(Bytes::from(message)));
         *r.status_mut() = status;
@@ -995,7 +1011,7 @@ pub async fn fuzz_front_end(input: &[u8]) -> Vec<u8> {
     });
     let conn = tokio::spawn(async move {
         let io = hyper_util::rt::TokioIo::new(server);
-        let _ = settings.serve_connection_with_upgrades(io, service).await;
+        let _ = settings.serve_connection(io, service).with_upgrades().await;
     });
     let _ = client.write_all(input).await;
     let _ = client.shutdown().await;

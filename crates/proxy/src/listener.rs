@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access::AccessLog;
-use crate::conn::{self, Accepted, Client, Deadlines, Listening, Open};
+use crate::conn::{self, Accepted, Client, Deadlines, HttpVersion, Listening, Open};
 use crate::health::Checker;
 use crate::proxy_protocol::{self, Prefixed};
 use crate::stats::{ListenerStats, Stats};
@@ -428,27 +428,30 @@ async fn serve(
     } else {
         Prefixed::new(Vec::new(), stream)
     };
+    // Each way of serving is boxed: the task's own future then stays small, and a connection
+    // holds only the state of the way it is served, not that of the largest (TLS).
     match (&frontend.tls, protocol) {
-        (None, Protocol::Http) => conn::serve(listening, stream, client, accepted).await,
-        (Some(t), Protocol::Http) => {
-            if let Some(stream) = handshake(t, stream, deadline, &stats, &client).await {
-                client.tls = true;
-                conn::serve(listening, stream, client, accepted).await;
+        (None, Protocol::Http) => {
+            let mut stream = stream;
+            let drain = &listening.drain;
+            if let Some(version) =
+                conn::sniff_version(&mut stream, &accepted.deadlines, drain).await
+            {
+                Box::pin(conn::serve(listening, stream, client, accepted, version)).await;
             }
         }
-        (Some(t), Protocol::Tcp) => {
-            if let Some(stream) = handshake(t, stream, deadline, &stats, &client).await {
-                client.tls = true;
-                let name = stream.get_ref().1.server_name().map(str::to_string);
-                crate::tcp::serve(listening, stream, client, name).await;
-            }
+        (Some(t), protocol) => {
+            Box::pin(serve_tls(
+                t, listening, stream, client, accepted, protocol, deadline,
+            ))
+            .await;
         }
         (None, Protocol::Tcp) if frontend.sni_routing => {
             let mut stream = stream;
             match tokio::time::timeout_at(deadline, tls::read_sni(&mut stream)).await {
                 Ok(Ok((hello, name))) => {
                     stream.unread(hello);
-                    crate::tcp::serve(listening, stream, client, name).await;
+                    Box::pin(crate::tcp::serve(listening, stream, client, name)).await;
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %client.addr, "reading the ClientHello failed: {e}")
@@ -458,7 +461,9 @@ async fn serve(
                 }
             }
         }
-        (None, Protocol::Tcp) => crate::tcp::serve(listening, stream, client, None).await,
+        (None, Protocol::Tcp) => {
+            Box::pin(crate::tcp::serve(listening, stream, client, None)).await;
+        }
     }
 }
 
@@ -467,6 +472,37 @@ fn proxy_header_failed(stats: &ListenerStats, peer: SocketAddr, why: &str) {
         .proxy_header_failures
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::debug!(%peer, "closing a connection from a trusted downstream: {why}");
+}
+
+/// Terminates TLS, then serves what it carries as the listener's protocol.
+async fn serve_tls(
+    terminator: &Terminator,
+    listening: Listening,
+    stream: Prefixed<TcpStream>,
+    mut client: Client,
+    accepted: Accepted,
+    protocol: Protocol,
+    deadline: tokio::time::Instant,
+) {
+    let stats = accepted.stats.clone();
+    let Some(stream) = handshake(terminator, stream, deadline, &stats, &client).await else {
+        return;
+    };
+    client.tls = true;
+    match protocol {
+        Protocol::Http => {
+            // The client picks the version by ALPN; without ALPN, HTTP/1.1.
+            let version = match stream.get_ref().1.alpn_protocol() {
+                Some(b"h2") => HttpVersion::Http2,
+                _ => HttpVersion::Http1,
+            };
+            conn::serve(listening, stream, client, accepted, version).await;
+        }
+        Protocol::Tcp => {
+            let name = stream.get_ref().1.server_name().map(str::to_string);
+            crate::tcp::serve(listening, stream, client, name).await;
+        }
+    }
 }
 
 /// Terminates TLS within `deadline`; None (and counted) when the handshake fails.

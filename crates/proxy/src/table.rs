@@ -18,8 +18,6 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use drover_balance::{Picker, StickTable};
 use drover_model::{Effective, ListenerSpec, ServiceSpec, StickyMode};
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 
 use crate::pool::EndpointState;
 use crate::stats::{ListenerStats, RouteStats, ServiceStats};
@@ -61,7 +59,7 @@ pub struct ListenerRoutes {
     /// Its connection and request counters.
     pub stats: Arc<ListenerStats>,
     /// The HTTP server settings its connections are served with, made from its spec.
-    pub server: Arc<auto::Builder<TokioExecutor>>,
+    pub server: Arc<crate::conn::ServerSettings>,
     router: Router,
     /// The counters of its routes, in the configuration's order.
     routes: Vec<Arc<RouteStats>>,
