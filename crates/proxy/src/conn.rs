@@ -412,14 +412,29 @@ pub(crate) async fn serve<S>(
     // Boxed: hyper keeps a slot for the request future for the connection's whole life, idle
     // or not; a box there is 8 bytes instead of the future's 4.8 KB.
     let service = service_fn(move |req| Box::pin(crate::http::handle(service_ctx.clone(), req)));
+    // Boxed each: an HTTP/1 connection does not carry room for HTTP/2's larger state.
     match version {
         HttpVersion::Http1 => {
             let conn = server.h1.serve_connection(io, service).with_upgrades();
-            watch(conn, |c| c.graceful_shutdown(), &ctx, &deadlines, &drain).await
+            Box::pin(watch(
+                conn,
+                |c| c.graceful_shutdown(),
+                &ctx,
+                &deadlines,
+                &drain,
+            ))
+            .await
         }
         HttpVersion::Http2 => {
             let conn = server.h2.serve_connection(io, service);
-            watch(conn, |c| c.graceful_shutdown(), &ctx, &deadlines, &drain).await
+            Box::pin(watch(
+                conn,
+                |c| c.graceful_shutdown(),
+                &ctx,
+                &deadlines,
+                &drain,
+            ))
+            .await
         }
     }
 }
@@ -550,5 +565,71 @@ mod tests {
         assert_eq!(next_check(&c, &D), None, "blocked for 70 s, limit 60 s");
         c.write_blocked_since.store(NOT_BLOCKED, Ordering::Relaxed);
         assert!(next_check(&c, &D).is_some(), "unblocked again");
+    }
+
+    /// Sniffs what `chunks` (written with a pause between them) start with, and returns the
+    /// version and the bytes a reader then gets from the stream.
+    async fn sniff(chunks: &[&[u8]], then_close: bool) -> (Option<HttpVersion>, Vec<u8>) {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(1024);
+        let owned: Vec<Vec<u8>> = chunks.iter().map(|c| c.to_vec()).collect();
+        let writer = tokio::spawn(async move {
+            for c in owned {
+                client.write_all(&c).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if then_close {
+                drop(client);
+                return None;
+            }
+            Some(client)
+        });
+        let mut stream = Prefixed::new(Vec::new(), server);
+        let version = sniff_version(&mut stream, &D, &CancellationToken::new()).await;
+        let _client = writer.await.unwrap();
+        let mut back = vec![0u8; 1024];
+        let n = match version {
+            Some(_) => stream.read(&mut back).await.unwrap(),
+            None => 0,
+        };
+        back.truncate(n);
+        (version, back)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_bytes_tell_the_version_and_are_read_again() {
+        let get = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n";
+        assert_eq!(
+            sniff(&[get], false).await,
+            (Some(HttpVersion::Http1), get.to_vec())
+        );
+        // PROPFIND shares "PR" with the preface; the third byte tells them apart.
+        let propfind = b"PROPFIND / HTTP/1.1\r\n\r\n";
+        assert_eq!(
+            sniff(&[&propfind[..1], &propfind[1..]], false).await,
+            (Some(HttpVersion::Http1), propfind.to_vec())
+        );
+        // The preface in pieces, and the SETTINGS frame after it.
+        let mut h2 = H2_PREFACE.to_vec();
+        h2.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            sniff(&[&h2[..3], &h2[3..20], &h2[20..]], false).await,
+            (Some(HttpVersion::Http2), h2.clone())
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_or_an_early_end_is_no_version() {
+        // Nothing within the idle deadline.
+        let started = tokio::time::Instant::now();
+        assert_eq!(sniff(&[], false).await.0, None);
+        assert!(started.elapsed() >= D.idle, "{:?}", started.elapsed());
+        // Half a preface, then nothing within the header deadline.
+        let started = tokio::time::Instant::now();
+        assert_eq!(sniff(&[&H2_PREFACE[..10]], false).await.0, None);
+        let waited = started.elapsed();
+        assert!(waited >= D.request_header && waited < D.idle, "{waited:?}");
+        // Half a preface, then the end.
+        assert_eq!(sniff(&[&H2_PREFACE[..10]], true).await.0, None);
     }
 }

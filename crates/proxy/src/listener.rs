@@ -428,8 +428,9 @@ async fn serve(
     } else {
         Prefixed::new(Vec::new(), stream)
     };
-    // Each way of serving is boxed: the task's own future then stays small, and a connection
-    // holds only the state of the way it is served, not that of the largest (TLS).
+    // Each way of serving is boxed (clear-text HTTP inside `conn::serve`): the task's own
+    // future then stays small, and a connection holds only the state of the way it is served,
+    // not that of the largest (TLS).
     match (&frontend.tls, protocol) {
         (None, Protocol::Http) => {
             let mut stream = stream;
@@ -437,7 +438,7 @@ async fn serve(
             if let Some(version) =
                 conn::sniff_version(&mut stream, &accepted.deadlines, drain).await
             {
-                Box::pin(conn::serve(listening, stream, client, accepted, version)).await;
+                conn::serve(listening, stream, client, accepted, version).await;
             }
         }
         (Some(t), protocol) => {
