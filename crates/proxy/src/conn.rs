@@ -247,7 +247,8 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Tells HTTP/2 with prior knowledge from HTTP/1.x by a cleartext connection's first bytes,
 /// and puts them back. Most HTTP/1 requests are told by their first byte; only one that starts
 /// like the preface waits for more. None if the client closes, or sends nothing within the
-/// idle deadline, or what it started within the header deadline, or if drover drains first.
+/// idle deadline, or does not finish what it started within the header deadline (counted
+/// from its first byte), or if drover drains first.
 ///
 /// Doing this before hyper, rather than with hyper-util's `auto` server, means hyper reads
 /// straight from the stream: `auto` hands hyper the first bytes alone, which makes hyper
@@ -259,20 +260,20 @@ pub(crate) async fn sniff_version<S: AsyncRead + Unpin>(
 ) -> Option<HttpVersion> {
     let mut seen = Vec::with_capacity(H2_PREFACE.len());
     let mut buf = [0u8; H2_PREFACE.len()];
+    // The idle deadline until the first byte, then the header deadline from it, in total.
+    let mut until = tokio::time::Instant::now() + deadlines.idle;
     let version = loop {
-        let wait = if seen.is_empty() {
-            deadlines.idle
-        } else {
-            deadlines.request_header
-        };
         let want = H2_PREFACE.len() - seen.len();
         let n = tokio::select! {
-            r = tokio::time::timeout(wait, stream.read(&mut buf[..want])) => match r {
+            r = tokio::time::timeout_at(until, stream.read(&mut buf[..want])) => match r {
                 Ok(Ok(n)) if n > 0 => n,
                 _ => return None,
             },
             _ = drain.cancelled() => return None,
         };
+        if seen.is_empty() {
+            until = tokio::time::Instant::now() + deadlines.request_header;
+        }
         seen.extend_from_slice(&buf[..n]);
         if !H2_PREFACE.starts_with(&seen) {
             break HttpVersion::Http1;
@@ -631,5 +632,26 @@ mod tests {
         assert!(waited >= D.request_header && waited < D.idle, "{waited:?}");
         // Half a preface, then the end.
         assert_eq!(sniff(&[&H2_PREFACE[..10]], true).await.0, None);
+        // The preface a byte every 4 s: each read within the 10 s header deadline, the whole
+        // not, so the deadline counts in total from the first byte.
+        let (tx, rx) = tokio::io::duplex(64);
+        let drip = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut tx = tx;
+            for b in H2_PREFACE {
+                if tx.write_all(&[*b]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(4)).await;
+            }
+        });
+        let started = tokio::time::Instant::now();
+        let mut stream = Prefixed::new(Vec::new(), rx);
+        let version = sniff_version(&mut stream, &D, &CancellationToken::new()).await;
+        assert_eq!(version, None);
+        let waited = started.elapsed();
+        assert!(waited <= D.request_header, "{waited:?}");
+        drop(stream);
+        drip.await.unwrap();
     }
 }
