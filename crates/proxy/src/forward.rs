@@ -343,8 +343,9 @@ pub(crate) async fn forward(
         upstream = Some(endpoint.address);
         let mut conn = match endpoint.checkout(&service.upstream, spec.pool_idle_timeout.get()) {
             Some(c) => c,
-            None => match endpoint
-                .connect(&service.upstream, spec.connect_timeout.get())
+            // Boxed: the connect future (TCP and TLS) is 1.6 KB, and every request's future
+            // would carry room for it, pooled connection or not.
+            None => match Box::pin(endpoint.connect(&service.upstream, spec.connect_timeout.get()))
                 .await
             {
                 Ok(c) => c,
