@@ -203,7 +203,8 @@ const H2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
 ///
 /// HTTP/1: a head that does not fit in `max_header_bytes` (hyper's read buffer, at least its
 /// floor of 8 KiB) or that has more than `max_header_count` fields gets 431 from hyper, which
-/// then closes the connection. HTTP/2: `max_header_bytes` is the advertised
+/// then closes the connection; `crate::http` measures the heads hyper lets through, since
+/// hyper checks its buffer only between reads. HTTP/2: `max_header_bytes` is the advertised
 /// SETTINGS_MAX_HEADER_LIST_SIZE, which h2 also uses to bound CONTINUATION frames;
 /// `h2_max_concurrent_streams` is SETTINGS_MAX_CONCURRENT_STREAMS (streams over it get
 /// REFUSED_STREAM). The header count of HTTP/2 requests is checked in `crate::http`.

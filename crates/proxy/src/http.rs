@@ -197,8 +197,10 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>, ex: &mut Exchange) -> 
         };
         if let Err((status, message)) = check_request(&mut req, &listener.spec) {
             let mut refused = error(status, message);
-            if status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE {
-                // As hyper does with the heads it refuses itself.
+            if status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+                && req.version() < Version::HTTP_2
+            {
+                // As hyper does with the HTTP/1 heads it refuses itself.
                 refused
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
