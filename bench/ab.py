@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Compare drover builds (and optionally nginx, haproxy or caddy) on a few scenarios,
+interleaved round by round, with the origin, configs and pinning of bench/bench.py.
+
+    python3 bench/ab.py OLD_DROVER NEW_DROVER [nginx ...]
+
+A target is a path to a drover binary, or the name of a peer proxy. Each round starts
+every target afresh (in reverse order every other round, so that a drift in the
+machine's load does not always favour the same one), warms it up, and measures each
+scenario once. Prints the median requests/s and proxy CPU per request per target and
+scenario. Knobs, as environment variables:
+
+    SC        scenarios, CONNS:BODY[,CONNS:BODY...]; default 64:1k (BODY: 64, 1k, 16k, 1m)
+    ROUNDS    default 3
+    DURATION  seconds per run, as in bench.py (default 5)
+
+Run bench/run.sh once first: it installs the tools and builds bench/pace.
+"""
+
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("PROXIES", "drover")
+import bench  # noqa: E402
+
+PEERS = ("nginx", "haproxy", "caddy")
+
+
+def main():
+    targets = sys.argv[1:]
+    if not targets or any(t.startswith("-") for t in targets):
+        sys.exit(__doc__)
+    for t in targets:
+        if t not in PEERS and not os.access(t, os.X_OK):
+            sys.exit(f"{t}: neither an executable drover binary nor one of {', '.join(PEERS)}")
+    rounds = int(os.environ.get("ROUNDS", "3"))
+    scenarios = []
+    for s in os.environ.get("SC", "64:1k").split(","):
+        conns, body = s.split(":")
+        scenarios.append(bench.scenario(int(conns), body))
+    os.makedirs(bench.TMP, exist_ok=True)
+    os.sched_setaffinity(0, {bench.LOAD_CPU})
+    origin = bench.Proc("origin", ["nginx", "-p", bench.TMP, "-e",
+                                   f"{bench.TMP}/origin-error.log", "-c", bench.write_origin()],
+                        str(bench.LOAD_CPU))
+    results = {}
+    try:
+        err = bench.wait_ready(bench.ORIGIN_PORT, origin, 10)
+        if err:
+            sys.exit(f"origin did not start: {err}")
+        for rnd in range(1, rounds + 1):
+            for target in (targets if rnd % 2 else targets[::-1]):
+                name = target if target in PEERS else "drover"
+                if name == "drover":
+                    bench.DROVER_BIN = target
+                proc, err = bench.start_proxy(name, 1, str(bench.PROXY_CPU))
+                if err:
+                    sys.exit(f"{target}: {err}")
+                try:
+                    bench.warm(name, str(bench.LOAD_CPU))
+                    for sc in scenarios:
+                        rec = bench.measure(sc, name, proc, rnd, "ab", str(bench.LOAD_CPU))
+                        results.setdefault((sc["id"], target), []).append(rec)
+                        bench.log(f"round {rnd}/{rounds} {target} {sc['id']} {bench.describe(rec)}")
+                finally:
+                    proc.stop()
+                    bench.wait_port_free(bench.LISTEN_PORT)
+    finally:
+        origin.stop()
+    print(f"{'scenario':14} {'target':40} {'req/s':>8} {'µs/req':>7}  runs (k req/s)")
+    for (sc, target), recs in results.items():
+        rps = [r["rps"] for r in recs if r.get("rps")]
+        cpu = [r["cpu_us_per_req"] for r in recs if r.get("cpu_us_per_req")]
+        med = f"{statistics.median(rps) / 1000:.1f}k" if rps else "failed"
+        us = f"{statistics.median(cpu):.1f}" if cpu else "-"
+        runs = " ".join(f"{x / 1000:.1f}" for x in rps)
+        print(f"{sc:14} {target:40} {med:>8} {us:>7}  {runs}")
+
+
+if __name__ == "__main__":
+    main()
