@@ -19,6 +19,18 @@ async fn setup() -> (Drover, Recorder, std::net::SocketAddr) {
     (drover, origin, format!("127.0.0.1:{port}").parse().unwrap())
 }
 
+/// Sends each request on a connection of its own; each must get 400.
+async fn each_gets_400<R: AsRef<str>>(
+    addr: std::net::SocketAddr,
+    requests: impl IntoIterator<Item = R>,
+) {
+    for req in requests {
+        let req = req.as_ref();
+        let reply = send_raw(addr, req.as_bytes(), QUIET).await;
+        assert_eq!(reply.status(), 400, "{req:?}: {}", reply.text());
+    }
+}
+
 /// Content-Length beside Transfer-Encoding, in either order: hyper frames the body by the
 /// chunks alone, drops the Content-Length, and closes the connection after the response, so
 /// the bytes after the chunked body are never read as a second request.
@@ -62,7 +74,7 @@ async fn content_length_with_transfer_encoding_is_framed_by_the_chunks_and_the_c
 #[tokio::test]
 async fn transfer_encodings_other_than_one_chunked_get_400() {
     let (_d, origin, addr) = setup().await;
-    for te in [
+    let requests = [
         "transfer-encoding: chunked, chunked",
         "transfer-encoding: gzip",
         "transfer-encoding: chunked, gzip",
@@ -70,11 +82,9 @@ async fn transfer_encodings_other_than_one_chunked_get_400() {
         "transfer-encoding: chunked\r\ntransfer-encoding: chunked",
         "transfer-encoding: identity",
         "transfer-encoding: xchunked",
-    ] {
-        let req = format!("POST /te HTTP/1.1\r\nhost: a\r\n{te}\r\n\r\n0\r\n\r\n");
-        let reply = send_raw(addr, req.as_bytes(), QUIET).await;
-        assert_eq!(reply.status(), 400, "{te:?}: {}", reply.text());
-    }
+    ]
+    .map(|te| format!("POST /te HTTP/1.1\r\nhost: a\r\n{te}\r\n\r\n0\r\n\r\n"));
+    each_gets_400(addr, requests).await;
     assert!(origin.targets().is_empty(), "{:?}", origin.targets());
 }
 
@@ -94,7 +104,7 @@ async fn transfer_encoding_on_http_1_0_gets_400() {
 #[tokio::test]
 async fn bad_content_lengths_get_400() {
     let (_d, origin, addr) = setup().await;
-    for cl in [
+    let requests = [
         "content-length: 5\r\ncontent-length: 6",
         "content-length: 5, 6",
         "content-length: 5, 5",
@@ -104,11 +114,9 @@ async fn bad_content_lengths_get_400() {
         "content-length: 0x5",
         "content-length: 5 5",
         "content-length: 99999999999999999999999",
-    ] {
-        let req = format!("POST /cl HTTP/1.1\r\nhost: a\r\n{cl}\r\n\r\nhello");
-        let reply = send_raw(addr, req.as_bytes(), QUIET).await;
-        assert_eq!(reply.status(), 400, "{cl:?}: {}", reply.text());
-    }
+    ]
+    .map(|cl| format!("POST /cl HTTP/1.1\r\nhost: a\r\n{cl}\r\n\r\nhello"));
+    each_gets_400(addr, requests).await;
     assert!(origin.targets().is_empty(), "{:?}", origin.targets());
 }
 
@@ -134,7 +142,7 @@ async fn identical_repeated_content_lengths_are_forwarded_as_one() {
 #[tokio::test]
 async fn malformed_header_lines_get_400() {
     let (_d, origin, addr) = setup().await;
-    for line in [
+    let fields = [
         ": empty-name",
         "x-folded: a\r\n  b",
         "x-folded: a\r\n\tb",
@@ -142,21 +150,17 @@ async fn malformed_header_lines_get_400() {
         "x-bad\tname: 1",
         "x-nul: a\0b",
         "no-colon",
-    ] {
-        let req = format!("GET /h HTTP/1.1\r\nhost: a\r\n{line}\r\n\r\n");
-        let reply = send_raw(addr, req.as_bytes(), QUIET).await;
-        assert_eq!(reply.status(), 400, "{line:?}: {}", reply.text());
-    }
+    ]
+    .map(|line| format!("GET /h HTTP/1.1\r\nhost: a\r\n{line}\r\n\r\n"));
+    each_gets_400(addr, fields).await;
     // A bare LF as the line end, and a request line with two spaces.
-    for req in [
+    let lines = [
         "GET /h HTTP/1.1\r\nhost: a\rx-cr: 1\r\n\r\n",
         "GET  /h HTTP/1.1\r\nhost: a\r\n\r\n",
         "GET /h HTTP/1.1 extra\r\nhost: a\r\n\r\n",
         "GET /h HTTP/9.9\r\nhost: a\r\n\r\n",
-    ] {
-        let reply = send_raw(addr, req.as_bytes(), QUIET).await;
-        assert_eq!(reply.status(), 400, "{req:?}: {}", reply.text());
-    }
+    ];
+    each_gets_400(addr, lines).await;
     assert!(origin.targets().is_empty(), "{:?}", origin.targets());
 }
 
