@@ -282,6 +282,14 @@ http {{
 """
 
 
+def write_conf(name, text):
+    """Writes a config file into TMP; returns its path."""
+    path = os.path.join(TMP, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 def write_origin():
     www = os.path.join(TMP, "www")
     os.makedirs(www, exist_ok=True)
@@ -316,11 +324,8 @@ def write_origin():
 {locations}    }}
 }}
 """
-    path = os.path.join(TMP, "origin.conf")
-    with open(path, "w") as f:
-        f.write(conf)
     os.makedirs(os.path.join(TMP, "origin-tmp"), exist_ok=True)
-    return path
+    return write_conf("origin.conf", conf)
 
 
 def write_nginx(workers):
@@ -342,11 +347,8 @@ def write_nginx(workers):
     }}
 }}
 """
-    path = os.path.join(TMP, "nginx.conf")
-    with open(path, "w") as f:
-        f.write(conf)
     os.makedirs(os.path.join(TMP, "nginx-tmp"), exist_ok=True)
-    return path
+    return write_conf("nginx.conf", conf)
 
 
 def write_haproxy(workers):
@@ -373,10 +375,7 @@ frontend bench
 backend origin
     server origin1 {HOST}:{ORIGIN_PORT}
 """
-    path = os.path.join(TMP, "haproxy.cfg")
-    with open(path, "w") as f:
-        f.write(conf)
-    return path
+    return write_conf("haproxy.cfg", conf)
 
 
 def write_caddy():
@@ -399,10 +398,7 @@ http://{HOST}:{LISTEN_PORT}, http://{HOST}:{H2_PORT} {{
     }}
 }}
 """
-    path = os.path.join(TMP, "Caddyfile")
-    with open(path, "w") as f:
-        f.write(conf)
-    return path
+    return write_conf("Caddyfile", conf)
 
 
 def write_drover():
@@ -431,10 +427,7 @@ service = "origin"
 [services.origin]
 endpoints = [ {{ address = "{HOST}:{ORIGIN_PORT}" }} ]
 """
-    path = os.path.join(TMP, "drover.toml")
-    with open(path, "w") as f:
-        f.write(conf)
-    return path
+    return write_conf("drover.toml", conf)
 
 
 def start_proxy(name, workers, cpus, wrapper=(), ready_timeout=15):
