@@ -42,14 +42,9 @@ def main():
         scenarios.append(bench.scenario(int(conns), body))
     os.makedirs(bench.TMP, exist_ok=True)
     os.sched_setaffinity(0, {bench.LOAD_CPU})
-    origin = bench.Proc("origin", ["nginx", "-p", bench.TMP, "-e",
-                                   f"{bench.TMP}/origin-error.log", "-c", bench.write_origin()],
-                        str(bench.LOAD_CPU))
+    origin = bench.start_origin()
     results = {}
     try:
-        err = bench.wait_ready(bench.ORIGIN_PORT, origin, 10)
-        if err:
-            sys.exit(f"origin did not start: {err}")
         for rnd in range(1, rounds + 1):
             for target in (targets if rnd % 2 else targets[::-1]):
                 name = target if target in PEERS else "drover"

@@ -328,6 +328,17 @@ def write_origin():
     return write_conf("origin.conf", conf)
 
 
+def start_origin():
+    """Starts the origin on the load CPU and waits for it; returns its Proc."""
+    origin = Proc("origin", ["nginx", "-p", TMP, "-e", f"{TMP}/origin-error.log",
+                             "-c", write_origin()], str(LOAD_CPU))
+    err = wait_ready(ORIGIN_PORT, origin, 10)
+    if err:
+        origin.stop()
+        raise SystemExit(f"origin did not start: {err} (see {TMP}/origin-error.log)")
+    return origin
+
+
 def write_nginx(workers):
     conf = nginx_main("nginx", workers) + f"""
     upstream origin {{
@@ -804,13 +815,8 @@ def main():
             "h2load": version_of(["h2load", "--version"]),
         },
     }
-    origin_conf = write_origin()
-    origin = Proc("origin", ["nginx", "-p", TMP, "-e", f"{TMP}/origin-error.log",
-                             "-c", origin_conf], str(LOAD_CPU))
+    origin = start_origin()
     try:
-        err = wait_ready(ORIGIN_PORT, origin, 10)
-        if err:
-            raise SystemExit(f"origin did not start: {err} (see {TMP}/origin-error.log)")
         log(f"origin up on {HOST}:{ORIGIN_PORT} (h2c on {ORIGIN_H2_PORT}), CPU {LOAD_CPU}; "
             f"targets {' '.join(TARGETS)}; phases {' '.join(PHASES)}")
         if "throughput" in PHASES:

@@ -78,13 +78,8 @@ def main():
     if tool == "syscalls":
         os.makedirs(OUT, exist_ok=True)
         os.sched_setaffinity(0, {bench.LOAD_CPU})
-        origin = bench.Proc("origin", ["nginx", "-p", bench.TMP, "-e",
-                                       f"{bench.TMP}/origin-error.log", "-c", bench.write_origin()],
-                            str(bench.LOAD_CPU))
+        bench.start_origin()
         try:
-            err = bench.wait_ready(bench.ORIGIN_PORT, origin, 10)
-            if err:
-                raise SystemExit(f"origin: {err}")
             syscalls(int(sys.argv[2]) if len(sys.argv) > 2 else 5)
         finally:
             bench.stop_all()
@@ -92,12 +87,8 @@ def main():
     secs = int(sys.argv[2]) if len(sys.argv) > 2 else (10 if tool == "perf" else 20)
     os.makedirs(OUT, exist_ok=True)
     os.sched_setaffinity(0, {bench.LOAD_CPU})
-    origin = bench.Proc("origin", ["nginx", "-p", bench.TMP, "-e", f"{bench.TMP}/origin-error.log",
-                                   "-c", bench.write_origin()], str(bench.LOAD_CPU))
+    bench.start_origin()
     try:
-        err = bench.wait_ready(bench.ORIGIN_PORT, origin, 10)
-        if err:
-            raise SystemExit(f"origin: {err}")
         if tool == "massif":
             conns = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
             wrapper = ["valgrind", "--tool=massif", "--threshold=0.2", "--max-snapshots=40",
