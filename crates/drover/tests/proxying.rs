@@ -1,6 +1,7 @@
 //! Requests through a real drover to real origins: balancing, routing, forwarding headers,
 //! HTTP/2 downstream, and each error status.
 
+mod raw;
 mod support;
 
 use std::collections::HashMap;
@@ -362,6 +363,45 @@ async fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout() {
         "closed too early: {idle:?}"
     );
     assert!(idle_from.elapsed() < Duration::from_secs(3));
+}
+
+/// A keep-alive connection that waits for its next request gives up its HTTP state and
+/// buffers after 100 ms, and builds them again when the request comes. Nothing the client
+/// sent is lost on the way: not the start of a request that came while the one before was
+/// being answered, nor a whole request after another wait. On shutdown it closes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_idle_past_the_buffer_release_loses_nothing() {
+    let origin = raw::Recorder::start().await;
+    let port = free_port();
+    let mut d = Drover::start(&one_service(port, &[(origin.addr, 1)])).await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    // Each reply is read until 300 ms pass without a byte, three times the release delay.
+    let quiet = Duration::from_millis(300);
+    s.write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET /sec")
+        .await
+        .unwrap();
+    let first = raw::read_reply(&mut s, quiet).await;
+    assert_eq!(first.statuses(), [200], "{}", first.text());
+    s.write_all(b"ond HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let second = raw::read_reply(&mut s, quiet).await;
+    assert_eq!(second.statuses(), [200], "{}", second.text());
+    s.write_all(b"GET /third HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let third = raw::read_reply(&mut s, quiet).await;
+    assert_eq!(third.statuses(), [200], "{}", third.text());
+    assert!(!third.closed, "the connection stays open");
+    assert_eq!(origin.targets(), ["/first", "/second", "/third"]);
+    // Idle again past the release, it does not hold drover's shutdown up (grace: 30 s).
+    d.signal("TERM");
+    let end = raw::read_reply(&mut s, Duration::from_secs(5)).await;
+    assert!(end.closed && end.bytes.is_empty(), "{}", end.text());
+    let exit = d.wait_exit(Duration::from_secs(5)).await;
+    assert_eq!(exit.code(), Some(0), "{}", d.log_text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

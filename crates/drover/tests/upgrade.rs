@@ -224,6 +224,31 @@ async fn an_upstream_that_refuses_the_upgrade_answers_as_usual() {
     assert_eq!(read_exactly(&mut s, rest, 7).await, b"no, ok\n");
 }
 
+/// A connection switches after it was refused an upgrade, and after it idled long enough
+/// (100 ms) to give up its HTTP buffers: the handshake that ends the wait, and the bytes after
+/// it, reach the tunnel.
+#[tokio::test]
+async fn a_connection_refused_an_upgrade_that_idles_can_still_switch() {
+    let (origin, _seen) = upgrade_origin(Duration::ZERO).await;
+    let port = free_port();
+    let _d = Drover::start(&one_service(port, &[(origin, 1)])).await;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(HANDSHAKE.replace("/chat", "/refuse").as_bytes())
+        .await
+        .unwrap();
+    let (head, rest) = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(read_exactly(&mut s, rest, 7).await, b"no, ok\n");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(format!("{HANDSHAKE}after a wait").as_bytes())
+        .await
+        .unwrap();
+    let (head, rest) = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let echoed = read_exactly(&mut s, rest, "after a wait".len()).await;
+    assert_eq!(echoed, b"AFTER A WAIT");
+}
+
 #[tokio::test]
 async fn an_upgrade_to_a_dead_endpoint_goes_to_a_live_one() {
     let (origin, _seen) = upgrade_origin(Duration::ZERO).await;

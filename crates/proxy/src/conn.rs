@@ -1,6 +1,11 @@
 //! One client connection: serving it with hyper (HTTP/1.1, or HTTP/2 with prior knowledge),
 //! enforcing its deadlines, and draining it.
 //!
+//! An HTTP/1 connection that has waited [`RELEASE_AFTER`] for its next request gives up
+//! hyper's state (its two 8 KiB buffers and its dispatcher): drover waits for the next request
+//! with nothing but the socket, and builds hyper's connection again when it comes. An idle
+//! keep-alive connection then costs a few KB instead of some 20 KB.
+//!
 //! Two deadlines apply between requests, checked by a watchdog timer beside the connection
 //! rather than by hyper (whose header timer also bounds the idle wait):
 //! - `request_header_timeout`: from the first byte of a request head to the whole head, in
@@ -15,24 +20,27 @@
 //! progress and closes, HTTP/2 sends GOAWAY. Whatever is still running when the grace period
 //! ends is cut.
 
+use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::Arc;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use drover_model::ListenerSpec;
-use http::HeaderValue;
+use http::{HeaderValue, Request, Response};
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::AccessLog;
+use crate::http::ResponseBody;
 use crate::proxy_protocol::Prefixed;
 use crate::stats::{ListenerStats, Stats};
 use crate::table::RoutingTable;
@@ -60,7 +68,20 @@ pub(crate) struct ConnCtx {
     /// connection's HTTP part and watch it themselves.
     pub drain: CancellationToken,
     clock: Clock,
+    /// Where the connection goes if a request on it is answered `101 Switching Protocols`:
+    /// set by `crate::upgrade` for a request that asks to switch, taken when hyper lets the
+    /// connection go. Plain requests never touch it.
+    switch_to: Mutex<Option<oneshot::Sender<Switched>>>,
 }
+
+/// A client connection handed over for a tunnel after a 101, with the bytes the client sent
+/// after its request put back in front.
+pub(crate) type Switched = Box<dyn ClientStream>;
+
+/// What a client connection is, whatever it came over (TCP, PROXY, TLS).
+pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> ClientStream for T {}
 
 /// Millisecond timestamps, relative to the connection's start, that the watchdog reads.
 struct Clock {
@@ -80,6 +101,20 @@ impl Clock {
     fn now(&self) -> u64 {
         self.start.elapsed().as_millis() as u64
     }
+
+    /// When the connection's current idle spell began: when it last had no request in flight,
+    /// no request head coming, and nothing waiting to be written. None while it is not idle.
+    fn idle_since(&self) -> Option<u64> {
+        let idle = self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_since.load(Ordering::Relaxed) == NOT_READING
+            && self.write_blocked_since.load(Ordering::Relaxed) == NOT_BLOCKED;
+        idle.then(|| self.idle_since.load(Ordering::Relaxed))
+    }
+
+    /// The instant `ms` milliseconds after the connection's start, plus `after`.
+    fn instant(&self, ms: u64, after: Duration) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.start + Duration::from_millis(ms) + after)
+    }
 }
 
 /// Marks the connection busy while a request and its response are under way.
@@ -93,6 +128,27 @@ impl ConnCtx {
         self.clock.in_flight.fetch_add(1, Ordering::Relaxed);
         self.clock.head_since.store(NOT_READING, Ordering::Relaxed);
         Active(self.clone())
+    }
+
+    /// Registers the request being served as the one that may switch protocols, and returns
+    /// where the client connection arrives if it does (after its 101 has been written).
+    pub(crate) fn on_switch(&self) -> oneshot::Receiver<Switched> {
+        let (tx, rx) = oneshot::channel();
+        *self
+            .switch_to
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(tx);
+        rx
+    }
+
+    /// Who waits for the connection, if a request on it switched protocols (or asked to and
+    /// is still waiting for the upstream's answer).
+    fn switched_to(&self) -> Option<oneshot::Sender<Switched>> {
+        let mut slot = self
+            .switch_to
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        slot.take().filter(|tx| !tx.is_closed())
     }
 
     fn on_read(&self) {
@@ -405,86 +461,249 @@ pub(crate) async fn serve<S>(
             head_since: AtomicU64::new(NOT_READING),
             write_blocked_since: AtomicU64::new(NOT_BLOCKED),
         },
+        switch_to: Mutex::new(None),
     });
-    let io = TokioIo::new(Tracked {
-        stream,
-        ctx: ctx.clone(),
-    });
-    let service_ctx = ctx.clone();
-    // Boxed: hyper keeps a slot for the request future for the connection's whole life, idle
-    // or not; a box there is 8 bytes instead of the future's 4.8 KB.
-    let service = service_fn(move |req| Box::pin(crate::http::handle(service_ctx.clone(), req)));
     // Boxed each: an HTTP/1 connection does not carry room for HTTP/2's larger state.
     match version {
         HttpVersion::Http1 => {
-            let conn = server.h1.serve_connection(io, service).with_upgrades();
-            Box::pin(watch(
-                conn,
-                |c| c.graceful_shutdown(),
-                &ctx,
-                &deadlines,
-                &drain,
-            ))
-            .await
+            Box::pin(serve_http1(&server.h1, stream, &ctx, &deadlines, &drain)).await;
         }
         HttpVersion::Http2 => {
-            let conn = server.h2.serve_connection(io, service);
+            let io = TokioIo::new(Tracked {
+                stream,
+                ctx: ctx.clone(),
+            });
+            let mut conn = Box::pin(server.h2.serve_connection(io, Requests(ctx.clone())));
+            let release = None;
+            let shutdown =
+                |c: &mut Pin<Box<http2::Connection<_, _, _>>>| c.as_mut().graceful_shutdown();
             Box::pin(watch(
-                conn,
-                |c| c.graceful_shutdown(),
-                &ctx,
-                &deadlines,
-                &drain,
+                &mut conn, shutdown, release, &ctx, &deadlines, &drain,
             ))
-            .await
+            .await;
         }
     }
 }
 
+/// Serves each request of a connection with [`crate::http::handle`].
+#[derive(Clone)]
+struct Requests(Arc<ConnCtx>);
+
+impl hyper::service::Service<Request<Incoming>> for Requests {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    /// Boxed: hyper keeps a slot for the request future for the connection's whole life, idle
+    /// or not; a box there is 16 bytes instead of the future's 4.8 KB.
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        Box::pin(crate::http::handle(self.0.clone(), req))
+    }
+}
+
+/// How long an HTTP/1 connection waits for its next request before drover frees hyper's
+/// state for it. nginx frees its buffers as soon as a request is done; waiting a little spares
+/// a busy connection the cost of building the state again for every request.
+pub(crate) const RELEASE_AFTER: Duration = Duration::from_millis(100);
+
+/// The stream under an HTTP/1 connection: bytes read but not used (a request that came after
+/// the one before, or the first bytes of the next) go back in front.
+type Http1Stream<S> = Tracked<Prefixed<S>>;
+
+/// hyper's HTTP/1 connection, boxed so that it is freed with its buffers on release, and
+/// polled so that it leaves the stream open when it ends: for the idle wait after a release,
+/// or for a tunnel after a 101.
+struct Http1<S>(Box<http1::Connection<TokioIo<Http1Stream<S>>, Requests>>);
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for Http1<S> {
+    type Output = hyper::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.get_mut().0.poll_without_shutdown(cx)
+    }
+}
+
+/// Serves HTTP/1.x on a connection: with hyper while requests come, and with nothing but the
+/// stream while it waits longer than [`RELEASE_AFTER`] for the next.
+async fn serve_http1<S>(
+    builder: &http1::Builder,
+    stream: S,
+    ctx: &Arc<ConnCtx>,
+    deadlines: &Deadlines,
+    drain: &CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut stream = Tracked {
+        stream: Prefixed::new(Vec::new(), stream),
+        ctx: ctx.clone(),
+    };
+    let mut service = Requests(ctx.clone());
+    loop {
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let mut conn = Http1(Box::new(conn));
+        let shutdown = |c: &mut Http1<S>| Pin::new(&mut *c.0).graceful_shutdown();
+        let ended = watch(
+            &mut conn,
+            shutdown,
+            Some(RELEASE_AFTER),
+            ctx,
+            deadlines,
+            drain,
+        );
+        let released = match Box::pin(ended).await {
+            Ended::Finished {
+                output: Ok(()),
+                released,
+            } => released,
+            Ended::Finished { output: Err(_), .. } | Ended::Cut => return,
+        };
+        let http1::Parts {
+            io,
+            read_buf,
+            service: s,
+            ..
+        } = conn.0.into_parts();
+        (stream, service) = (io.into_inner(), s);
+        if !read_buf.is_empty() {
+            stream.stream.unread(read_buf.to_vec());
+        }
+        // Even empty, it holds hyper's whole read buffer.
+        drop(read_buf);
+        if let Some(tunnel) = ctx.switched_to() {
+            // The 101 is written; the tunnel takes the connection from here.
+            let _ = tunnel.send(Box::new(stream.stream));
+            return;
+        }
+        if !released || !next_request(&mut stream, deadlines.idle, drain).await {
+            // hyper is done with the connection (the client closed it, or a request or
+            // response asked to close), or it idled out, or drover drains: say so to the
+            // client, as hyper would have.
+            let _ = tokio::time::timeout(deadlines.send, stream.shutdown()).await;
+            return;
+        }
+    }
+}
+
+/// Waits on a released connection, with no hyper state held, for the first bytes of its next
+/// request, and puts them back for hyper. False if the client closes, the idle deadline (from
+/// the end of the last request) passes, or drover drains first.
+async fn next_request<S: AsyncRead + Unpin>(
+    stream: &mut Http1Stream<S>,
+    idle: Duration,
+    drain: &CancellationToken,
+) -> bool {
+    let clock = &stream.ctx.clock;
+    let until = clock.instant(clock.idle_since.load(Ordering::Relaxed), idle);
+    // Small: the rest of the request comes with hyper's first read.
+    let mut first = [0u8; 64];
+    let n = tokio::select! {
+        r = tokio::time::timeout_at(until, stream.read(&mut first)) => match r {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return false,
+        },
+        _ = drain.cancelled() => return false,
+    };
+    stream.stream.unread(first[..n].to_vec());
+    true
+}
+
+/// How [`watch`] ended.
+enum Ended<T> {
+    /// hyper's connection ended: by itself, or `released` because drover asked it to while
+    /// the connection was idle.
+    Finished { output: T, released: bool },
+    /// A deadline passed, or the grace period after a drain ran out.
+    Cut,
+}
+
 /// Drives hyper's connection until it ends, a deadline passes, or the grace period after a
-/// drain runs out. `shutdown` asks hyper to finish.
-async fn watch<C: Future>(
-    conn: C,
-    shutdown: impl Fn(Pin<&mut C>),
+/// drain runs out. `shutdown` asks hyper to finish: on a drain, and, when `release` is given,
+/// once the connection has been idle that long.
+async fn watch<C: Future + Unpin>(
+    conn: &mut C,
+    shutdown: impl Fn(&mut C),
+    release: Option<Duration>,
     ctx: &ConnCtx,
     deadlines: &Deadlines,
     drain: &CancellationToken,
-) {
-    let peer = ctx.peer;
-    tokio::pin!(conn);
+) -> Ended<C::Output> {
+    let (peer, clock) = (ctx.peer, &ctx.clock);
     let check_every = deadlines
         .request_header
         .min(deadlines.idle)
         .min(deadlines.send);
-    let watchdog = tokio::time::sleep(check_every);
-    tokio::pin!(watchdog);
+    let mut watchdog = pin!(tokio::time::sleep(check_every));
+    let mut drained = pin!(drain.cancelled());
     let mut draining = false;
-    loop {
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = drain.cancelled(), if !draining => {
-                draining = true;
-                shutdown(conn.as_mut());
-                let grace = ctx.tables.load().effective.config.global.shutdown_grace.get();
-                watchdog.as_mut().reset(tokio::time::Instant::now() + grace);
+    let mut releasing = false;
+    // The idle spell the watchdog was last set to release the connection after.
+    let mut armed_for = None;
+    std::future::poll_fn(|cx| {
+        loop {
+            if let Poll::Ready(output) = Pin::new(&mut *conn).poll(cx) {
+                let released = releasing;
+                return Poll::Ready(Ended::Finished { output, released });
             }
-            _ = &mut watchdog => {
-                if draining {
-                    tracing::debug!(%peer, "grace period over; closing the connection");
-                    return;
+            if !draining && drained.as_mut().poll(cx).is_ready() {
+                draining = true;
+                shutdown(conn);
+                let grace = ctx
+                    .tables
+                    .load()
+                    .effective
+                    .config
+                    .global
+                    .shutdown_grace
+                    .get();
+                watchdog.as_mut().reset(tokio::time::Instant::now() + grace);
+                continue;
+            }
+            let idle_since = clock.idle_since();
+            if let (Some(after), Some(since)) = (release, idle_since) {
+                // Idle again: set the watchdog for the release (or the idle deadline, if that
+                // comes first). Under load this moves it later each time, which tokio does
+                // without touching its timer wheel.
+                if !draining && !releasing && armed_for != Some(since) {
+                    armed_for = Some(since);
+                    let at = clock.instant(since, after.min(deadlines.idle));
+                    watchdog.as_mut().reset(at);
                 }
-                match next_check(&ctx.clock, deadlines) {
-                    None => {
-                        tracing::debug!(%peer, "connection deadline passed; closing it");
-                        return;
-                    }
-                    Some(wait) => watchdog.as_mut().reset(tokio::time::Instant::now() + wait.min(check_every)),
+            }
+            if watchdog.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if draining {
+                tracing::debug!(%peer, "grace period over; closing the connection");
+                return Poll::Ready(Ended::Cut);
+            }
+            let idle_enough = match (release, idle_since) {
+                (Some(after), Some(since)) => {
+                    Duration::from_millis(clock.now().saturating_sub(since)) >= after
                 }
+                _ => false,
+            };
+            if idle_enough && !releasing {
+                releasing = true;
+                shutdown(conn);
+                watchdog
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + check_every);
+                continue;
+            }
+            match next_check(clock, deadlines) {
+                None => {
+                    tracing::debug!(%peer, "connection deadline passed; closing it");
+                    return Poll::Ready(Ended::Cut);
+                }
+                Some(wait) => watchdog
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + wait.min(check_every)),
             }
         }
-    }
+    })
+    .await
 }
-
 /// How long until the connection's next deadline, or None if one has passed.
 fn next_check(clock: &Clock, d: &Deadlines) -> Option<Duration> {
     let now = clock.now();

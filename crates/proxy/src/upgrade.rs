@@ -4,8 +4,8 @@
 //! either side closes (each direction's end is passed on as a half-close).
 //!
 //! No byte the client sends after its request head reaches the upstream before the 101:
-//! hyper holds those bytes with the client's connection, and hands the connection over only
-//! once the 101 has been written to it. An answer other than 101 is passed on as an ordinary
+//! hyper holds those bytes with the client's connection, and `crate::conn` hands the
+//! connection over, those bytes in front, only once hyper has written the 101 and let go. An answer other than 101 is passed on as an ordinary
 //! response, and its connection is not pooled.
 
 use std::net::SocketAddr;
@@ -17,8 +17,9 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::sync::oneshot;
 
-use crate::conn::{ConnCtx, Open};
+use crate::conn::{ConnCtx, Open, Switched};
 use crate::forward::{self, Affinity, Forwarded, InFlight, ReqBody, Upload};
 use crate::http::{Kind, UpstreamBody, error, strip_hop_by_hop};
 use crate::stats::{RouteStats, Stats};
@@ -49,11 +50,11 @@ pub(crate) async fn forward(
     ctx: &ConnCtx,
     service: &Arc<Service>,
     route: &Arc<RouteStats>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     protocol: HeaderValue,
     affinity: &Affinity,
 ) -> Forwarded {
-    let client = hyper::upgrade::on(&mut req);
+    let client = ctx.on_switch();
     let (mut parts, body) = req.into_parts();
     parts.headers.insert(header::UPGRADE, protocol);
     parts
@@ -246,15 +247,24 @@ struct Tunnel {
 
 /// Copies bytes both ways once both sides have switched, until both directions end, or the
 /// listener has been drained for its grace period.
-async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, t: Tunnel) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(both) => both,
+async fn splice(
+    client: oneshot::Receiver<Switched>,
+    upstream: hyper::upgrade::OnUpgrade,
+    t: Tunnel,
+) {
+    let client = async {
+        client
+            .await
+            .map_err(|_| "the client's connection ended before the 101".to_string())
+    };
+    let upstream = async { upstream.await.map_err(|e| e.to_string()) };
+    let (mut client, mut upstream) = match tokio::try_join!(client, upstream) {
+        Ok((client, upstream)) => (client, TokioIo::new(upstream)),
         Err(e) => {
             tracing::debug!(peer = %t.peer, endpoint = %t.endpoint, "upgrade did not complete: {e}");
             return;
         }
     };
-    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
     let drained = async {
         t.drain.cancelled().await;
         tokio::time::sleep(t.grace).await;
