@@ -6,6 +6,8 @@ connections, 1 KiB bodies, drover alone on CPU 0 with one worker).
     python3 bench/profile.py callgrind [SECONDS]   # valgrind callgrind, default 20 s
     python3 bench/profile.py massif [CONNS]        # valgrind massif: the heap with CONNS
                                                    # idle keep-alive connections (default 1000)
+    python3 bench/profile.py heaptrack [CONNS]     # heaptrack: what CONNS idle keep-alive
+                                                   # connections hold (default 2000)
     python3 bench/profile.py syscalls [SECONDS]    # strace -c: syscalls per request,
                                                    # drover, nginx and HAProxy (default 5 s)
 
@@ -17,7 +19,10 @@ perf needs only the software cpu-clock event, so it works in VMs without
 hardware counters; callgrind counts instructions, user space only.
 """
 
+import glob
 import os
+import resource
+import signal
 import subprocess
 import sys
 import time
@@ -73,6 +78,41 @@ def syscalls(secs):
             print(f"| {k.strip('_')} | " + " | ".join(f"{r.get(k, 0):.2f}" for r in rows.values()) + " |")
 
 
+def raise_file_limit(conns):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (conns + 500, max(conns + 500, hard)))
+
+
+def heaptrack(conns):
+    """Holds CONNS idle keep-alive connections against drover under heaptrack, then kills
+    drover outright: it frees nothing, so what the connections hold is reported as leaked.
+    Divide each leak by CONNS for the bytes per connection."""
+    for old in glob.glob(f"{OUT}/heaptrack*"):
+        os.remove(old)
+    proc, err = bench.start_proxy("drover", 1, str(bench.PROXY_CPU),
+                                  ["heaptrack", "-o", f"{OUT}/heaptrack"], ready_timeout=60)
+    if err:
+        raise SystemExit(f"drover: {err}")
+    raise_file_limit(conns)
+    socks = bench.hold_idle(conns)
+    time.sleep(3)
+    drover = [p for p in bench.proc_tree(proc.pid)
+              if open(f"/proc/{p}/cmdline", "rb").read().startswith(bench.DROVER_BIN.encode())]
+    for p in drover:
+        os.kill(p, signal.SIGKILL)
+    proc.p.wait(60)  # heaptrack finishes writing its file
+    proc.stop()
+    for s_ in socks:
+        s_.close()
+    data = glob.glob(f"{OUT}/heaptrack*")
+    if not data:
+        raise SystemExit("heaptrack wrote no data")
+    with open(f"{OUT}/heaptrack.txt", "w") as f:
+        subprocess.run(["heaptrack_print", "-f", data[0], "--print-leaks", "1"], stdout=f)
+    print(f"heaptrack report ({conns} connections): {OUT}/heaptrack.txt, "
+          "section MEMORY LEAKS")
+
+
 def main():
     tool = sys.argv[1] if len(sys.argv) > 1 else "perf"
     if tool == "syscalls":
@@ -89,6 +129,9 @@ def main():
     os.sched_setaffinity(0, {bench.LOAD_CPU})
     bench.start_origin()
     try:
+        if tool == "heaptrack":
+            heaptrack(int(sys.argv[2]) if len(sys.argv) > 2 else 2000)
+            return
         if tool == "massif":
             conns = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
             wrapper = ["valgrind", "--tool=massif", "--threshold=0.2", "--max-snapshots=40",
@@ -97,9 +140,7 @@ def main():
                                           ready_timeout=120)
             if err:
                 raise SystemExit(f"drover: {err}")
-            import resource
-            resource.setrlimit(resource.RLIMIT_NOFILE, (conns + 500, max(conns + 500,
-                               resource.getrlimit(resource.RLIMIT_NOFILE)[1])))
+            raise_file_limit(conns)
             socks = bench.hold_idle(conns)
             time.sleep(3)
             proc.stop()
@@ -115,7 +156,7 @@ def main():
         elif tool == "perf":
             wrapper = []
         else:
-            raise SystemExit("tool: perf or callgrind")
+            raise SystemExit("tool: perf, callgrind, massif, heaptrack or syscalls")
         proc, err = bench.start_proxy("drover", 1, str(bench.PROXY_CPU), wrapper, ready_timeout=120)
         if err:
             raise SystemExit(f"drover: {err}")
