@@ -210,18 +210,24 @@ async fn no_byte_after_the_upgrade_request_reaches_the_upstream_before_its_101()
     assert_eq!(echoed, b"EARLY BYTES");
 }
 
+/// Asks to switch on a path the origin refuses, and checks that its answer comes back as an
+/// ordinary response on the still-open connection.
+async fn ask_and_be_refused(s: &mut TcpStream) {
+    s.write_all(HANDSHAKE.replace("/chat", "/refuse").as_bytes())
+        .await
+        .unwrap();
+    let (head, rest) = read_head(s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(read_exactly(s, rest, 7).await, b"no, ok\n");
+}
+
 #[tokio::test]
 async fn an_upstream_that_refuses_the_upgrade_answers_as_usual() {
     let (origin, _seen) = upgrade_origin(Duration::ZERO).await;
     let port = free_port();
     let _d = Drover::start(&one_service(port, &[(origin, 1)])).await;
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(HANDSHAKE.replace("/chat", "/refuse").as_bytes())
-        .await
-        .unwrap();
-    let (head, rest) = read_head(&mut s).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert_eq!(read_exactly(&mut s, rest, 7).await, b"no, ok\n");
+    ask_and_be_refused(&mut s).await;
 }
 
 /// A connection switches after it was refused an upgrade, and after it idled long enough
@@ -233,12 +239,7 @@ async fn a_connection_refused_an_upgrade_that_idles_can_still_switch() {
     let port = free_port();
     let _d = Drover::start(&one_service(port, &[(origin, 1)])).await;
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(HANDSHAKE.replace("/chat", "/refuse").as_bytes())
-        .await
-        .unwrap();
-    let (head, rest) = read_head(&mut s).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert_eq!(read_exactly(&mut s, rest, 7).await, b"no, ok\n");
+    ask_and_be_refused(&mut s).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     s.write_all(format!("{HANDSHAKE}after a wait").as_bytes())
         .await

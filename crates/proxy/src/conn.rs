@@ -648,14 +648,7 @@ async fn watch<C: Future + Unpin>(
             if !draining && drained.as_mut().poll(cx).is_ready() {
                 draining = true;
                 shutdown(conn);
-                let grace = ctx
-                    .tables
-                    .load()
-                    .effective
-                    .config
-                    .global
-                    .shutdown_grace
-                    .get();
+                let grace = ctx.tables.load().shutdown_grace();
                 watchdog.as_mut().reset(tokio::time::Instant::now() + grace);
                 continue;
             }

@@ -68,7 +68,7 @@ impl ProxyHandle {
     /// Stops accepting on every listener, lets in-flight requests finish within the shutdown
     /// grace, and returns once every connection is closed.
     pub async fn shutdown(&self) {
-        let grace = self.table().effective.config.global.shutdown_grace.get();
+        let grace = self.table().shutdown_grace();
         self.shutdown.cancel();
         self.tracker.close();
         let open = self.tracker.len();

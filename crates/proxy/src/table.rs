@@ -32,6 +32,11 @@ pub struct RoutingTable {
 }
 
 impl RoutingTable {
+    /// How long draining connections and tunnels may run on (`global.shutdown_grace`).
+    pub fn shutdown_grace(&self) -> std::time::Duration {
+        self.effective.config.global.shutdown_grace.get()
+    }
+
     /// The listener bound to `addr`, if the table still has one there.
     #[inline]
     pub fn listener(&self, addr: SocketAddr) -> Option<&ListenerRoutes> {

@@ -81,14 +81,7 @@ pub(crate) async fn serve<S>(
     {
         service.remember(client_hash, index);
     }
-    let grace = listening
-        .tables
-        .load()
-        .effective
-        .config
-        .global
-        .shutdown_grace
-        .get();
+    let grace = listening.tables.load().shutdown_grace();
     let drained = async {
         listening.drain.cancelled().await;
         tokio::time::sleep(grace).await;

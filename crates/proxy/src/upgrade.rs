@@ -166,14 +166,7 @@ pub(crate) async fn forward(
                 _in_flight: in_flight,
                 _open: Open::tunnel(&ctx.listener),
                 drain: ctx.drain.clone(),
-                grace: ctx
-                    .tables
-                    .load()
-                    .effective
-                    .config
-                    .global
-                    .shutdown_grace
-                    .get(),
+                grace: ctx.tables.load().shutdown_grace(),
                 peer: ctx.peer,
                 endpoint: endpoint.address,
             },
