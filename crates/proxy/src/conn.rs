@@ -570,18 +570,21 @@ async fn serve_http1<S>(
         }
         // Even empty, it holds hyper's whole read buffer.
         drop(read_buf);
-        if let Some(tunnel) = ctx.switched_to() {
-            // The 101 is written; the tunnel takes the connection from here.
+        if released {
+            if next_request(&mut stream, deadlines.idle, drain).await {
+                continue;
+            }
+        } else if let Some(tunnel) = ctx.switched_to() {
+            // The 101 is written; the tunnel takes the connection from here. (A release
+            // needs an idle connection, so it never comes with a switch.)
             let _ = tunnel.send(Box::new(stream.stream));
             return;
         }
-        if !released || !next_request(&mut stream, deadlines.idle, drain).await {
-            // hyper is done with the connection (the client closed it, or a request or
-            // response asked to close), or it idled out, or drover drains: say so to the
-            // client, as hyper would have.
-            let _ = tokio::time::timeout(deadlines.send, stream.shutdown()).await;
-            return;
-        }
+        // hyper is done with the connection (the client closed it, or a request or response
+        // asked to close), or it idled out, or drover drains: say so to the client, as hyper
+        // would have.
+        let _ = tokio::time::timeout(deadlines.send, stream.shutdown()).await;
+        return;
     }
 }
 
