@@ -33,6 +33,8 @@ for pair in nginx:nginx haproxy:haproxy caddy:caddy wrk:wrk h2load:nghttp2-clien
             curl:curl taskset:util-linux python3:python3; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
+# What building drover needs (a C compiler, protoc and its .proto files).
+mapfile -t -O "${#missing[@]}" missing < <(bash "$REPO_DIR/scripts/build-deps.sh")
 if ((${#missing[@]})); then
     [[ $(id -u) == 0 ]] || { log "missing ${missing[*]}; run as root or apt-get install them"; exit 1; }
     log "installing ${missing[*]}"

@@ -4,11 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_apt=()
+# What the build needs (a C compiler, protoc and its .proto files), then what the tests need.
+mapfile -t need_apt < <(bash scripts/build-deps.sh)
 command -v curl >/dev/null || need_apt+=(curl)
-command -v cc >/dev/null || need_apt+=(build-essential)
-# The etcd client's build compiles etcd's .proto files.
-command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 # The cluster tests run real etcd members.
 command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || need_apt+=(dnsmasq-base)
