@@ -408,14 +408,20 @@ impl Drop for Open {
     }
 }
 
-/// Serves a connection until it closes, breaks a deadline, or is drained.
-pub(crate) async fn serve<S>(
+/// How a connection is served once it has started, boxed: the connection's task holds this
+/// pointer while the connection lives.
+pub(crate) type Served = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// How a connection is served as HTTP until it closes, breaks a deadline, or is drained. None
+/// if its addresses cannot be written as header values.
+pub(crate) fn serve<S>(
     listening: Listening,
     stream: S,
     client: Client,
     accepted: Accepted,
     version: HttpVersion,
-) where
+) -> Option<Served>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Accepted {
@@ -427,7 +433,7 @@ pub(crate) async fn serve<S>(
         addr: peer,
         destination,
         tls,
-        open: _open,
+        open,
     } = client;
     let Listening {
         tables,
@@ -438,10 +444,7 @@ pub(crate) async fn serve<S>(
     } = listening;
     let ip_value =
         |ip: std::net::IpAddr| HeaderValue::from_str(&ip.to_canonical().to_string()).ok();
-    let (Some(client_ip), Some(local_ip)) = (ip_value(peer.ip()), ip_value(destination.ip()))
-    else {
-        return;
-    };
+    let (client_ip, local_ip) = (ip_value(peer.ip())?, ip_value(destination.ip())?);
     let ctx = Arc::new(ConnCtx {
         tables,
         stats,
@@ -453,7 +456,7 @@ pub(crate) async fn serve<S>(
         client_ip,
         local_ip,
         tls,
-        drain: drain.clone(),
+        drain,
         clock: Clock {
             start: Instant::now(),
             in_flight: AtomicU32::new(0),
@@ -463,26 +466,30 @@ pub(crate) async fn serve<S>(
         },
         switch_to: Mutex::new(None),
     });
-    // Boxed each: an HTTP/1 connection does not carry room for HTTP/2's larger state.
-    match version {
-        HttpVersion::Http1 => {
-            Box::pin(serve_http1(&server.h1, stream, &ctx, &deadlines, &drain)).await;
-        }
-        HttpVersion::Http2 => {
-            let io = TokioIo::new(Tracked {
-                stream,
-                ctx: ctx.clone(),
-            });
-            let mut conn = Box::pin(server.h2.serve_connection(io, Requests(ctx.clone())));
-            let release = None;
-            let shutdown =
-                |c: &mut Pin<Box<http2::Connection<_, _, _>>>| c.as_mut().graceful_shutdown();
-            Box::pin(watch(
-                &mut conn, shutdown, release, &ctx, &deadlines, &drain,
-            ))
-            .await;
-        }
-    }
+    // Each its own box: an HTTP/1 connection does not carry room for HTTP/2's larger state.
+    Some(match version {
+        HttpVersion::Http1 => Box::pin(serve_http1(server, stream, ctx, deadlines, open)),
+        HttpVersion::Http2 => Box::pin(serve_http2(server, stream, ctx, deadlines, open)),
+    })
+}
+
+/// Serves HTTP/2 on a connection.
+async fn serve_http2<S>(
+    server: Arc<ServerSettings>,
+    stream: S,
+    ctx: Arc<ConnCtx>,
+    deadlines: Deadlines,
+    _open: Open,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(Tracked {
+        stream,
+        ctx: ctx.clone(),
+    });
+    let mut conn = pin!(server.h2.serve_connection(io, Requests(ctx.clone())));
+    let shutdown = |c: &mut Pin<&mut http2::Connection<_, _, _>>| c.as_mut().graceful_shutdown();
+    watch(&mut conn, shutdown, None, &ctx, &deadlines, &ctx.drain).await;
 }
 
 /// Serves each request of a connection with [`crate::http::handle`].
@@ -526,14 +533,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for Http1<S> {
 /// Serves HTTP/1.x on a connection: with hyper while requests come, and with nothing but the
 /// stream while it waits longer than [`RELEASE_AFTER`] for the next.
 async fn serve_http1<S>(
-    builder: &http1::Builder,
+    server: Arc<ServerSettings>,
     stream: S,
-    ctx: &Arc<ConnCtx>,
-    deadlines: &Deadlines,
-    drain: &CancellationToken,
+    ctx: Arc<ConnCtx>,
+    deadlines: Deadlines,
+    _open: Open,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (builder, drain) = (&server.h1, &ctx.drain);
     let mut stream = Tracked {
         stream: Prefixed::new(Vec::new(), stream),
         ctx: ctx.clone(),
@@ -547,8 +555,8 @@ async fn serve_http1<S>(
             &mut conn,
             shutdown,
             Some(RELEASE_AFTER),
-            ctx,
-            deadlines,
+            &ctx,
+            &deadlines,
             drain,
         );
         let released = match Box::pin(ended).await {
@@ -563,7 +571,12 @@ async fn serve_http1<S>(
             read_buf,
             service: s,
             ..
-        } = conn.0.into_parts();
+        } = {
+            // Moved out of its box in a block of its own: the box is freed here, not at the
+            // end of the loop's body, after the idle wait.
+            let Http1(boxed) = conn;
+            (*boxed).into_parts()
+        };
         (stream, service) = (io.into_inner(), s);
         if !read_buf.is_empty() {
             stream.stream.unread(read_buf.to_vec());

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access::AccessLog;
-use crate::conn::{self, Accepted, Client, Deadlines, HttpVersion, Listening, Open};
+use crate::conn::{self, Accepted, Client, Deadlines, HttpVersion, Listening, Open, Served};
 use crate::health::Checker;
 use crate::proxy_protocol::{self, Prefixed};
 use crate::stats::{ListenerStats, Stats};
@@ -380,25 +380,47 @@ async fn accept(
             ),
             None => return,
         };
-        let listening = listening.clone();
-        let frontend = frontend.load_full();
+        let arrival = Box::new(Arrival {
+            listening: listening.clone(),
+            stream,
+            peer,
+            accepted,
+            protocol,
+            frontend: frontend.load_full(),
+        });
+        // The task's own future is a few pointers: the connection's start and the way it is
+        // then served are boxed each, so that an idle connection holds only what serving it
+        // needs, not the room its start took nor copies of what it was accepted with.
         tracker.spawn(async move {
-            serve(listening, stream, peer, accepted, protocol, &frontend).await;
+            if let Some(served) = Box::pin(start(arrival)).await {
+                served.await;
+            }
             drop(permit);
         });
     }
 }
 
-/// Reads a connection's PROXY header and does its TLS handshake as its listener asks, then
-/// serves it as HTTP or TCP.
-async fn serve(
+/// A connection just accepted, and what its listener says about it.
+struct Arrival {
     listening: Listening,
     stream: TcpStream,
     peer: SocketAddr,
     accepted: Accepted,
     protocol: Protocol,
-    frontend: &Frontend,
-) {
+    frontend: Arc<Frontend>,
+}
+
+/// Reads a connection's PROXY header and does its TLS handshake as its listener asks; then
+/// returns how it is served, as HTTP or TCP. None if it closes or fails before that.
+async fn start(arrival: Box<Arrival>) -> Option<Served> {
+    let Arrival {
+        listening,
+        stream,
+        peer,
+        accepted,
+        protocol,
+        frontend,
+    } = *arrival;
     let stats = accepted.stats.clone();
     let open = Open::new(&stats);
     // The PROXY header, the TLS handshake or ClientHello together: a request head's time.
@@ -422,49 +444,50 @@ async fn serve(
                 }
                 stream
             }
-            Ok(Err(e)) => return proxy_header_failed(&stats, peer, &e.to_string()),
-            Err(_) => return proxy_header_failed(&stats, peer, "no header before the deadline"),
+            Ok(Err(e)) => {
+                proxy_header_failed(&stats, peer, &e.to_string());
+                return None;
+            }
+            Err(_) => {
+                proxy_header_failed(&stats, peer, "no header before the deadline");
+                return None;
+            }
         }
     } else {
         Prefixed::new(Vec::new(), stream)
     };
-    // Each way of serving is boxed (clear-text HTTP inside `conn::serve`): the task's own
-    // future then stays small, and a connection holds only the state of the way it is served,
-    // not that of the largest (TLS).
     match (&frontend.tls, protocol) {
         (None, Protocol::Http) => {
             let mut stream = stream;
             let drain = &listening.drain;
-            if let Some(version) =
-                conn::sniff_version(&mut stream, &accepted.deadlines, drain).await
-            {
-                conn::serve(listening, stream, client, accepted, version).await;
-            }
+            let version = conn::sniff_version(&mut stream, &accepted.deadlines, drain).await?;
+            conn::serve(listening, stream, client, accepted, version)
         }
+        // Boxed: a clear-text connection's start does not carry room for a TLS handshake.
         (Some(t), protocol) => {
             Box::pin(serve_tls(
                 t, listening, stream, client, accepted, protocol, deadline,
             ))
-            .await;
+            .await
         }
         (None, Protocol::Tcp) if frontend.sni_routing => {
             let mut stream = stream;
             match tokio::time::timeout_at(deadline, tls::read_sni(&mut stream)).await {
                 Ok(Ok((hello, name))) => {
                     stream.unread(hello);
-                    Box::pin(crate::tcp::serve(listening, stream, client, name)).await;
+                    Some(Box::pin(crate::tcp::serve(listening, stream, client, name)))
                 }
                 Ok(Err(e)) => {
-                    tracing::debug!(peer = %client.addr, "reading the ClientHello failed: {e}")
+                    tracing::debug!(peer = %client.addr, "reading the ClientHello failed: {e}");
+                    None
                 }
                 Err(_) => {
-                    tracing::debug!(peer = %client.addr, "no ClientHello before the deadline; closing")
+                    tracing::debug!(peer = %client.addr, "no ClientHello before the deadline; closing");
+                    None
                 }
             }
         }
-        (None, Protocol::Tcp) => {
-            Box::pin(crate::tcp::serve(listening, stream, client, None)).await;
-        }
+        (None, Protocol::Tcp) => Some(Box::pin(crate::tcp::serve(listening, stream, client, None))),
     }
 }
 
@@ -475,7 +498,7 @@ fn proxy_header_failed(stats: &ListenerStats, peer: SocketAddr, why: &str) {
     tracing::debug!(%peer, "closing a connection from a trusted downstream: {why}");
 }
 
-/// Terminates TLS, then serves what it carries as the listener's protocol.
+/// Terminates TLS; then returns how what it carries is served, as the listener's protocol.
 async fn serve_tls(
     terminator: &Terminator,
     listening: Listening,
@@ -484,11 +507,9 @@ async fn serve_tls(
     accepted: Accepted,
     protocol: Protocol,
     deadline: tokio::time::Instant,
-) {
+) -> Option<Served> {
     let stats = accepted.stats.clone();
-    let Some(stream) = handshake(terminator, stream, deadline, &stats, &client).await else {
-        return;
-    };
+    let stream = handshake(terminator, stream, deadline, &stats, &client).await?;
     client.tls = true;
     match protocol {
         Protocol::Http => {
@@ -497,11 +518,11 @@ async fn serve_tls(
                 Some(b"h2") => HttpVersion::Http2,
                 _ => HttpVersion::Http1,
             };
-            conn::serve(listening, stream, client, accepted, version).await;
+            conn::serve(listening, stream, client, accepted, version)
         }
         Protocol::Tcp => {
             let name = stream.get_ref().1.server_name().map(str::to_string);
-            crate::tcp::serve(listening, stream, client, name).await;
+            Some(Box::pin(crate::tcp::serve(listening, stream, client, name)))
         }
     }
 }
