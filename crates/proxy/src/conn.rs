@@ -532,72 +532,83 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for Http1<S> {
 
 /// Serves HTTP/1.x on a connection: with hyper while requests come, and with nothing but the
 /// stream while it waits longer than [`RELEASE_AFTER`] for the next.
-async fn serve_http1<S>(
+fn serve_http1<S>(
     server: Arc<ServerSettings>,
     stream: S,
     ctx: Arc<ConnCtx>,
     deadlines: Deadlines,
-    _open: Open,
-) where
+    open: Open,
+) -> impl Future<Output = ()> + Send
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (builder, drain) = (&server.h1, &ctx.drain);
     let mut stream = Tracked {
         stream: Prefixed::new(Vec::new(), stream),
         ctx: ctx.clone(),
     };
     let mut service = Requests(ctx.clone());
-    loop {
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let mut conn = Http1(Box::new(conn));
-        let shutdown = |c: &mut Http1<S>| Pin::new(&mut *c.0).graceful_shutdown();
-        let ended = watch(
-            &mut conn,
-            shutdown,
-            Some(RELEASE_AFTER),
-            &ctx,
-            &deadlines,
-            drain,
-        );
-        let released = match Box::pin(ended).await {
-            Ended::Finished {
-                output: Ok(()),
-                released,
-            } => released,
-            Ended::Finished { output: Err(_), .. } | Ended::Cut => return,
-        };
+    // An async block rather than an async fn: it works on what it captures in place, where an
+    // async fn's future keeps each argument twice (as passed, and moved into its body). This
+    // future is what an idle connection holds.
+    async move {
+        let _open = &open;
+        let (builder, drain) = (&server.h1, &ctx.drain);
+        loop {
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let mut conn = Http1(Box::new(conn));
+            let shutdown = |c: &mut Http1<S>| Pin::new(&mut *c.0).graceful_shutdown();
+            let ended = watch(
+                &mut conn,
+                shutdown,
+                Some(RELEASE_AFTER),
+                &ctx,
+                &deadlines,
+                drain,
+            );
+            let released = match Box::pin(ended).await {
+                Ended::Finished {
+                    output: Ok(()),
+                    released,
+                } => released,
+                Ended::Finished { output: Err(_), .. } | Ended::Cut => return,
+            };
+            (stream, service) = conn.take_back();
+            if released {
+                if next_request(&mut stream, deadlines.idle, drain).await {
+                    continue;
+                }
+            } else if let Some(tunnel) = ctx.switched_to() {
+                // The 101 is written; the tunnel takes the connection from here. (A release
+                // needs an idle connection, so it never comes with a switch.)
+                let _ = tunnel.send(Box::new(stream.stream));
+                return;
+            }
+            // hyper is done with the connection (the client closed it, or a request or
+            // response asked to close), or it idled out, or drover drains: say so to the
+            // client, as hyper would have.
+            let _ = tokio::time::timeout(deadlines.send, stream.shutdown()).await;
+            return;
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Http1<S> {
+    /// Takes the stream and the service back from hyper's ended connection, with the bytes
+    /// hyper read but did not use put back in front, and frees the rest.
+    fn take_back(self) -> (Http1Stream<S>, Requests) {
         let http1::Parts {
             io,
             read_buf,
-            service: s,
+            service,
             ..
-        } = {
-            // Moved out of its box in a block of its own: the box is freed here, not at the
-            // end of the loop's body, after the idle wait.
-            let Http1(boxed) = conn;
-            (*boxed).into_parts()
-        };
-        (stream, service) = (io.into_inner(), s);
+        } = (*self.0).into_parts();
+        let mut stream = io.into_inner();
         if !read_buf.is_empty() {
             stream.stream.unread(read_buf.to_vec());
         }
-        // Even empty, it holds hyper's whole read buffer.
-        drop(read_buf);
-        if released {
-            if next_request(&mut stream, deadlines.idle, drain).await {
-                continue;
-            }
-        } else if let Some(tunnel) = ctx.switched_to() {
-            // The 101 is written; the tunnel takes the connection from here. (A release
-            // needs an idle connection, so it never comes with a switch.)
-            let _ = tunnel.send(Box::new(stream.stream));
-            return;
-        }
-        // hyper is done with the connection (the client closed it, or a request or response
-        // asked to close), or it idled out, or drover drains: say so to the client, as hyper
-        // would have.
-        let _ = tokio::time::timeout(deadlines.send, stream.shutdown()).await;
-        return;
+        // Even empty, `read_buf` holds hyper's whole read buffer: it is freed here, with the
+        // box, before the caller waits for anything.
+        (stream, service)
     }
 }
 
