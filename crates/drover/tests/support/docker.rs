@@ -42,8 +42,15 @@ pub fn engine_up() -> bool {
         .success()
 }
 
-/// Waits for the engine, and makes the test image if it is missing.
+/// Waits for the engine, and makes the test image if it is missing: once per test process.
+/// `Container::run` calls it too, so that a test that starts a container before anything
+/// else still finds the image on a fresh engine.
 pub fn ready() {
+    static READY: std::sync::Once = std::sync::Once::new();
+    READY.call_once(make_ready);
+}
+
+fn make_ready() {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !engine_up() {
         assert!(
@@ -145,6 +152,7 @@ impl Container {
         extra: &[&str],
         script: &str,
     ) -> Container {
+        ready();
         let mut args: Vec<String> = vec!["run".into(), "-d".into(), "--name".into(), name.into()];
         for (k, v) in labels {
             args.push("--label".into());
