@@ -615,24 +615,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Http1<S> {
 /// Waits on a released connection, with no hyper state held, for the first bytes of its next
 /// request, and puts them back for hyper. False if the client closes, the idle deadline (from
 /// the end of the last request) passes, or drover drains first.
-async fn next_request<S: AsyncRead + Unpin>(
-    stream: &mut Http1Stream<S>,
+fn next_request<'a, S: AsyncRead + Unpin>(
+    stream: &'a mut Http1Stream<S>,
     idle: Duration,
-    drain: &CancellationToken,
-) -> bool {
+    drain: &'a CancellationToken,
+) -> impl Future<Output = bool> + 'a {
     let clock = &stream.ctx.clock;
     let until = clock.instant(clock.idle_since.load(Ordering::Relaxed), idle);
-    // Small: the rest of the request comes with hyper's first read.
-    let mut first = [0u8; 64];
-    let n = tokio::select! {
-        r = tokio::time::timeout_at(until, stream.read(&mut first)) => match r {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => return false,
-        },
-        _ = drain.cancelled() => return false,
-    };
-    stream.stream.unread(first[..n].to_vec());
-    true
+    // An async block, for the reason given in `serve_http1`: every idle connection holds it.
+    async move {
+        // Small: this read only tells that a request is coming; hyper's first read takes the
+        // rest.
+        let mut first = [0u8; 8];
+        let n = tokio::select! {
+            r = tokio::time::timeout_at(until, stream.read(&mut first)) => match r {
+                Ok(Ok(n)) if n > 0 => n,
+                _ => return false,
+            },
+            _ = drain.cancelled() => return false,
+        };
+        stream.stream.unread(first[..n].to_vec());
+        true
+    }
 }
 
 /// How [`watch`] ended.
