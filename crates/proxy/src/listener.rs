@@ -380,19 +380,19 @@ async fn accept(
             ),
             None => return,
         };
-        let arrival = Box::new(Arrival {
-            listening: listening.clone(),
+        // The task's own future is a few pointers: the connection's start (with what it was
+        // accepted with) and the way it is then served are boxed each, so that an idle
+        // connection holds only what serving it needs, not the room its start took.
+        let starting = Box::pin(start(
+            listening.clone(),
             stream,
             peer,
             accepted,
             protocol,
-            frontend: frontend.load_full(),
-        });
-        // The task's own future is a few pointers: the connection's start and the way it is
-        // then served are boxed each, so that an idle connection holds only what serving it
-        // needs, not the room its start took nor copies of what it was accepted with.
+            frontend.load_full(),
+        ));
         tracker.spawn(async move {
-            if let Some(served) = Box::pin(start(arrival)).await {
+            if let Some(served) = starting.await {
                 served.await;
             }
             drop(permit);
@@ -400,27 +400,16 @@ async fn accept(
     }
 }
 
-/// A connection just accepted, and what its listener says about it.
-struct Arrival {
+/// Reads a connection's PROXY header and does its TLS handshake as its listener asks; then
+/// returns how it is served, as HTTP or TCP. None if it closes or fails before that.
+async fn start(
     listening: Listening,
     stream: TcpStream,
     peer: SocketAddr,
     accepted: Accepted,
     protocol: Protocol,
     frontend: Arc<Frontend>,
-}
-
-/// Reads a connection's PROXY header and does its TLS handshake as its listener asks; then
-/// returns how it is served, as HTTP or TCP. None if it closes or fails before that.
-async fn start(arrival: Box<Arrival>) -> Option<Served> {
-    let Arrival {
-        listening,
-        stream,
-        peer,
-        accepted,
-        protocol,
-        frontend,
-    } = *arrival;
+) -> Option<Served> {
     let stats = accepted.stats.clone();
     let open = Open::new(&stats);
     // The PROXY header, the TLS handshake or ClientHello together: a request head's time.
