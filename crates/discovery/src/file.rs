@@ -47,6 +47,9 @@ impl FileSource {
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 let ours = match &event {
+                    // Opening or reading the file changes nothing. The source's own read
+                    // opens it, so taking that for a change would re-read it forever.
+                    Ok(e) if e.kind.is_access() => false,
                     Ok(e) => e.paths.iter().any(|p| p.file_name() == name.as_deref()),
                     // An error from the watcher: re-read, so that nothing is missed.
                     Err(_) => true,
@@ -123,5 +126,36 @@ impl FileSource {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The watcher wakes the source for a write, and not for a read: the source reads the file
+    /// after every wake-up, so a read taken for a change would keep it re-reading for good.
+    #[tokio::test]
+    async fn a_write_wakes_the_source_and_a_read_does_not() {
+        let dir = std::env::temp_dir().join(format!("drover-file-source-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("drover.toml");
+        std::fs::write(&path, "# first\n").unwrap();
+        let mut source = FileSource::watch(&path).unwrap();
+        let wait = Duration::from_millis(300);
+
+        std::fs::read_to_string(&path).unwrap();
+        let woken = tokio::time::timeout(wait, source.events.recv()).await;
+        assert!(woken.is_err(), "reading the file woke the source");
+
+        std::fs::write(&path, "# second\n").unwrap();
+        let woken = tokio::time::timeout(Duration::from_secs(5), source.events.recv()).await;
+        assert_eq!(
+            woken,
+            Ok(Some(())),
+            "writing the file did not wake the source"
+        );
+
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
