@@ -23,7 +23,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use support::consul::ConsulDouble;
 use support::dnsmasq::Dnsmasq;
-use support::{Body, Drover, Origin, client, empty, free_port, full, origin_of, send};
+use support::{
+    Body, Drover, Origin, client, empty, free_port, full, origin_of, read_response, send,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 // ---------------------------------------------------------------------------------------
 // The text format, parsed strictly.
@@ -592,6 +595,85 @@ async fn a_request_in_flight_shows_in_the_gauges_until_it_ends() {
         )
     };
     assert_eq!((bucket("1"), bucket("2.5")), (0.0, 1.0));
+}
+
+/// An idle keep-alive connection over plain TCP waits parked, with no task of its own: it shows
+/// in the parked gauge while still counted open, and its next request is served. When its
+/// client closes it, drover notices while it is parked.
+#[tokio::test]
+async fn an_idle_connection_shows_parked_until_its_client_closes_it() {
+    let a = Origin::start("a").await;
+    let port = free_port();
+    let drover = Drover::start(&two_routes(port, &[&a], "")).await;
+    let web = [("listener", "web")];
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    for n in 1..=2 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_response(&mut s).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "request {n}: {answer}");
+        let parked = scrape_until(&drover, "the idle connection parked", |m| {
+            m.one("drover_listener_connections_parked", &web) == 1.0
+        })
+        .await;
+        assert_eq!(
+            parked.one("drover_listener_connections_active", &web),
+            1.0,
+            "parked, it is still open"
+        );
+    }
+    drop(s);
+    scrape_until(&drover, "the closed connection gone", |m| {
+        m.one("drover_listener_connections_parked", &web) == 0.0
+            && m.one("drover_listener_connections_active", &web) == 0.0
+    })
+    .await;
+}
+
+/// A listener removed from the configuration closes its parked connections at once.
+#[tokio::test]
+async fn a_removed_listener_closes_its_parked_connections() {
+    let a = Origin::start("a").await;
+    let (port, side) = (free_port(), free_port());
+    let base = two_routes(port, &[&a], "");
+    let with_side = format!(
+        r#"{base}
+[[listeners]]
+name = "side"
+listen = "127.0.0.1:{side}"
+
+[[routes]]
+listener = "side"
+service = "app"
+"#
+    );
+    let drover = Drover::start(&with_side).await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", side))
+        .await
+        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_response(&mut s).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    scrape_until(&drover, "the idle connection parked", |m| {
+        m.one(
+            "drover_listener_connections_parked",
+            &[("listener", "side")],
+        ) == 1.0
+    })
+    .await;
+
+    std::fs::write(&drover.config, &base).unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(read, Ok(Ok(0))),
+        "closed, with nothing more sent: {read:?} {rest:?}"
+    );
 }
 
 #[tokio::test]

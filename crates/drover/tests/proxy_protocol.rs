@@ -252,3 +252,35 @@ endpoints = [ {{ address = "{origin}" }} ]
             .is_err()
     );
 }
+
+/// A keep-alive connection that idles leaves its task for its listener's lot (see
+/// docs/architecture.md), and comes back when its next request begins. It is still the client
+/// its PROXY header named, for every request after every wait.
+#[tokio::test]
+async fn a_parked_connection_keeps_the_addresses_from_its_proxy_header() {
+    let origin = Origin::start("web").await;
+    let port = free_port();
+    let _d = Drover::start(&config(port, "\"127.0.0.0/8\"", origin.addr)).await;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let proxy = format!("PROXY TCP4 203.0.113.7 192.0.2.1 51000 {port}\r\n");
+    s.write_all(proxy.as_bytes()).await.unwrap();
+    // No wait, then waits past the first release (10 ms), and past the longest (100 ms).
+    for wait_ms in [0, 50, 300, 300] {
+        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: web.test\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_response(&mut s).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(
+            header(&answer, "x-forwarded-for").as_deref(),
+            Some("203.0.113.7"),
+            "after {wait_ms} ms: {answer}"
+        );
+        assert_eq!(
+            header(&answer, "x-original-to").as_deref(),
+            Some("192.0.2.1"),
+            "after {wait_ms} ms: {answer}"
+        );
+    }
+}

@@ -1,10 +1,11 @@
 //! One client connection: serving it with hyper (HTTP/1.1, or HTTP/2 with prior knowledge),
 //! enforcing its deadlines, and draining it.
 //!
-//! An HTTP/1 connection that has waited [`RELEASE_AFTER`] for its next request gives up
-//! hyper's state (its two 8 KiB buffers and its dispatcher): drover waits for the next request
-//! with nothing but the socket, and builds hyper's connection again when it comes. An idle
-//! keep-alive connection then costs a few KB instead of some 20 KB.
+//! An HTTP/1 connection that has waited a little for its next request ([`release_next`]) gives
+//! up hyper's state (its two 8 KiB buffers and its dispatcher): drover waits for the next request
+//! with nothing but the socket, and builds hyper's connection again when it comes. One that
+//! came over plain TCP then leaves its task for its listener's lot ([`crate::park`]), which
+//! keeps it as a socket and a few addresses until the request comes.
 //!
 //! Two deadlines apply between requests, checked by a watchdog timer beside the connection
 //! rather than by hyper (whose header timer also bounds the idle wait):
@@ -36,11 +37,12 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::access::AccessLog;
 use crate::http::ResponseBody;
+use crate::park::{Lot, Park, Parked};
 use crate::proxy_protocol::Prefixed;
 use crate::stats::{ListenerStats, Stats};
 use crate::table::RoutingTable;
@@ -72,6 +74,8 @@ pub(crate) struct ConnCtx {
     /// set by `crate::upgrade` for a request that asks to switch, taken when hyper lets the
     /// connection go. Plain requests never touch it.
     switch_to: Mutex<Option<oneshot::Sender<Switched>>>,
+    /// Where the connection waits for its next request, if it can leave its task.
+    lot: Option<Lot>,
 }
 
 /// A client connection handed over for a tunnel after a 101, with the bytes the client sent
@@ -114,6 +118,11 @@ impl Clock {
     /// The instant `ms` milliseconds after the connection's start, plus `after`.
     fn instant(&self, ms: u64, after: Duration) -> tokio::time::Instant {
         tokio::time::Instant::from_std(self.start + Duration::from_millis(ms) + after)
+    }
+
+    /// When an idle connection is closed: `idle` after its last request ended.
+    fn idle_deadline(&self, idle: Duration) -> tokio::time::Instant {
+        self.instant(self.idle_since.load(Ordering::Relaxed), idle)
     }
 }
 
@@ -349,6 +358,9 @@ pub(crate) struct Accepted {
     pub deadlines: Deadlines,
     pub server: Arc<ServerSettings>,
     pub stats: Arc<ListenerStats>,
+    /// How long it waits for a request, idle, before its HTTP/1 state is released: see
+    /// [`release_next`].
+    pub release_after: Duration,
 }
 
 /// The deadlines of one connection.
@@ -368,6 +380,8 @@ pub(crate) struct Listening {
     pub local: SocketAddr,
     /// Cancelled when the listener is removed or drover shuts down.
     pub drain: CancellationToken,
+    /// Where its idle plain-TCP HTTP/1 connections wait; None if it could not be made.
+    pub lot: Option<Lot>,
 }
 
 /// Who a connection is from, once its PROXY header (if any) is read and its TLS handshake (if
@@ -383,28 +397,47 @@ pub(crate) struct Client {
     pub open: Open,
 }
 
-/// Counts a connection as open for as long as it lives.
-pub(crate) struct Open(Arc<ListenerStats>);
+/// Counts a connection as open for as long as it lives, and holds its slots under the
+/// connection limits (its listener's and the process's), wherever it is: in its task, or
+/// parked.
+pub(crate) struct Open {
+    stats: Arc<ListenerStats>,
+    _slots: Option<[OwnedSemaphorePermit; 2]>,
+}
 
 impl Open {
-    pub(crate) fn new(listener: &Arc<ListenerStats>) -> Self {
+    pub(crate) fn new(listener: &Arc<ListenerStats>, slots: [OwnedSemaphorePermit; 2]) -> Self {
         listener
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);
-        Self::tunnel(listener)
+        listener.connections_active.fetch_add(1, Ordering::Relaxed);
+        Self {
+            stats: listener.clone(),
+            _slots: Some(slots),
+        }
+    }
+
+    /// The counters of the listener it was accepted on.
+    pub(crate) fn listener(&self) -> &ListenerStats {
+        &self.stats
     }
 
     /// A connection that lives on as a tunnel after its HTTP part ended: open, not accepted
-    /// again.
+    /// again, and no longer under the connection limits.
     pub(crate) fn tunnel(listener: &Arc<ListenerStats>) -> Self {
         listener.connections_active.fetch_add(1, Ordering::Relaxed);
-        Self(listener.clone())
+        Self {
+            stats: listener.clone(),
+            _slots: None,
+        }
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.connections_active.fetch_sub(1, Ordering::Relaxed);
+        self.stats
+            .connections_active
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -422,12 +455,13 @@ pub(crate) fn serve<S>(
     version: HttpVersion,
 ) -> Option<Served>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Park + Unpin + Send + 'static,
 {
     let Accepted {
         deadlines,
         server,
         stats: listener,
+        release_after,
     } = accepted;
     let Client {
         addr: peer,
@@ -441,6 +475,7 @@ where
         access_log,
         local,
         drain,
+        lot,
     } = listening;
     let ip_value =
         |ip: std::net::IpAddr| HeaderValue::from_str(&ip.to_canonical().to_string()).ok();
@@ -465,10 +500,18 @@ where
             write_blocked_since: AtomicU64::new(NOT_BLOCKED),
         },
         switch_to: Mutex::new(None),
+        lot,
     });
     // Each its own box: an HTTP/1 connection does not carry room for HTTP/2's larger state.
     Some(match version {
-        HttpVersion::Http1 => Box::pin(serve_http1(server, stream, ctx, deadlines, open)),
+        HttpVersion::Http1 => Box::pin(serve_http1(
+            server,
+            stream,
+            ctx,
+            deadlines,
+            open,
+            release_after,
+        )),
         HttpVersion::Http2 => Box::pin(serve_http2(server, stream, ctx, deadlines, open)),
     })
 }
@@ -508,10 +551,25 @@ impl hyper::service::Service<Request<Incoming>> for Requests {
     }
 }
 
-/// How long an HTTP/1 connection waits for its next request before drover frees hyper's
-/// state for it. nginx frees its buffers as soon as a request is done; waiting a little spares
-/// a busy connection the cost of building the state again for every request.
-pub(crate) const RELEASE_AFTER: Duration = Duration::from_millis(100);
+/// How long a new HTTP/1 connection waits for its next request before drover frees hyper's
+/// state for it (and parks it). nginx frees its buffers as soon as a request is done; waiting a
+/// little spares a busy connection the cost of building the state again for every request.
+pub(crate) const RELEASE_FIRST: Duration = Duration::from_millis(10);
+
+/// The longest a connection that keeps coming back waits before its release.
+const RELEASE_MAX: Duration = Duration::from_millis(100);
+
+/// How long a connection waits before its next release, after one `after` that it came back
+/// from `waited` later: twice as long if that was soon (up to [`RELEASE_MAX`]), so that a
+/// connection whose requests come every few tens of milliseconds is released (and parked)
+/// only its first few times; [`RELEASE_FIRST`] again if it stayed away longer.
+pub(crate) fn release_next(after: Duration, waited: Duration) -> Duration {
+    if waited < RELEASE_MAX {
+        (after * 2).min(RELEASE_MAX)
+    } else {
+        RELEASE_FIRST
+    }
+}
 
 /// The stream under an HTTP/1 connection: bytes read but not used (a request that came after
 /// the one before, or the first bytes of the next) go back in front.
@@ -531,16 +589,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for Http1<S> {
 }
 
 /// Serves HTTP/1.x on a connection: with hyper while requests come, and with nothing but the
-/// stream while it waits longer than [`RELEASE_AFTER`] for the next.
+/// stream once it has waited `release_after` for the next; parked in its listener's lot, if it
+/// can be, until that comes.
 fn serve_http1<S>(
     server: Arc<ServerSettings>,
     stream: S,
     ctx: Arc<ConnCtx>,
     deadlines: Deadlines,
     open: Open,
+    mut release_after: Duration,
 ) -> impl Future<Output = ()> + Send
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Park + Unpin + Send + 'static,
 {
     let mut stream = Tracked {
         stream: Prefixed::new(Vec::new(), stream),
@@ -551,7 +611,6 @@ where
     // async fn's future keeps each argument twice (as passed, and moved into its body). This
     // future is what an idle connection holds.
     async move {
-        let _open = &open;
         let (builder, drain) = (&server.h1, &ctx.drain);
         loop {
             let conn = builder.serve_connection(TokioIo::new(stream), service);
@@ -560,7 +619,7 @@ where
             let ended = watch(
                 &mut conn,
                 shutdown,
-                Some(RELEASE_AFTER),
+                Some(release_after),
                 &ctx,
                 &deadlines,
                 drain,
@@ -574,7 +633,29 @@ where
             };
             (stream, service) = conn.take_back();
             if released {
-                if next_request(&mut stream, deadlines.idle, drain).await {
+                let until = ctx.clock.idle_deadline(deadlines.idle);
+                if let Some(lot) = &ctx.lot {
+                    stream = match park(stream) {
+                        Ok(Some((socket, destination))) => {
+                            let (client, open) = (ctx.peer, open);
+                            lot.park(Parked {
+                                socket,
+                                client,
+                                destination,
+                                until,
+                                open,
+                                release_after,
+                                since: tokio::time::Instant::now(),
+                            });
+                            return;
+                        }
+                        Ok(None) => return,
+                        Err(stream) => stream,
+                    };
+                }
+                let waiting = tokio::time::Instant::now();
+                if next_request(&mut stream, until, drain).await {
+                    release_after = release_next(release_after, waiting.elapsed());
                     continue;
                 }
             } else if let Some(tunnel) = ctx.switched_to() {
@@ -612,17 +693,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Http1<S> {
     }
 }
 
+/// Takes a released connection's socket out of tokio's hands, with the address the client
+/// connected to, to be parked. The stream back if it cannot be parked (TLS, or bytes read
+/// ahead); None if the socket was lost on the way.
+#[allow(clippy::type_complexity)]
+fn park<S: Park>(
+    stream: Http1Stream<S>,
+) -> Result<Option<(std::net::TcpStream, SocketAddr)>, Http1Stream<S>> {
+    // The address the client connected to is kept only as a header value; the port is not
+    // needed again.
+    let local_ip = stream.ctx.local_ip.to_str().ok();
+    let Some(ip) = local_ip.and_then(|ip| ip.parse().ok()) else {
+        return Err(stream);
+    };
+    let Tracked { stream, ctx } = stream;
+    match stream.park() {
+        Ok(Ok(socket)) => Ok(Some((socket, SocketAddr::new(ip, 0)))),
+        Ok(Err(e)) => {
+            tracing::debug!(client = %ctx.peer, "lost a connection while parking it: {e}");
+            Ok(None)
+        }
+        Err(stream) => Err(Tracked { stream, ctx }),
+    }
+}
+
 /// Waits on a released connection, with no hyper state held, for the first bytes of its next
-/// request, and puts them back for hyper. False if the client closes, the idle deadline (from
-/// the end of the last request) passes, or drover drains first.
+/// request, and puts them back for hyper. False if the client closes, the idle deadline
+/// `until` passes, or drover drains first.
+// An async block, for the reason given in `serve_http1`: every idle connection that cannot be
+// parked (TLS) holds it.
+#[allow(clippy::manual_async_fn)]
 fn next_request<'a, S: AsyncRead + Unpin>(
     stream: &'a mut Http1Stream<S>,
-    idle: Duration,
+    until: tokio::time::Instant,
     drain: &'a CancellationToken,
 ) -> impl Future<Output = bool> + 'a {
-    let clock = &stream.ctx.clock;
-    let until = clock.instant(clock.idle_since.load(Ordering::Relaxed), idle);
-    // An async block, for the reason given in `serve_http1`: every idle connection holds it.
     async move {
         // Small: this read only tells that a request is coming; hyper's first read takes the
         // rest.

@@ -22,6 +22,7 @@ mod health;
 mod http;
 mod listener;
 pub mod metrics;
+mod park;
 mod pool;
 pub mod proxy_protocol;
 mod stats;

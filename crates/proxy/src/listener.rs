@@ -29,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use crate::access::AccessLog;
 use crate::conn::{self, Accepted, Client, Deadlines, HttpVersion, Listening, Open, Served};
 use crate::health::Checker;
+use crate::park::{self, Parked};
 use crate::proxy_protocol::{self, Prefixed};
 use crate::stats::{ListenerStats, Stats};
 use crate::table::{RoutingTable, TableBuilder};
@@ -190,14 +191,26 @@ impl Proxy {
             frontend: Arc::new(ArcSwap::new(frontend)),
         };
         tracing::info!(listener = %spec.name, "accepting {} on {}", spec.protocol, spec.listen);
-        let listening = Listening {
+        let tracker = self.handle.tracker.clone();
+        let lot = park::lot()
+            .inspect_err(|e| {
+                tracing::warn!(listener = %spec.name, "idle connections will keep their tasks: cannot make their lot: {e}")
+            })
+            .ok();
+        let mut listening = Listening {
             tables: self.handle.tables.clone(),
             stats: self.handle.stats.clone(),
             access_log: self.handle.access_log.clone(),
             local: spec.listen,
             drain: running.drain.clone(),
+            lot: None,
         };
-        let tracker = self.handle.tracker.clone();
+        if let Some((lot, yard)) = lot {
+            listening.lot = Some(lot);
+            let (resumed, tasks) = (listening.clone(), tracker.clone());
+            let resume = move |parked| resume(&resumed, &tasks, parked);
+            tracker.spawn(park::run(yard, running.drain.clone(), resume));
+        }
         let slots = Slots {
             listener: running.slots.clone(),
             global: self.global_slots.clone(),
@@ -344,7 +357,7 @@ async fn accept(
             p = async {
                 let listener = slots.listener.clone().acquire_owned().await?;
                 let global = slots.global.clone().acquire_owned().await?;
-                Ok::<_, tokio::sync::AcquireError>((listener, global))
+                Ok::<_, tokio::sync::AcquireError>([listener, global])
             } => match p {
                 Ok(p) => p,
                 Err(_) => return,
@@ -365,20 +378,8 @@ async fn accept(
             _ = drain.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
-        let (accepted, protocol) = match listening.tables.load().listener(local) {
-            Some(l) => (
-                Accepted {
-                    deadlines: Deadlines {
-                        request_header: l.spec.request_header_timeout.get(),
-                        idle: l.spec.idle_timeout.get(),
-                        send: l.spec.send_timeout.get(),
-                    },
-                    server: l.server.clone(),
-                    stats: l.stats.clone(),
-                },
-                l.spec.protocol,
-            ),
-            None => return,
+        let Some((accepted, protocol)) = accepted(&listening) else {
+            return;
         };
         // The task's own future is a few pointers: the connection's start (with what it was
         // accepted with) and the way it is then served are boxed each, so that an idle
@@ -390,13 +391,66 @@ async fn accept(
             accepted,
             protocol,
             frontend.load_full(),
+            permit,
         ));
         tracker.spawn(async move {
             if let Some(served) = starting.await {
                 served.await;
             }
-            drop(permit);
         });
+    }
+}
+
+/// The settings a connection is served with, from its listener's entry in the table in force;
+/// None once the listener is gone from it.
+fn accepted(listening: &Listening) -> Option<(Accepted, Protocol)> {
+    let table = listening.tables.load();
+    let l = table.listener(listening.local)?;
+    let accepted = Accepted {
+        deadlines: Deadlines {
+            request_header: l.spec.request_header_timeout.get(),
+            idle: l.spec.idle_timeout.get(),
+            send: l.spec.send_timeout.get(),
+        },
+        server: l.server.clone(),
+        stats: l.stats.clone(),
+        release_after: conn::RELEASE_FIRST,
+    };
+    Some((accepted, l.spec.protocol))
+}
+
+/// Serves a parked connection whose next request has begun, as HTTP/1 with the settings in
+/// force now; its PROXY header, if it had one, was read when it was accepted.
+fn resume(listening: &Listening, tracker: &TaskTracker, parked: Parked) {
+    let Parked {
+        socket,
+        client,
+        destination,
+        open,
+        until: _,
+        release_after,
+        since,
+    } = parked;
+    let Some((mut accepted, _)) = accepted(listening) else {
+        return;
+    };
+    accepted.release_after = conn::release_next(release_after, since.elapsed());
+    let stream = match park::unpark(socket) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(%client, "lost a parked connection on its way back: {e}");
+            return;
+        }
+    };
+    let client = Client {
+        addr: client,
+        destination,
+        tls: false,
+        open,
+    };
+    let version = HttpVersion::Http1;
+    if let Some(served) = conn::serve(listening.clone(), stream, client, accepted, version) {
+        tracker.spawn(served);
     }
 }
 
@@ -409,9 +463,10 @@ async fn start(
     accepted: Accepted,
     protocol: Protocol,
     frontend: Arc<Frontend>,
+    slots: [tokio::sync::OwnedSemaphorePermit; 2],
 ) -> Option<Served> {
     let stats = accepted.stats.clone();
-    let open = Open::new(&stats);
+    let open = Open::new(&stats, slots);
     // The PROXY header, the TLS handshake or ClientHello together: a request head's time.
     let deadline = tokio::time::Instant::now() + accepted.deadlines.request_header;
     let mut client = Client {

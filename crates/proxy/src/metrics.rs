@@ -256,12 +256,18 @@ fn write_listeners(out: &mut Exposition, table: &RoutingTable) {
         [("listener", l.0.name.clone()), ("address", l.1.clone())]
     };
     type Read = fn(&ListenerStats) -> u64;
-    let simple: [(&str, Kind, &str, Read); 5] = [
+    let simple: [(&str, Kind, &str, Read); 6] = [
         (
             "drover_listener_connections_active",
             Kind::Gauge,
             "Client connections open now.",
             |l| l.connections_active.load(Ordering::Relaxed),
+        ),
+        (
+            "drover_listener_connections_parked",
+            Kind::Gauge,
+            "Idle client connections open now that wait for a request with no task of their own.",
+            |l| l.connections_parked.load(Ordering::Relaxed),
         ),
         (
             "drover_listener_connections_accepted_total",

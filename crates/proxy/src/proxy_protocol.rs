@@ -281,6 +281,16 @@ impl<S> Prefixed<S> {
         }
     }
 
+    /// Whether bytes put back in front are still to be read.
+    pub(crate) fn holds_unread(&self) -> bool {
+        self.pos < self.prefix.len()
+    }
+
+    /// The stream, without what was put back in front.
+    pub(crate) fn into_inner(self) -> S {
+        self.inner
+    }
+
     /// Puts bytes just read back in front: they are read again first, then any bytes of the
     /// prefix not read yet, then the stream's own.
     pub(crate) fn unread(&mut self, mut bytes: Vec<u8>) {

@@ -64,6 +64,8 @@ pub struct ListenerStats {
     pub connections_accepted: AtomicU64,
     /// Connections open now.
     pub connections_active: AtomicU64,
+    /// Idle connections parked now (see `crate::park`), of those open.
+    pub connections_parked: AtomicU64,
     /// Requests whose response is not finished yet.
     pub requests_active: AtomicU64,
     /// TLS handshakes that failed or timed out.
@@ -81,6 +83,7 @@ impl ListenerStats {
             address,
             connections_accepted: AtomicU64::new(0),
             connections_active: AtomicU64::new(0),
+            connections_parked: AtomicU64::new(0),
             requests_active: AtomicU64::new(0),
             tls_handshake_failures: AtomicU64::new(0),
             proxy_header_failures: AtomicU64::new(0),
