@@ -637,10 +637,9 @@ where
                 if let Some(lot) = &ctx.lot {
                     stream = match park(stream) {
                         Ok(Some((socket, destination))) => {
-                            let (client, open) = (ctx.peer, open);
                             lot.park(Parked {
                                 socket,
-                                client,
+                                client: ctx.peer,
                                 destination,
                                 until,
                                 open,

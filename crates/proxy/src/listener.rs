@@ -12,6 +12,9 @@
 //! the ClientHello's server name is read; both within the listener's
 //! `request_header_timeout`. Certificates are loaded when a configuration is applied, and a
 //! certificate that cannot be loaded rejects it.
+//!
+//! Each listener also keeps a lot ([`crate::park`]), where its idle HTTP/1 connections over
+//! plain TCP wait for their next request without a task.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

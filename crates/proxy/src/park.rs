@@ -83,7 +83,7 @@ pub(crate) fn lot() -> io::Result<(Lot, Yard)> {
     Ok((Lot(tx), Yard { arrivals, poll }))
 }
 
-/// A stream that can be parked: plain TCP, with nothing read from it and not yet used.
+/// A stream that can be parked: plain TCP, with no bytes put back in front of it.
 pub(crate) trait Park: Sized {
     /// The socket, out of tokio's hands, or the stream itself if it cannot be parked. An
     /// error means the socket was lost on the way.
