@@ -23,7 +23,7 @@
 
 use std::convert::Infallible;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -478,7 +478,7 @@ where
         lot,
     } = listening;
     let ip_value =
-        |ip: std::net::IpAddr| HeaderValue::from_str(&ip.to_canonical().to_string()).ok();
+        |ip: IpAddr| HeaderValue::from_str(&ip.to_canonical().to_string()).ok();
     let (client_ip, local_ip) = (ip_value(peer.ip())?, ip_value(destination.ip())?);
     let ctx = Arc::new(ConnCtx {
         tables,
@@ -698,16 +698,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Http1<S> {
 #[allow(clippy::type_complexity)]
 fn park<S: Park>(
     stream: Http1Stream<S>,
-) -> Result<Option<(std::net::TcpStream, SocketAddr)>, Http1Stream<S>> {
-    // The address the client connected to is kept only as a header value; the port is not
-    // needed again.
+) -> Result<Option<(std::net::TcpStream, IpAddr)>, Http1Stream<S>> {
+    // The IP the client connected to is kept only as a header value.
     let local_ip = stream.ctx.local_ip.to_str().ok();
     let Some(ip) = local_ip.and_then(|ip| ip.parse().ok()) else {
         return Err(stream);
     };
     let Tracked { stream, ctx } = stream;
     match stream.park() {
-        Ok(Ok(socket)) => Ok(Some((socket, SocketAddr::new(ip, 0)))),
+        Ok(Ok(socket)) => Ok(Some((socket, ip))),
         Ok(Err(e)) => {
             tracing::debug!(client = %ctx.peer, "lost a connection while parking it: {e}");
             Ok(None)

@@ -447,7 +447,8 @@ fn resume(listening: &Listening, tracker: &TaskTracker, parked: Parked) {
     };
     let client = Client {
         addr: client,
-        destination,
+        // Only its IP is used from here on.
+        destination: SocketAddr::new(destination, 0),
         tls: false,
         open,
     };

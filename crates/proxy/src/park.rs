@@ -20,7 +20,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::pin::pin;
 use std::sync::atomic::Ordering;
@@ -42,8 +42,8 @@ pub(crate) struct Parked {
     pub socket: std::net::TcpStream,
     /// The client's address: the peer's, or the one its PROXY header carried.
     pub client: SocketAddr,
-    /// The address the client connected to.
-    pub destination: SocketAddr,
+    /// The IP the client connected to (its port is not used again).
+    pub destination: IpAddr,
     /// When it is closed if no request comes.
     pub until: Instant,
     /// Keeps it counted open, and its slots under the connection limits.
