@@ -477,8 +477,7 @@ where
         drain,
         lot,
     } = listening;
-    let ip_value =
-        |ip: IpAddr| HeaderValue::from_str(&ip.to_canonical().to_string()).ok();
+    let ip_value = |ip: IpAddr| HeaderValue::from_str(&ip.to_canonical().to_string()).ok();
     let (client_ip, local_ip) = (ip_value(peer.ip())?, ip_value(destination.ip())?);
     let ctx = Arc::new(ConnCtx {
         tables,
