@@ -105,11 +105,25 @@ async fn slowloris_connections_are_closed_at_the_header_deadline() {
         last[0] <= 5,
         "closed at the 2 s deadline, not later: {rows:?}"
     );
-    // Those opened in the first second (30 a second) were closed by the third.
-    assert!(
-        rows.iter().any(|r| r[0] <= 3 && r[1] >= 25),
-        "closed 2 s after they opened: {rows:?}"
-    );
+    // Each was closed 2 s after it opened, give or take slowhttptest's one-second samples:
+    // every connection open at one sample is closed by the sample 3 s later. (Counted from the
+    // samples rather than from the 30-a-second rate: on a loaded machine the tool opens them
+    // more slowly than it asks.)
+    let mut compared = 0;
+    for r in &rows {
+        let Some(later) = rows.iter().find(|l| l[0] >= r[0] + 3) else {
+            continue;
+        };
+        compared += 1;
+        assert!(
+            later[1] >= r[1] + r[3],
+            "the {} connections open at {} s were not all closed by {} s: {rows:?}",
+            r[3],
+            r[0],
+            later[0]
+        );
+    }
+    assert!(compared > 0, "samples 3 s apart: {rows:?}");
     let fds_after = fds_settle(d.pid(), fds_before).await;
     let (rss_after, _) = d.memory_kib();
     eprintln!(
