@@ -335,6 +335,72 @@ async fn a_502_is_retried_for_gets_but_not_for_posts() {
     assert!(service["retries"].as_u64().unwrap() >= 3, "{service}");
 }
 
+/// GETs to service `web` while its endpoint `a` takes 3 s to answer, until one of them is
+/// tried on `a` (its failures counter rises; round robin gets there within a few): each must
+/// come back from `b`, well before `a` would have answered.
+async fn gets_until_a_times_out(d: &Drover, a: SocketAddr, url: &str) {
+    let failures = || async { endpoint_view(d, a).await["failures"].as_u64().unwrap() };
+    let before = failures().await;
+    let client = client();
+    for _ in 0..4 {
+        let started = Instant::now();
+        let (status, headers, _) = get(&client, url).await;
+        assert_eq!((status, origin_of(&headers)), (StatusCode::OK, "b".into()));
+        assert!(
+            started.elapsed() < Duration::from_millis(2500),
+            "the try on a was not cut at its deadline: {:?}",
+            started.elapsed()
+        );
+        if failures().await > before {
+            return;
+        }
+    }
+    panic!("no GET was tried on a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_try_past_its_deadline_goes_to_another_endpoint_on_a_reused_connection_too() {
+    let a = Origin::start("a").await;
+    let b = Origin::start("b").await;
+    let port = free_port();
+    // Ejection off, so that `a` stays in turn however often it times out.
+    let extra = "[services.web.retries]\nper_try_timeout = \"300ms\"\n\n[services.web.outlier]\nconsecutive_failures = 0";
+    let d = Drover::start(&service_config(port, &[(a.addr, 1), (b.addr, 1)], extra)).await;
+    let client = client();
+    let url = format!("http://127.0.0.1:{port}/");
+
+    // Requests one after another: each endpoint's pooled connection carries all of them,
+    // and each one's deadline moves the connection's timer later.
+    for _ in 0..6 {
+        let (status, _, _) = get(&client, &url).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!((a.state.connections(), b.state.connections()), (1, 1));
+
+    // Right away, within the last deadline: `a` turns slow, and the first GET it gets is
+    // cut at 300 ms and answered by `b`.
+    a.state.delay(Duration::from_secs(3));
+    gets_until_a_times_out(&d, a.addr, &url).await;
+
+    // Its connection broke with the cut try; a new one carries the next GETs. Then it sits
+    // idle in the pool past its last deadline, so its timer goes off there, and the next
+    // request must set it again.
+    a.state.delay(Duration::ZERO);
+    for _ in 0..4 {
+        let (status, _, _) = get(&client, &url).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(a.state.connections(), 2);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    a.state.delay(Duration::from_secs(3));
+    gets_until_a_times_out(&d, a.addr, &url).await;
+    assert_eq!(
+        a.state.connections(),
+        2,
+        "the try was cut on the reused connection"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_random_and_least_conn_spread_as_configured() {
     let a = Origin::start("a").await;

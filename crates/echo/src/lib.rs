@@ -16,11 +16,12 @@
 //!
 //! For health-check demos and tests it can be made to fail: `POST /control/fail?status=500`
 //! makes every other path answer that status until `POST /control/recover`. A test that runs
-//! it in-process does the same through [`EchoState`].
+//! it in-process does the same through [`EchoState`], which can also make every answer wait
+//! and counts the connections accepted.
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -43,6 +44,10 @@ type Body = BoxBody<Bytes, hyper::Error>;
 pub struct EchoState {
     /// When not 0, every path but `/control/*` answers this status.
     forced_status: AtomicU16,
+    /// Milliseconds every path but `/control/*` waits before it answers.
+    delay_ms: AtomicU64,
+    /// Connections accepted so far.
+    accepted: AtomicU64,
 }
 
 impl EchoState {
@@ -54,6 +59,17 @@ impl EchoState {
     /// Answers normally again.
     pub fn recover(&self) {
         self.forced_status.store(0, Ordering::Relaxed);
+    }
+
+    /// Waits `delay` before every answer from now on (`Duration::ZERO`: answers at once).
+    pub fn delay(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How many connections it has accepted.
+    pub fn connections(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
     }
 }
 
@@ -77,6 +93,7 @@ pub async fn serve_with(listener: TcpListener, name: String, state: Arc<EchoStat
             Some(_) = connections.join_next() => continue,
         };
         let _ = stream.set_nodelay(true);
+        state.accepted.fetch_add(1, Ordering::Relaxed);
         let state = state.clone();
         connections.spawn(async move {
             let service = service_fn(move |req| {
@@ -94,6 +111,10 @@ async fn respond(name: &'static str, state: &EchoState, req: Request<Incoming>) 
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or_default().to_string();
     let forced = state.forced_status.load(Ordering::Relaxed);
+    let delay = state.delay_ms.load(Ordering::Relaxed);
+    if delay > 0 && !path.starts_with("/control/") {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     let mut response = if path == "/control/fail" {
         let status = req
             .uri()

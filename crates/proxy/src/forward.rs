@@ -396,11 +396,11 @@ pub(crate) async fn forward(
             endpoint.address,
         );
         let started = Instant::now();
-        let sent = tokio::time::timeout(per_try, conn.try_send_request(req)).await;
+        let sent = conn.send_within(req, per_try).await;
         tried[tries] = index;
         tries += 1;
         match sent {
-            Ok(Ok(mut response)) => {
+            Some(Ok(mut response)) => {
                 endpoint.latency.observe(started.elapsed());
                 let upstream_time = try_started.elapsed();
                 endpoint.responses.fetch_add(1, Ordering::Relaxed);
@@ -445,7 +445,7 @@ pub(crate) async fn forward(
                     upstream_time: Some(upstream_time),
                 };
             }
-            Ok(Err(mut e)) => match e.take_message() {
+            Some(Err(mut e)) => match e.take_message() {
                 // Never written: the connection was closing. Send it on another one.
                 Some(back) => {
                     let (back_parts, back_body) = back.into_parts();
@@ -469,7 +469,7 @@ pub(crate) async fn forward(
                     }
                 }
             },
-            Err(_) => {
+            None => {
                 record_failure(stats, service, endpoint);
                 failure = Failure::TimedOut;
                 if !(idempotent && payload.replayable()) {

@@ -778,11 +778,11 @@ impl UpstreamBody {
     /// current service settings.
     pub(crate) fn new(
         body: Incoming,
-        sender: Sender,
+        sender: hyper::client::conn::http1::SendRequest<crate::forward::ReqBody>,
         max_idle: usize,
         in_flight: InFlight,
     ) -> Self {
-        Self::pooled(body, sender, 0, max_idle, in_flight)
+        Self::pooled(body, Sender::new(sender), 0, max_idle, in_flight)
     }
 
     /// A body whose HTTP/1.1 connection goes back to the pool at its end.

@@ -26,16 +26,14 @@ use arc_swap::ArcSwapOption;
 use crossbeam_queue::SegQueue;
 use drover_balance::{Candidate, PeakEwma};
 use drover_model::UpstreamProtocol;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 
 use crate::forward::ReqBody;
 use crate::health::{Health, now_ms};
 use crate::stats::CodeCounters;
 pub(crate) use crate::upstream::ConnectError;
+pub(crate) use crate::upstream::Sender;
 use crate::upstream::{Conn, Upstream};
-
-/// The sending half of an upstream HTTP/1.1 connection.
-pub type Sender = http1::SendRequest<ReqBody>;
 
 /// Warnings about an endpoint's refused certificate: at most one per endpoint this often;
 /// the others go to the debug log.
@@ -132,7 +130,7 @@ impl EndpointState {
     }
 
     /// Gives an HTTP/1.1 connection back, unless the pool is full or the connection closed.
-    pub fn checkin(&self, sender: Sender, upstream: u64, max_idle: usize) {
+    pub(crate) fn checkin(&self, sender: Sender, upstream: u64, max_idle: usize) {
         if sender.is_closed() {
             return;
         }

@@ -16,12 +16,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use drover_model::{ServiceSpec, UpstreamProtocol, UpstreamTls};
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper::client::conn::{TrySendError, http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
@@ -77,28 +80,78 @@ struct Tls {
 
 /// A connection ready for requests.
 pub(crate) enum Conn {
-    H1(http1::SendRequest<ReqBody>),
+    H1(Sender),
     H2(http2::SendRequest<ReqBody>),
 }
+
+/// What a request sent on a connection came to: its response head, or the error (with the
+/// request handed back if it was never written), or `None` if the deadline passed first.
+pub(crate) type Sent = Option<Result<Response<Incoming>, TrySendError<Request<ReqBody>>>>;
 
 impl Conn {
     /// Waits until the connection can take a request; an error means it closed.
     pub(crate) async fn ready(&mut self) -> hyper::Result<()> {
         match self {
-            Conn::H1(s) => s.ready().await,
+            Conn::H1(s) => s.send.ready().await,
             Conn::H2(s) => s.ready().await,
         }
     }
 
-    /// Sends a request; hands it back in the error when it was never written.
-    pub(crate) async fn try_send_request(
-        &mut self,
-        req: http::Request<ReqBody>,
-    ) -> Result<http::Response<hyper::body::Incoming>, TrySendError<http::Request<ReqBody>>> {
+    /// Sends a request and waits at most `within` for the response head.
+    pub(crate) async fn send_within(&mut self, req: Request<ReqBody>, within: Duration) -> Sent {
         match self {
-            Conn::H1(s) => s.try_send_request(req).await,
-            Conn::H2(s) => s.try_send_request(req).await,
+            Conn::H1(s) => s.send_within(req, within).await,
+            // Requests share the connection: each has a timer of its own.
+            Conn::H2(s) => tokio::time::timeout(within, s.try_send_request(req))
+                .await
+                .ok(),
         }
+    }
+}
+
+/// An upstream HTTP/1.1 connection: hyper's sending half, and the timer that bounds the wait
+/// for each of its responses.
+#[derive(Debug)]
+pub(crate) struct Sender {
+    pub(crate) send: http1::SendRequest<ReqBody>,
+    /// Set to each request's deadline. One request at a time uses the connection, and its
+    /// deadline is later than the one before, so tokio moves the timer's time in place (an
+    /// atomic store) instead of taking it out of its timer wheel and putting it back, which
+    /// a new `tokio::time::timeout` per request did, under the wheel's lock each time. The
+    /// timer enters the wheel when the connection's first request sets it, and again after
+    /// it went off while the connection was idle. Made by the first request.
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl Sender {
+    pub(crate) fn new(send: http1::SendRequest<ReqBody>) -> Self {
+        Self {
+            send,
+            deadline: None,
+        }
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.send.is_closed()
+    }
+
+    async fn send_within(&mut self, req: Request<ReqBody>, within: Duration) -> Sent {
+        let at = tokio::time::Instant::now() + within;
+        let deadline = match &mut self.deadline {
+            Some(d) => {
+                d.as_mut().reset(at);
+                d
+            }
+            None => self.deadline.insert(Box::pin(tokio::time::sleep_until(at))),
+        };
+        let mut sent = std::pin::pin!(self.send.try_send_request(req));
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = sent.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
+            }
+            deadline.as_mut().poll(cx).map(|()| None)
+        })
+        .await
     }
 }
 
@@ -188,7 +241,7 @@ impl Upstream {
                         // Ends when the upstream or drover closes the connection; routine.
                         let _ = conn.await;
                     });
-                    Ok(Conn::H1(sender))
+                    Ok(Conn::H1(Sender::new(sender)))
                 }
                 UpstreamProtocol::Http2 => {
                     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
