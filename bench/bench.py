@@ -12,7 +12,7 @@ from the environment (all optional):
     RATE_DURATION    seconds per fixed-rate run (default 10)
     WARMUP           seconds of unmeasured load after a proxy starts (default 1)
     PROXIES          default "drover nginx haproxy caddy" (direct is always run)
-    PHASES           default "throughput workers2 rate memory"
+    PHASES           default "throughput workers2 relay rate memory"
     FULL_MATRIX=1    every connections x body x keep-alive/close combination
     RATE             fixed rate in req/s (default: half the slowest proxy's median
                      at 64 connections, 1 KiB, from the throughput phase)
@@ -69,7 +69,11 @@ RATE_DURATION = env_float("RATE_DURATION", 2 if QUICK else 10)
 WARMUP = env_float("WARMUP", 0.5 if QUICK else 1)
 PROXIES = os.environ.get("PROXIES", "drover nginx haproxy caddy").split()
 TARGETS = PROXIES + ["direct"]
-PHASES = os.environ.get("PHASES", "throughput workers2 rate memory").split()
+PHASES = os.environ.get("PHASES", "throughput workers2 relay rate memory").split()
+# The proxies that can run as a plain TCP relay (Caddy cannot without a plugin).
+RELAYS = ("drover", "nginx", "haproxy")
+# nginx's stream module (Debian's libnginx-mod-stream), for nginx as a relay.
+NGINX_STREAM = "/usr/lib/nginx/modules/ngx_stream_module.so"
 FULL_MATRIX = os.environ.get("FULL_MATRIX", "0") not in ("", "0")
 MEM_CONNS = env_int("MEM_CONNS", 1000 if QUICK else 5000)
 PROXY_CPU = env_int("PROXY_CPU", 0)
@@ -194,6 +198,17 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def cpu_seconds_between(before, after):
     return sum(v - before.get(k, 0) for k, v in after.items()) / CLK_TCK
+
+
+def cpu_busy_ticks(cpu):
+    """(busy, total) ticks of one CPU from /proc/stat; idle and iowait count as not busy."""
+    with open("/proc/stat") as f:
+        for line in f:
+            fields = line.split()
+            if fields[0] == f"cpu{cpu}":
+                ticks = [int(x) for x in fields[1:]]
+                return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+    raise ValueError(f"cpu{cpu} not in /proc/stat")
 
 
 def rss_kb(pid):
@@ -389,6 +404,48 @@ backend origin
     return write_conf("haproxy.cfg", conf)
 
 
+def write_nginx_relay(workers):
+    conf = f"""load_module {NGINX_STREAM};
+daemon off;
+worker_processes {workers};
+worker_rlimit_nofile {fd_limit()};
+pid {TMP}/nginx.pid;
+error_log {TMP}/nginx-error.log warn;
+events {{ worker_connections 12000; }}
+stream {{
+    server {{
+        listen {HOST}:{LISTEN_PORT} backlog=4096;
+        proxy_pass {HOST}:{ORIGIN_PORT};
+        proxy_timeout 300s;
+    }}
+}}
+"""
+    return write_conf("nginx-relay.conf", conf)
+
+
+def write_haproxy_relay(workers):
+    conf = f"""global
+    nbthread {workers}
+    maxconn 9000
+    pidfile {TMP}/haproxy.pid
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    maxconn 9000
+
+frontend bench
+    bind {HOST}:{LISTEN_PORT}
+    default_backend origin
+
+backend origin
+    server origin1 {HOST}:{ORIGIN_PORT}
+"""
+    return write_conf("haproxy-relay.cfg", conf)
+
+
 def write_caddy():
     # No access log unless a `log` directive asks for one; admin API off.
     conf = f"""{{
@@ -441,19 +498,43 @@ endpoints = [ {{ address = "{HOST}:{ORIGIN_PORT}" }} ]
     return write_conf("drover.toml", conf)
 
 
-def start_proxy(name, workers, cpus, wrapper=(), ready_timeout=15):
+def write_drover_relay():
+    conf = f"""[[listeners]]
+name = "bench"
+listen = "{HOST}:{LISTEN_PORT}"
+protocol = "tcp"
+max_connections = 12000
+idle_timeout = "300s"
+
+[[routes]]
+listener = "bench"
+service = "origin"
+
+[services.origin]
+endpoints = [ {{ address = "{HOST}:{ORIGIN_PORT}" }} ]
+"""
+    return write_conf("drover-relay.toml", conf)
+
+
+def start_proxy(name, workers, cpus, wrapper=(), ready_timeout=15, relay=False):
     """Start proxy NAME with WORKERS workers pinned to CPUS; returns (Proc, error).
-    wrapper: a command to run it under (a profiler)."""
+    wrapper: a command to run it under (a profiler). relay: as a TCP relay to the
+    origin (drover's TCP listener, nginx's stream module, HAProxy's mode tcp) instead
+    of an HTTP proxy."""
     env = {}
+    if relay and name not in RELAYS:
+        return None, "no TCP relay mode in the benchmark"
+    if relay and name == "nginx" and not os.path.exists(NGINX_STREAM):
+        return None, f"{NGINX_STREAM} missing (apt-get install libnginx-mod-stream)"
     if name == "nginx":
-        conf = write_nginx(workers)
+        conf = write_nginx_relay(workers) if relay else write_nginx(workers)
         chk = subprocess.run(["nginx", "-t", "-q", "-p", TMP, "-e", f"{TMP}/nginx-error.log",
                               "-c", conf], capture_output=True, text=True)
         if chk.returncode:
             return None, "config check failed: " + chk.stderr.strip()[-300:]
         argv = ["nginx", "-p", TMP, "-e", f"{TMP}/nginx-error.log", "-c", conf]
     elif name == "haproxy":
-        conf = write_haproxy(workers)
+        conf = write_haproxy_relay(workers) if relay else write_haproxy(workers)
         chk = subprocess.run(["haproxy", "-c", "-q", "-f", conf], capture_output=True, text=True)
         if chk.returncode:
             return None, "config check failed: " + chk.stderr.strip()[-300:]
@@ -466,7 +547,7 @@ def start_proxy(name, workers, cpus, wrapper=(), ready_timeout=15):
     elif name == "drover":
         if not os.access(DROVER_BIN, os.X_OK):
             return None, f"binary not found ({DROVER_BIN})"
-        conf = write_drover()
+        conf = write_drover_relay() if relay else write_drover()
         argv = [DROVER_BIN, "run", "--config", conf, "--workers", str(workers),
                 "--admin", f"{HOST}:{ADMIN_PORT}", "--data-dir", f"{TMP}/drover-data",
                 "--log-level", "warn"]
@@ -530,10 +611,17 @@ def measure(sc, target, proc, rnd, tag, cpus, threads=1):
     """One measured run; returns the run record."""
     out_path = os.path.join(TMP, f"{tag}-{sc['id']}-{target}-{rnd}.txt")
     before = cpu_ticks(proc.pid) if proc else None
+    # The load CPU's busy share, when the load has a CPU of its own: near 100% means
+    # the load side (the load tool and the origin), not the proxy, bounded the run.
+    load_alone = cpus == str(LOAD_CPU)
+    load_before = cpu_busy_ticks(LOAD_CPU) if load_alone else None
     t0 = time.time()
     text = run_tool(load_cmd(sc, target, DURATION, cpus, threads), out_path, DURATION + 30)
     wall = time.time() - t0
     rec = {"scenario": sc["id"], "target": target, "round": rnd}
+    if load_alone:
+        busy, total = (a - b for a, b in zip(cpu_busy_ticks(LOAD_CPU), load_before))
+        rec["load_busy"] = round(busy / total, 4) if total else None
     rec.update(report.parse_h2load(text) if sc["tool"] == "h2load" else report.parse_wrk(text))
     if proc:
         after = cpu_ticks(proc.pid)
@@ -561,6 +649,8 @@ def describe(rec):
         s += f", p99 {rec['p99_ms']:.2f} ms"
     if rec.get("cpu_us_per_req") is not None:
         s += f", proxy {rec['cpu_us_per_req']:.1f} µs/req, busy {rec['proxy_busy']:.0%}"
+    if rec.get("load_busy") is not None:
+        s += f", load CPU {rec['load_busy']:.0%}"
     if rec.get("errors"):
         s += f", {rec['errors']} errors"
     return s
@@ -625,6 +715,30 @@ def phase_workers2(results, status, origin):
     finally:
         for pid in proc_tree(origin.pid):
             set_affinity_tree(pid, str(LOAD_CPU))
+
+
+def phase_relay(results, status):
+    """The centre scenario through each proxy run as a plain TCP relay: the same
+    system calls per request as an HTTP proxy and no HTTP work, so the floor of a
+    proxy's CPU per request here, and the most requests/s the load side can drive
+    through a proxy."""
+    relays = [t for t in PROXIES if t in RELAYS]
+    sc = scenario(64, "1k")
+    for rnd in range(1, RUNS + 1):
+        for target in rotated(relays, rnd - 1):
+            proc, err = start_proxy(target, 1, str(PROXY_CPU), relay=True)
+            if err:
+                log(f"{target} relay: not available ({err})")
+                status.setdefault(f"{target} relay", err)
+                continue
+            try:
+                warm(target, str(LOAD_CPU))
+                rec = measure(sc, target, proc, rnd, "relay", str(LOAD_CPU))
+                results["relay"].append(rec)
+                log(f"round {rnd}/{RUNS} {target:7} relay {sc['id']:10} {describe(rec)}")
+            finally:
+                proc.stop()
+                wait_port_free(LISTEN_PORT)
 
 
 def phase_rate(results, status):
@@ -796,7 +910,7 @@ def main():
     os.sched_setaffinity(0, {LOAD_CPU})
 
     started = time.time()
-    results = {"throughput": [], "workers2": [], "rate": [], "memory": []}
+    results = {"throughput": [], "workers2": [], "relay": [], "rate": [], "memory": []}
     status = {}
     meta = {
         "name": NAME,
@@ -823,6 +937,8 @@ def main():
             phase_throughput(results, status)
         if "workers2" in PHASES:
             phase_workers2(results, status, origin)
+        if "relay" in PHASES:
+            phase_relay(results, status)
         if "rate" in PHASES:
             phase_rate(results, status)
         if "memory" in PHASES:

@@ -103,18 +103,19 @@ def spread(values):
 
 
 def summarize(doc):
-    """{"throughput": {scenario: {target: {...}}}, "workers2": ..., "rate": ..., "memory": ...}"""
+    """{"throughput": {scenario: {target: {...}}}, "workers2": ..., "relay": ..., "rate": ...,
+    "memory": ...}"""
     out = {}
-    for phase in ("throughput", "workers2"):
+    for phase in ("throughput", "workers2", "relay"):
         table = {}
         for rec in doc.get(phase, []):
             cell = table.setdefault(rec["scenario"], {}).setdefault(
                 rec["target"], {"rps": [], "p99_ms": [], "cpu_us_per_req": [], "proxy_busy": [],
-                                "errors": 0, "failed_runs": 0})
+                                "load_busy": [], "errors": 0, "failed_runs": 0})
             if rec.get("rps") is None:
                 cell["failed_runs"] += 1
             cell["errors"] += rec.get("errors") or 0
-            for key in ("rps", "p99_ms", "cpu_us_per_req", "proxy_busy"):
+            for key in ("rps", "p99_ms", "cpu_us_per_req", "proxy_busy", "load_busy"):
                 if rec.get(key) is not None and rec.get("rps") is not None:
                     cell[key].append(rec[key])
         out[phase] = {sc: {t: {**{k: spread(v) for k, v in c.items() if isinstance(v, list)},
@@ -223,6 +224,31 @@ def cpu_table(summary, targets, phase):
     return "\n".join(lines)
 
 
+def relay_table(summary, targets):
+    """Each proxy as an HTTP proxy (the throughput phase) beside the same proxy as a
+    TCP relay, at 64 connections and 1 KiB."""
+    http = summary.get("throughput", {}).get("ka-c64-1k", {})
+    relay = summary.get("relay", {}).get("ka-c64-1k", {})
+
+    def cell(c, key, fmt):
+        s = (c or {}).get(key)
+        return fmt(s["median"]) if s else "n/a"
+    lines = ["| proxy | HTTP req/s | relay req/s | HTTP µs/request | relay µs/request "
+             "| proxy's core busy, HTTP / relay | load CPU busy, HTTP / relay |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    pct = "{:.0%}".format
+    for t in targets:
+        if t not in relay:
+            continue
+        h, r = http.get(t), relay.get(t)
+        lines.append(f"| {DISPLAY.get(t, t)} | {rps_cell(h)} | {rps_cell(r)} | "
+                     f"{cell(h, 'cpu_us_per_req', '{:.1f}'.format)} | "
+                     f"{cell(r, 'cpu_us_per_req', '{:.1f}'.format)} | "
+                     f"{cell(h, 'proxy_busy', pct)} / {cell(r, 'proxy_busy', pct)} | "
+                     f"{cell(h, 'load_busy', pct)} / {cell(r, 'load_busy', pct)} |")
+    return "\n".join(lines)
+
+
 def rate_table(summary, targets, doc):
     rs = summary.get("rate") or {}
     if not rs:
@@ -302,6 +328,26 @@ def goals(summary):
     w2 = summary.get("workers2", {}).get("w2-ka-c64-1k", {})
     for t in ("nginx", "haproxy"):
         throughput_goal(centre, "64 connections, 1 KiB, one worker", t)
+    relay = summary.get("relay", {}).get("ka-c64-1k", {})
+    fastest = max((t for t in relay if med(relay, t)), key=lambda t: med(relay, t), default=None)
+    cheapest = min((t for t in relay if med(relay, t, "cpu_us_per_req")),
+                   key=lambda t: med(relay, t, "cpu_us_per_req"), default=None)
+    n_rps, n_cpu = med(centre, "nginx"), med(centre, "nginx", "cpu_us_per_req")
+    n_load = med(centre, "nginx", "load_busy")
+    if fastest and cheapest and n_rps and n_cpu and n_load:
+        r_rps, r_load = med(relay, fastest), med(relay, fastest, "load_busy") or 0
+        r_cpu = med(relay, cheapest, "cpu_us_per_req")
+        # A relay no faster than 1.2x nginx with the load CPU saturated shows that the
+        # load side, not the proxy, is what stops the run there.
+        setup_bound = r_rps / n_rps < 1.2 and r_load >= 0.9
+        out.append(
+            f"- what bounds it: at nginx's rate the load CPU (wrk and the origin) was "
+            f"{n_load:.0%} busy; the fastest TCP relay ({DISPLAY[fastest]}'s, no HTTP work) "
+            f"carried {r_rps / n_rps:.2f}× nginx's HTTP req/s with it {r_load:.0%} busy"
+            + (", so no proxy can show 1.2× nginx on this setup" if setup_bound else "")
+            + f". On CPU per request, 1.2× nginx means {n_cpu / 1.2:.1f} µs; the cheapest "
+            f"relay ({DISPLAY[cheapest]}'s) took {r_cpu:.1f}"
+            + (", more than that with no HTTP work at all" if r_cpu > n_cpu / 1.2 else ""))
     rs = summary.get("rate") or {}
     try:
         dd = rs["drover"]["p99_ms"]["median"] - rs["direct"]["p99_ms"]["median"]
@@ -361,6 +407,15 @@ def markdown(doc, summary, svg_name):
             "threads (drover `--workers 2`, nginx `worker_processes 2`, HAProxy `nbthread 2`, "
             "Caddy `GOMAXPROCS=2`), wrk with 2 threads and the origin (1 worker) all sharing "
             "both CPUs.\n\n" + throughput_table(summary, targets, "workers2"))
+    if summary.get("relay"):
+        parts.append(
+            "**As a TCP relay** (64 connections, 1 KiB, keep-alive): drover with a "
+            "`protocol = \"tcp\"` listener, nginx's `stream` module, HAProxy's `mode tcp`, each "
+            "joining every client connection to one origin connection and copying bytes. A "
+            "relay makes the same four system calls per request as an HTTP proxy and does no "
+            "HTTP work: its CPU per request is the floor, and its requests/s the most the "
+            "load CPU can drive through a proxy. Medians; the core shares show which side "
+            "was the bound.\n\n" + relay_table(summary, targets))
     if summary.get("rate"):
         rsu = doc.get("rate_setup", {})
         parts.append(

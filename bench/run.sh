@@ -5,7 +5,7 @@
 #   QUICK=1 bash bench/run.sh --skip-build    # every scenario briefly, about 1.5 minutes
 #
 # Installs what is missing (as root on Debian: nginx haproxy caddy wrk
-# nghttp2-client), builds drover and bench/pace in release mode, runs
+# nghttp2-client libnginx-mod-stream), builds drover and bench/pace in release mode, runs
 # bench/bench.py (writes bench/results/$NAME.json), then bench/report.py
 # (bench/results/$NAME.{md,svg} and, unless QUICK=1 or UPDATE_DOC=0, the
 # results section of docs/benchmarks.md). Knobs: see bench/README.md.
@@ -33,6 +33,8 @@ for pair in nginx:nginx haproxy:haproxy caddy:caddy wrk:wrk h2load:nghttp2-clien
             curl:curl taskset:util-linux python3:python3; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
+# nginx's stream module, for the relay phase (nginx as a plain TCP relay).
+[[ -e /usr/lib/nginx/modules/ngx_stream_module.so ]] || missing+=(libnginx-mod-stream)
 # What building drover needs (a C compiler, protoc and its .proto files).
 mapfile -t -O "${#missing[@]}" missing < <(bash "$REPO_DIR/scripts/build-deps.sh")
 if ((${#missing[@]})); then
