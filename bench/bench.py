@@ -657,14 +657,16 @@ def describe(rec):
 
 
 # ------------------------------------------------------------------ phases
-def with_target(target, workers, cpus, fn, status):
-    """Start TARGET (a proxy or direct), call fn(proc), stop it."""
+def with_target(target, workers, cpus, fn, status, relay=False):
+    """Start TARGET (a proxy, as a TCP relay if relay is set, or direct), call fn(proc),
+    stop it."""
     if target == "direct":
         return fn(None)
-    proc, err = start_proxy(target, workers, cpus)
+    proc, err = start_proxy(target, workers, cpus, relay=relay)
     if err:
-        log(f"{target}: not available ({err})")
-        status.setdefault(target, err)
+        name = f"{target} relay" if relay else target
+        log(f"{name}: not available ({err})")
+        status.setdefault(name, err)
         return None
     try:
         return fn(proc)
@@ -723,22 +725,18 @@ def phase_relay(results, status):
     proxy's CPU per request here, and the most requests/s the load side can drive
     through a proxy."""
     relays = [t for t in PROXIES if t in RELAYS]
+    if not relays:
+        log(f"relay: none of {' '.join(PROXIES)} has a relay mode here; skipping")
+        return
     sc = scenario(64, "1k")
     for rnd in range(1, RUNS + 1):
         for target in rotated(relays, rnd - 1):
-            proc, err = start_proxy(target, 1, str(PROXY_CPU), relay=True)
-            if err:
-                log(f"{target} relay: not available ({err})")
-                status.setdefault(f"{target} relay", err)
-                continue
-            try:
+            def go(proc):
                 warm(target, str(LOAD_CPU))
                 rec = measure(sc, target, proc, rnd, "relay", str(LOAD_CPU))
                 results["relay"].append(rec)
                 log(f"round {rnd}/{RUNS} {target:7} relay {sc['id']:10} {describe(rec)}")
-            finally:
-                proc.stop()
-                wait_port_free(LISTEN_PORT)
+            with_target(target, 1, str(PROXY_CPU), go, status, relay=True)
 
 
 def phase_rate(results, status):
