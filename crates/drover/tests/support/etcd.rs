@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use drover_etcd::etcd_client;
 
-use super::{client, free_port, full, send, try_get};
+use super::{client, full, send, try_get};
 
 /// How long a cluster may take to elect a leader and answer.
 const READY_WITHIN: Duration = Duration::from_secs(30);
@@ -39,10 +39,33 @@ pub struct EtcdCluster {
     _dir: tempfile::TempDir,
 }
 
+/// A free loopback port for a member, below the kernel's ephemeral range
+/// (`ip_local_port_range`). The kernel never gives a port there to an outgoing connection
+/// or to a bind to port 0, which other tests do all the time; so a member that a test stops
+/// can start again on its port, as it must (its peers know it by that address). A port from
+/// `free_port` could be taken in the meantime (it happened in CI: "bind: address already in
+/// use" on a restart). The search starts at a random point, so that tests running at the
+/// same time rarely try the same ports.
+fn member_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, span) = (10_000u16, ephemeral_from.saturating_sub(10_000).max(1));
+    let start = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (0..span)
+        .map(|i| low + ((start + u64::from(i)) % u64::from(span)) as u16)
+        .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .expect("no free loopback port below the ephemeral range")
+}
+
 impl EtcdCluster {
     /// Starts `n` members and waits until every one of them answers healthy. The ports are
-    /// free when chosen, but another test can take one before etcd binds it: then the
-    /// cluster is started again on new ports, up to three times.
+    /// free when chosen, but another test's cluster can take one before etcd binds it: then
+    /// the cluster is started again on new ports, up to three times.
     pub async fn start(n: usize) -> EtcdCluster {
         assert!(
             std::path::Path::new("/usr/bin/etcd").exists() || which("etcd"),
@@ -67,8 +90,8 @@ impl EtcdCluster {
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{}", i + 1),
-                client_port: free_port(),
-                peer_port: free_port(),
+                client_port: member_port(),
+                peer_port: member_port(),
                 data: dir.path().join(format!("m{}.etcd", i + 1)),
                 log: dir.path().join(format!("m{}.log", i + 1)),
                 child: None,
