@@ -701,19 +701,25 @@ def set_affinity_tree(pid, cpus):
 
 def phase_workers2(results, status, origin):
     # Everything shares both CPUs: the proxy with 2 workers, wrk with 2 threads,
-    # and the origin (still 1 worker).
+    # and the origin (still 1 worker). With the relay phase on, the proxies that have a
+    # relay mode run as relays in the same setup too.
+    relays = [t for t in PROXIES if t in RELAYS] if "relay" in PHASES else []
     for pid in proc_tree(origin.pid):
         set_affinity_tree(pid, BOTH_CPUS)
     try:
         for rnd in range(1, RUNS + 1):
-            for target in rotated(TARGETS, rnd - 1):
+            runs = [(t, False) for t in rotated(TARGETS, rnd - 1)]
+            runs += [(t, True) for t in (rotated(relays, rnd - 1) if relays else [])]
+            for target, relay in runs:
                 def go(proc):
                     warm(target, BOTH_CPUS, threads=2)
-                    rec = measure(WORKERS2, target, proc, rnd, "w2", BOTH_CPUS, threads=2)
+                    rec = measure(WORKERS2, target, proc, rnd, "w2-relay" if relay else "w2",
+                                  BOTH_CPUS, threads=2)
                     rec["workers"] = 2
-                    results["workers2"].append(rec)
-                    log(f"round {rnd}/{RUNS} {target:7} {WORKERS2['id']:16} {describe(rec)}")
-                with_target(target, 2, BOTH_CPUS, go, status)
+                    results["relay" if relay else "workers2"].append(rec)
+                    what = f"relay {WORKERS2['id']:10}" if relay else f"{WORKERS2['id']:16}"
+                    log(f"round {rnd}/{RUNS} {target:7} {what} {describe(rec)}")
+                with_target(target, 2, BOTH_CPUS, go, status, relay=relay)
     finally:
         for pid in proc_tree(origin.pid):
             set_affinity_tree(pid, str(LOAD_CPU))
@@ -723,7 +729,8 @@ def phase_relay(results, status):
     """The centre scenario through each proxy run as a plain TCP relay: the same
     system calls per request as an HTTP proxy and no HTTP work, so the floor of a
     proxy's CPU per request here, and the most requests/s the load side can drive
-    through a proxy."""
+    through a proxy. (The two-worker relay runs are in phase_workers2, which sets the
+    CPUs up for them.)"""
     relays = [t for t in PROXIES if t in RELAYS]
     if not relays:
         log(f"relay: none of {' '.join(PROXIES)} has a relay mode here; skipping")
