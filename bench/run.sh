@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # drover vs nginx vs HAProxy vs Caddy vs no proxy at all.
 #
-#   bash bench/run.sh [--skip-build]          # full run, about 18 minutes on 2 cores
+#   bash bench/run.sh [--skip-build]          # full run, about 19 minutes on 2 cores
 #   QUICK=1 bash bench/run.sh --skip-build    # every scenario briefly, about 1.5 minutes
 #
 # Installs what is missing (as root on Debian: nginx haproxy caddy wrk
