@@ -45,8 +45,8 @@ pub struct EtcdCluster {
 /// can start again on its port, as it must (its peers know it by that address). A port from
 /// `free_port` could be taken in the meantime (it happened in CI: "bind: address already in
 /// use" on a restart). The search starts at a random point, so that tests running at the
-/// same time rarely try the same ports.
-fn member_port() -> u16 {
+/// same time rarely try the same ports; `taken` are the ones this cluster already has.
+fn member_port(taken: &[u16]) -> u16 {
     use std::hash::{BuildHasher, Hasher};
     let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
@@ -58,7 +58,9 @@ fn member_port() -> u16 {
         .finish();
     (0..span)
         .map(|i| low + ((start + u64::from(i)) % u64::from(span)) as u16)
-        .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .find(|port| {
+            !taken.contains(port) && std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok()
+        })
         .expect("no free loopback port below the ephemeral range")
 }
 
@@ -87,11 +89,15 @@ impl EtcdCluster {
     /// Launches `n` new members on fresh ports, without waiting for them.
     fn launch_all(n: usize) -> EtcdCluster {
         let dir = tempfile::tempdir().unwrap();
+        let mut ports = Vec::with_capacity(2 * n);
+        for _ in 0..2 * n {
+            ports.push(member_port(&ports));
+        }
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{}", i + 1),
-                client_port: member_port(),
-                peer_port: member_port(),
+                client_port: ports[2 * i],
+                peer_port: ports[2 * i + 1],
                 data: dir.path().join(format!("m{}.etcd", i + 1)),
                 log: dir.path().join(format!("m{}.log", i + 1)),
                 child: None,
