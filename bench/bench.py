@@ -277,14 +277,20 @@ def fd_limit():
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def nginx_main(name, workers, extra_events=""):
+def nginx_top(name, workers, extra_events=""):
+    """The main and events contexts of an nginx config."""
     return f"""daemon off;
 worker_processes {workers};
 worker_rlimit_nofile {fd_limit()};
 pid {TMP}/{name}.pid;
 error_log {TMP}/{name}-error.log warn;
 events {{ worker_connections 12000; {extra_events} }}
-http {{
+"""
+
+
+def nginx_main(name, workers, extra_events=""):
+    """nginx_top, then an http context left open for the caller's servers."""
+    return nginx_top(name, workers, extra_events) + f"""http {{
     access_log off;
     default_type application/octet-stream;
     keepalive_requests 1000000;
@@ -405,14 +411,7 @@ backend origin
 
 
 def write_nginx_relay(workers):
-    conf = f"""load_module {NGINX_STREAM};
-daemon off;
-worker_processes {workers};
-worker_rlimit_nofile {fd_limit()};
-pid {TMP}/nginx.pid;
-error_log {TMP}/nginx-error.log warn;
-events {{ worker_connections 12000; }}
-stream {{
+    conf = f"load_module {NGINX_STREAM};\n" + nginx_top("nginx", workers) + f"""stream {{
     server {{
         listen {HOST}:{LISTEN_PORT} backlog=4096;
         proxy_pass {HOST}:{ORIGIN_PORT};
