@@ -12,13 +12,13 @@ from the environment (all optional):
     RATE_DURATION    seconds per fixed-rate run (default 10)
     WARMUP           seconds of unmeasured load after a proxy starts (default 1)
     PROXIES          default "drover nginx haproxy caddy" (direct is always run)
-    PHASES           default "throughput workers2 relay rate memory"
+    PHASES           default "throughput workers2 relay floor rate memory"
     FULL_MATRIX=1    every connections x body x keep-alive/close combination
     RATE             fixed rate in req/s (default: half the slowest proxy's median
                      at 64 connections, 1 KiB, from the throughput phase)
     MEM_CONNS        idle keep-alive connections held (default 5000)
     PROXY_CPU / LOAD_CPU   default 0 / 1
-    DROVER_BIN, PACE_BIN   binaries (run.sh sets them)
+    DROVER_BIN, PACE_BIN, FLOOR_BIN   binaries (run.sh sets them)
 """
 
 import json
@@ -69,7 +69,7 @@ RATE_DURATION = env_float("RATE_DURATION", 2 if QUICK else 10)
 WARMUP = env_float("WARMUP", 0.5 if QUICK else 1)
 PROXIES = os.environ.get("PROXIES", "drover nginx haproxy caddy").split()
 TARGETS = PROXIES + ["direct"]
-PHASES = os.environ.get("PHASES", "throughput workers2 relay rate memory").split()
+PHASES = os.environ.get("PHASES", "throughput workers2 relay floor rate memory").split()
 # The proxies that can run as a plain TCP relay (Caddy cannot without a plugin).
 RELAYS = ("drover", "nginx", "haproxy")
 # nginx's stream module (Debian's libnginx-mod-stream), for nginx as a relay.
@@ -81,6 +81,9 @@ LOAD_CPU = env_int("LOAD_CPU", 1)
 BOTH_CPUS = f"{PROXY_CPU},{LOAD_CPU}"
 DROVER_BIN = os.environ.get("DROVER_BIN", os.path.join(REPO_DIR, "target/release/drover"))
 PACE_BIN = os.environ.get("PACE_BIN", os.path.join(REPO_DIR, "target/bench-pace/release/pace"))
+FLOOR_BIN = os.environ.get("FLOOR_BIN", os.path.join(REPO_DIR, "target/bench-floor/release/floor"))
+# bench/floor's two minimal proxies, yardsticks for drover's cost per request.
+FLOORS = ("floor-hyper", "floor-raw")
 H2_CONNS, H2_STREAMS = 16, 4   # 64 streams in flight, as the 64-connection HTTP/1.1 runs
 
 
@@ -550,6 +553,11 @@ def start_proxy(name, workers, cpus, wrapper=(), ready_timeout=15, relay=False):
         argv = [DROVER_BIN, "run", "--config", conf, "--workers", str(workers),
                 "--admin", f"{HOST}:{ADMIN_PORT}", "--data-dir", f"{TMP}/drover-data",
                 "--log-level", "warn"]
+    elif name in FLOORS:
+        if not os.access(FLOOR_BIN, os.X_OK):
+            return None, f"binary not found ({FLOOR_BIN}); bench/run.sh builds it"
+        argv = [FLOOR_BIN, name.removeprefix("floor-"), f"{HOST}:{LISTEN_PORT}",
+                f"{HOST}:{ORIGIN_PORT}"]
     else:
         return None, "unknown proxy"
     proc = Proc(name, list(wrapper) + argv, cpus, env=env)
@@ -745,6 +753,22 @@ def phase_relay(results, status):
             with_target(target, 1, str(PROXY_CPU), go, status, relay=True)
 
 
+def phase_floor(results, status):
+    """The centre scenario through bench/floor's two minimal proxies, pinned as the proxies
+    are: hyper's server and client with no other work, and a hand-written codec. Beside
+    drover's figure they split its CPU per request into drover's own work, hyper's, and
+    what any HTTP proxy costs."""
+    sc = scenario(64, "1k")
+    for rnd in range(1, RUNS + 1):
+        for target in rotated(list(FLOORS), rnd - 1):
+            def go(proc):
+                warm(target, str(LOAD_CPU))
+                rec = measure(sc, target, proc, rnd, "floor", str(LOAD_CPU))
+                results["floor"].append(rec)
+                log(f"round {rnd}/{RUNS} {target:11} {sc['id']:10} {describe(rec)}")
+            with_target(target, 1, str(PROXY_CPU), go, status)
+
+
 def phase_rate(results, status):
     centre = {}
     for rec in results["throughput"]:
@@ -914,7 +938,8 @@ def main():
     os.sched_setaffinity(0, {LOAD_CPU})
 
     started = time.time()
-    results = {"throughput": [], "workers2": [], "relay": [], "rate": [], "memory": []}
+    results = {"throughput": [], "workers2": [], "relay": [], "floor": [], "rate": [],
+               "memory": []}
     status = {}
     meta = {
         "name": NAME,
@@ -943,6 +968,8 @@ def main():
             phase_workers2(results, status, origin)
         if "relay" in PHASES:
             phase_relay(results, status)
+        if "floor" in PHASES:
+            phase_floor(results, status)
         if "rate" in PHASES:
             phase_rate(results, status)
         if "memory" in PHASES:

@@ -11,6 +11,10 @@ connections, 1 KiB bodies, drover alone on CPU 0 with one worker).
     python3 bench/profile.py syscalls [SECONDS]    # strace -c: syscalls per request,
                                                    # drover, nginx and HAProxy (default 5 s)
 
+PROXY=floor-hyper or PROXY=floor-raw profiles one of bench/floor's minimal proxies
+instead of drover with perf or callgrind (reports under profile-PROXY/), to set beside
+drover's.
+
 Uses the origin and drover config of bench/bench.py and the release binary
 (DROVER_BIN, default target/release/drover; build it with debug info for
 symbols: the workspace's release profile has it). Writes to
@@ -30,7 +34,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
 
-OUT = os.path.join(bench.TMP, "profile")
+PROXY = os.environ.get("PROXY", "drover")
+OUT = os.path.join(bench.TMP, "profile" if PROXY == "drover" else f"profile-{PROXY}")
 
 
 def syscalls(secs):
@@ -157,9 +162,11 @@ def main():
             wrapper = []
         else:
             raise SystemExit("tool: perf, callgrind, massif, heaptrack or syscalls")
-        proc, err = bench.start_proxy("drover", 1, str(bench.PROXY_CPU), wrapper, ready_timeout=120)
+        if PROXY not in ("drover",) + bench.FLOORS:
+            raise SystemExit(f"PROXY: drover, {' or '.join(bench.FLOORS)}")
+        proc, err = bench.start_proxy(PROXY, 1, str(bench.PROXY_CPU), wrapper, ready_timeout=120)
         if err:
-            raise SystemExit(f"drover: {err}")
+            raise SystemExit(f"{PROXY}: {err}")
         sc = bench.scenario(64, "1k")
         bench.run_tool(bench.load_cmd(sc, "drover", 2, str(bench.LOAD_CPU)),
                        os.path.join(OUT, "warmup.txt"), 60)
@@ -176,7 +183,7 @@ def main():
         if perf:
             perf.send_signal(2)
             perf.wait(120)
-        proc.stop()  # callgrind writes its output as drover exits
+        proc.stop()  # callgrind writes its output as the proxy exits
     finally:
         bench.stop_all()
     if tool == "perf":

@@ -103,10 +103,10 @@ def spread(values):
 
 
 def summarize(doc):
-    """{"throughput": {scenario: {target: {...}}}, "workers2": ..., "relay": ..., "rate": ...,
-    "memory": ...}"""
+    """{"throughput": {scenario: {target: {...}}}, "workers2": ..., "relay": ..., "floor": ...,
+    "rate": ..., "memory": ...}"""
     out = {}
-    for phase in ("throughput", "workers2", "relay"):
+    for phase in ("throughput", "workers2", "relay", "floor"):
         table = {}
         for rec in doc.get(phase, []):
             cell = table.setdefault(rec["scenario"], {}).setdefault(
@@ -249,6 +249,36 @@ def relay_table(summary, targets, http_phase, scenario, shares=True):
             row += [f"{cell(h, 'proxy_busy', pct)} / {cell(r, 'proxy_busy', pct)}",
                     f"{cell(h, 'load_busy', pct)} / {cell(r, 'load_busy', pct)}"]
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def floor_table(summary):
+    """drover beside bench/floor's minimal proxies and nginx at the centre scenario, with
+    the share of drover's CPU per request each step down accounts for."""
+    sc = "ka-c64-1k"
+    http = summary.get("throughput", {}).get(sc, {})
+    floor = summary.get("floor", {}).get(sc, {})
+    relay = summary.get("relay", {}).get(sc, {})
+    rows = [("drover", "drover: routing, balancing, counting, on hyper", http.get("drover")),
+            ("floor-hyper", "hyper's server and client, nothing else", floor.get("floor-hyper")),
+            ("floor-raw", "a hand-written HTTP/1 codec (httparse)", floor.get("floor-raw")),
+            ("drover relay", "drover as a TCP relay: no HTTP at all", relay.get("drover")),
+            ("nginx", "nginx, for comparison", http.get("nginx"))]
+    lines = ["| proxy | what it does | req/s | µs/request |", "|---|---|---:|---:|"]
+    for name, what, c in rows:
+        if not c:
+            continue
+        us = c.get("cpu_us_per_req")
+        cpu = f"{us['median']:.1f}" if us else "n/a"
+        lines.append(f"| {name} | {what} | {rps_cell(c)} | {cpu} |")
+    cost = {name: (c or {}).get("cpu_us_per_req") for name, _, c in rows}
+    if all(cost.get(k) for k in ("drover", "floor-hyper", "floor-raw")):
+        d, h, r = (cost[k]["median"] for k in ("drover", "floor-hyper", "floor-raw"))
+        lines.append(
+            f"\nDifferences in CPU per request: drover − floor-hyper (drover's own work) "
+            f"{d - h:+.1f} µs; floor-hyper − floor-raw (hyper over a hand-written codec) "
+            f"{h - r:+.1f} µs. Runs minutes apart differ by several µs on this machine; "
+            f"`bench/ab.py` with more rounds tells such steps apart better.")
     return "\n".join(lines)
 
 
@@ -433,6 +463,12 @@ def markdown(doc, summary, svg_name):
                 "**As a TCP relay with two workers**, in the two-worker setup above (nothing "
                 "pinned, so no core shares: the proxy and the load share both CPUs).\n\n"
                 + relay_table(summary, targets, "workers2", "w2-ka-c64-1k", shares=False))
+    if summary.get("floor"):
+        parts.append(
+            "**Beside minimal proxies** (64 connections, 1 KiB, keep-alive, each alone on the "
+            "proxy's core): bench/floor's two yardsticks, HTTP/1.1 reverse proxies that drop the "
+            "hop-by-hop headers, add `X-Forwarded-For`, keep one upstream connection per client "
+            "connection, and do nothing else. Medians.\n\n" + floor_table(summary))
     if summary.get("rate"):
         rsu = doc.get("rate_setup", {})
         parts.append(

@@ -5,7 +5,8 @@
 #   QUICK=1 bash bench/run.sh --skip-build    # every scenario briefly, about 1.5 minutes
 #
 # Installs what is missing (as root on Debian: nginx haproxy caddy wrk
-# nghttp2-client libnginx-mod-stream), builds drover and bench/pace in release mode, runs
+# nghttp2-client libnginx-mod-stream), builds drover, bench/pace and bench/floor in
+# release mode, runs
 # bench/bench.py (writes bench/results/$NAME.json), then bench/report.py
 # (bench/results/$NAME.{md,svg} and, unless QUICK=1 or UPDATE_DOC=0, the
 # results section of docs/benchmarks.md). Knobs: see bench/README.md.
@@ -57,9 +58,13 @@ fi
 log "building bench/pace (the fixed-rate load generator)"
 cargo build --release --quiet --manifest-path "$BENCH_DIR/pace/Cargo.toml" \
     --target-dir "$TARGET_DIR/bench-pace"
+log "building bench/floor (the minimal proxies drover is set beside)"
+cargo build --release --quiet --locked --manifest-path "$BENCH_DIR/floor/Cargo.toml" \
+    --target-dir "$TARGET_DIR/bench-floor"
 
 # ------------------------------------------------------------------ 3. run
 export DROVER_BIN="$TARGET_DIR/release/drover" PACE_BIN="$TARGET_DIR/bench-pace/release/pace"
+export FLOOR_BIN="$TARGET_DIR/bench-floor/release/floor"
 QUICK=${QUICK:-0}
 NAME=${NAME:-$([[ $QUICK != 0 ]] && echo quick || echo latest)}
 export QUICK NAME
