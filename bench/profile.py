@@ -11,9 +11,10 @@ connections, 1 KiB bodies, drover alone on CPU 0 with one worker).
     python3 bench/profile.py syscalls [SECONDS]    # strace -c: syscalls per request,
                                                    # drover, nginx and HAProxy (default 5 s)
 
-PROXY=floor-hyper or PROXY=floor-raw profiles one of bench/floor's minimal proxies
-instead of drover with perf or callgrind (reports under profile-PROXY/), to set beside
-drover's.
+CONNS sets the connections of the perf and callgrind runs (default 64; callgrind wants
+CONNS=4, see below). PROXY=floor-hyper or PROXY=floor-raw profiles one of bench/floor's
+minimal proxies instead of drover with perf or callgrind (reports under profile-PROXY/),
+to set beside drover's.
 
 Uses the origin and drover config of bench/bench.py and the release binary
 (DROVER_BIN, default target/release/drover; build it with debug info for
@@ -35,6 +36,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
 
 PROXY = os.environ.get("PROXY", "drover")
+# Connections of the perf and callgrind runs. Under callgrind drover runs so slowly that
+# with 64 connections each one idles between two of its requests past the deadline its
+# watchdog timer was set to: the timer then goes back into tokio's timer wheel for about
+# every request (36,724 times for 32,975 requests in one 10 s run), which at full speed
+# happens for almost none, and the profile counts about 1,200 instructions per request
+# more than with CONNS=4, where each connection's requests come back to back.
+CONNS = int(os.environ.get("CONNS", "64"))
 OUT = os.path.join(bench.TMP, "profile" if PROXY == "drover" else f"profile-{PROXY}")
 
 
@@ -167,7 +175,7 @@ def main():
         proc, err = bench.start_proxy(PROXY, 1, str(bench.PROXY_CPU), wrapper, ready_timeout=120)
         if err:
             raise SystemExit(f"{PROXY}: {err}")
-        sc = bench.scenario(64, "1k")
+        sc = bench.scenario(CONNS, "1k")
         bench.run_tool(bench.load_cmd(sc, "drover", 2, str(bench.LOAD_CPU)),
                        os.path.join(OUT, "warmup.txt"), 60)
         perf = None
