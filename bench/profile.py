@@ -12,9 +12,10 @@ connections, 1 KiB bodies, drover alone on CPU 0 with one worker).
                                                    # drover, nginx and HAProxy (default 5 s)
 
 CONNS sets the connections of the perf and callgrind runs (default 64; callgrind wants
-CONNS=4, see below). PROXY=floor-hyper or PROXY=floor-raw profiles one of bench/floor's
-minimal proxies instead of drover with perf or callgrind (reports under profile-PROXY/),
-to set beside drover's.
+CONNS=4, see below), and CLOSE=1 makes them open a new connection per request.
+PROXY=floor-hyper or PROXY=floor-raw profiles one of bench/floor's minimal proxies
+instead of drover with perf or callgrind (reports under profile-PROXY/), to set beside
+drover's.
 
 Uses the origin and drover config of bench/bench.py and the release binary
 (DROVER_BIN, default target/release/drover; build it with debug info for
@@ -43,6 +44,8 @@ PROXY = os.environ.get("PROXY", "drover")
 # happens for almost none, and the profile counts about 1,200 instructions per request
 # more than with CONNS=4, where each connection's requests come back to back.
 CONNS = int(os.environ.get("CONNS", "64"))
+# CLOSE=1: a new connection per request (wrk sends `Connection: close`).
+CLOSE = os.environ.get("CLOSE", "0") not in ("", "0")
 OUT = os.path.join(bench.TMP, "profile" if PROXY == "drover" else f"profile-{PROXY}")
 
 
@@ -175,7 +178,7 @@ def main():
         proc, err = bench.start_proxy(PROXY, 1, str(bench.PROXY_CPU), wrapper, ready_timeout=120)
         if err:
             raise SystemExit(f"{PROXY}: {err}")
-        sc = bench.scenario(CONNS, "1k")
+        sc = bench.scenario(CONNS, "1k", close=CLOSE)
         bench.run_tool(bench.load_cmd(sc, "drover", 2, str(bench.LOAD_CPU)),
                        os.path.join(OUT, "warmup.txt"), 60)
         perf = None

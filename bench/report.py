@@ -381,6 +381,15 @@ def goals(summary):
             + f". On CPU per request, 1.2× nginx means {n_cpu / 1.2:.1f} µs; the cheapest "
             f"relay ({DISPLAY[cheapest]}'s) took {r_cpu:.1f}"
             + (", more than that with no HTTP work at all" if r_cpu > n_cpu / 1.2 else ""))
+    floor = summary.get("floor", {}).get("ka-c64-1k", {})
+    d_cpu = med(centre, "drover", "cpu_us_per_req")
+    h_cpu = med(floor, "floor-hyper", "cpu_us_per_req")
+    raw_cpu = med(floor, "floor-raw", "cpu_us_per_req")
+    if d_cpu and h_cpu and raw_cpu and n_cpu:
+        out.append(
+            f"- where drover's CPU per request stands: drover {d_cpu:.1f} µs, a minimal proxy "
+            f"on hyper {h_cpu:.1f}, a minimal proxy with a hand-written codec {raw_cpu:.1f}, "
+            f"nginx {n_cpu:.1f}")
     rs = summary.get("rate") or {}
     try:
         dd = rs["drover"]["p99_ms"]["median"] - rs["direct"]["p99_ms"]["median"]
