@@ -253,8 +253,9 @@ def relay_table(summary, targets, http_phase, scenario, shares=True):
 
 
 def floor_table(summary):
-    """drover beside bench/floor's minimal proxies and nginx at the centre scenario, with
-    the share of drover's CPU per request each step down accounts for."""
+    """drover beside bench/floor's minimal proxies, its own relay and nginx at the centre
+    scenario, and the differences in CPU per request from drover down to the minimal
+    proxies."""
     sc = "ka-c64-1k"
     http = summary.get("throughput", {}).get(sc, {})
     floor = summary.get("floor", {}).get(sc, {})

@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
 # drover vs nginx vs HAProxy vs Caddy vs no proxy at all.
 #
-#   bash bench/run.sh [--skip-build]          # full run, about 19 minutes on 2 cores
+#   bash bench/run.sh [--skip-build]          # full run, about 20 minutes on 2 cores
 #   QUICK=1 bash bench/run.sh --skip-build    # every scenario briefly, about 1.5 minutes
 #
 # Installs what is missing (as root on Debian: nginx haproxy caddy wrk
 # nghttp2-client libnginx-mod-stream), builds drover, bench/pace and bench/floor in
-# release mode, runs
-# bench/bench.py (writes bench/results/$NAME.json), then bench/report.py
-# (bench/results/$NAME.{md,svg} and, unless QUICK=1 or UPDATE_DOC=0, the
-# results section of docs/benchmarks.md). Knobs: see bench/README.md.
+# release mode, runs bench/bench.py (writes bench/results/$NAME.json), then
+# bench/report.py (bench/results/$NAME.{md,svg} and, unless QUICK=1 or UPDATE_DOC=0,
+# the results section of docs/benchmarks.md). Knobs: see bench/README.md.
 set -euo pipefail
 
 SKIP_BUILD=0
