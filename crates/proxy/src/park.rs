@@ -18,7 +18,7 @@
 //! A TLS connection is not parked: its session lives in user space.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeSet, BinaryHeap};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -133,12 +133,67 @@ impl Slot {
     }
 }
 
+/// The lot's places: place `i` holds the connection registered in the epoll set under token
+/// `i`. A connection takes the lowest free place, so that the places in use gather at the
+/// bottom; the free places at the top are given up, and the memory they took is given back
+/// once they are few enough, so that a spike of idle connections does not leave the lot
+/// holding room for all of them for good.
+#[derive(Default)]
+struct Places {
+    slots: Vec<Option<Slot>>,
+    /// The free places below the top one.
+    free: BTreeSet<usize>,
+}
+
+impl Places {
+    /// The lowest free place, made if there is none.
+    fn take(&mut self) -> usize {
+        self.free.pop_first().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        })
+    }
+
+    /// Frees `index`, whose connection is gone from it.
+    fn give_back(&mut self, index: usize) {
+        debug_assert!(self.slots.get(index).is_some_and(Option::is_none));
+        self.free.insert(index);
+        while self
+            .free
+            .last()
+            .is_some_and(|&top| top + 1 == self.slots.len())
+        {
+            self.free.pop_last();
+            self.slots.pop();
+        }
+        // Room for four times the places in use, or more: halved, down to twice. Not
+        // below a few pages' worth, so that a small lot never reallocates.
+        let (len, capacity) = (self.slots.len(), self.slots.capacity());
+        if capacity > 256 && capacity > 4 * len {
+            self.slots.shrink_to((2 * len).max(256));
+        }
+    }
+
+    /// Connections in the lot.
+    fn parked(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    fn get(&self, index: usize) -> Option<&Slot> {
+        self.slots.get(index).and_then(Option::as_ref)
+    }
+
+    /// The connection in `index`, taken out of it (the place stays taken).
+    fn take_out(&mut self, index: usize) -> Option<Slot> {
+        self.slots.get_mut(index).and_then(Option::take)
+    }
+}
+
 /// Keeps the lot until `drain` is cancelled: hands each connection whose next request begins
 /// to `resume`, and closes those that the client closes or that pass their idle deadline.
 /// When it ends, every connection still parked closes.
 pub(crate) async fn run(mut yard: Yard, drain: CancellationToken, resume: impl Fn(Parked)) {
-    let mut slots: Vec<Option<Slot>> = Vec::new();
-    let mut free: Vec<usize> = Vec::new();
+    let mut places = Places::default();
     let mut deadlines: BinaryHeap<Reverse<(Instant, usize, u64)>> = BinaryHeap::new();
     let mut next_id = 0u64;
     let mut events = Events::with_capacity(256);
@@ -151,10 +206,7 @@ pub(crate) async fn run(mut yard: Yard, drain: CancellationToken, resume: impl F
             biased;
             _ = drain.cancelled() => break,
             Some(parked) = yard.arrivals.recv() => {
-                let index = free.pop().unwrap_or_else(|| {
-                    slots.push(None);
-                    slots.len() - 1
-                });
+                let index = places.take();
                 let fd = parked.socket.as_raw_fd();
                 let registry = yard.poll.get_ref().registry();
                 // Registered while already readable, the socket is reported at once.
@@ -164,19 +216,22 @@ pub(crate) async fn run(mut yard: Yard, drain: CancellationToken, resume: impl F
                         deadlines.push(Reverse((parked.until, index, next_id)));
                         let slot = Slot { id: next_id, parked };
                         slot.count(true);
-                        slots[index] = Some(slot);
+                        places.slots[index] = Some(slot);
                         // The deadlines of connections gone from the lot stay in the heap until
                         // they pass; past twice the lot's size, they are swept out.
-                        let parked_now = slots.len() - free.len();
+                        let parked_now = places.parked();
                         if deadlines.len() > 2 * parked_now + 64 {
                             deadlines.retain(|&Reverse((_, i, id))| {
-                                slots[i].as_ref().is_some_and(|s| s.id == id)
+                                places.get(i).is_some_and(|s| s.id == id)
                             });
+                            if deadlines.capacity() > 4 * deadlines.len() + 256 {
+                                deadlines.shrink_to(2 * deadlines.len() + 256);
+                            }
                         }
                     }
                     Err(e) => {
                         tracing::debug!(client = %parked.client, "cannot park a connection, closing it: {e}");
-                        free.push(index);
+                        places.give_back(index);
                     }
                 }
             }
@@ -203,14 +258,14 @@ pub(crate) async fn run(mut yard: Yard, drain: CancellationToken, resume: impl F
                 let registry = ready.get_inner().registry();
                 for event in &events {
                     let index = event.token().0;
-                    let Some(slot) = slots.get_mut(index).and_then(Option::take) else {
+                    let Some(slot) = places.take_out(index) else {
                         continue;
                     };
                     let mut byte = [0u8; 1];
                     let peeked = slot.parked.socket.peek(&mut byte);
                     if matches!(&peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
                         // Not readable after all: it stays.
-                        slots[index] = Some(slot);
+                        places.slots[index] = Some(slot);
                         continue;
                     }
                     slot.count(false);
@@ -221,7 +276,7 @@ pub(crate) async fn run(mut yard: Yard, drain: CancellationToken, resume: impl F
                         resume(slot.parked);
                     }
                     // Otherwise closed by the client, or broken: dropped, which closes it.
-                    free.push(index);
+                    places.give_back(index);
                 }
             }
             () = &mut timer, if !deadlines.is_empty() => {
@@ -231,20 +286,72 @@ pub(crate) async fn run(mut yard: Yard, drain: CancellationToken, resume: impl F
                         break;
                     }
                     deadlines.pop();
-                    if let Some(slot) = slots[index].take_if(|s| s.id == id) {
+                    // The place may be gone, or another connection's, by now.
+                    if places.get(index).is_some_and(|s| s.id == id)
+                        && let Some(slot) = places.take_out(index)
+                    {
                         // Dropped, which closes it.
                         slot.count(false);
-                        free.push(index);
+                        places.give_back(index);
                     }
                 }
             }
         }
     }
     // Dropped, which closes them.
-    slots.iter().flatten().for_each(|s| s.count(false));
+    places.slots.iter().flatten().for_each(|s| s.count(false));
 }
 
 /// The stream a resumed connection is served on.
 pub(crate) fn unpark(socket: std::net::TcpStream) -> io::Result<Prefixed<TcpStream>> {
     Ok(Prefixed::new(Vec::new(), TcpStream::from_std(socket)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Places;
+
+    #[test]
+    fn a_connection_takes_the_lowest_free_place() {
+        let mut places = Places::default();
+        let taken: Vec<usize> = (0..4).map(|_| places.take()).collect();
+        assert_eq!(taken, [0, 1, 2, 3]);
+        places.give_back(2);
+        places.give_back(0);
+        assert_eq!(places.parked(), 2);
+        assert_eq!(places.take(), 0);
+        assert_eq!(places.take(), 2);
+        assert_eq!(places.take(), 4);
+    }
+
+    #[test]
+    fn the_places_of_a_spike_are_given_back_when_it_is_over() {
+        let mut places = Places::default();
+        for _ in 0..100_000 {
+            places.take();
+        }
+        // All leave but the first and one in the middle, the top ones neither first nor last.
+        let leaving = (1..100_000)
+            .filter(|i| i % 7 != 3)
+            .rev()
+            .chain((1..100_000).filter(|i| i % 7 == 3))
+            .filter(|&i| i != 50_000);
+        for i in leaving {
+            places.give_back(i);
+        }
+        assert_eq!(places.parked(), 2);
+        // Everything above the one in the middle is given up...
+        assert_eq!(places.slots.len(), 50_001);
+        assert!(places.slots.capacity() < 4 * 50_001);
+        // ... and, once it leaves, everything above the first.
+        places.give_back(50_000);
+        assert_eq!(places.slots.len(), 1);
+        assert!(places.free.is_empty());
+        assert!(
+            places.slots.capacity() <= 256,
+            "{}",
+            places.slots.capacity()
+        );
+        assert_eq!(places.take(), 1);
+    }
 }
