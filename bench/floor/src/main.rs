@@ -28,16 +28,18 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Header names that belong to one connection, not to the message (RFC 9110 section 7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
+/// Header names that belong to one connection, not to the message (RFC 9110 section 7.6.1):
+/// the ones drover drops too.
+const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
     "te",
     "trailer",
     "transfer-encoding",
     "upgrade",
-    "proxy-authorization",
 ];
 
 /// The most header lines either side's head may have.
@@ -211,6 +213,14 @@ fn copy_headers(headers: &[httparse::Header<'_>], out: &mut Vec<u8>) -> io::Resu
     Ok((body_len, close))
 }
 
+/// The length of a parsed head; None while it is incomplete.
+fn head_length(parsed: httparse::Result<usize>) -> io::Result<Option<usize>> {
+    match parsed.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))? {
+        httparse::Status::Partial => Ok(None),
+        httparse::Status::Complete(n) => Ok(Some(n)),
+    }
+}
+
 /// Parses the request head at the start of `buf` and writes the upstream's head to `out`;
 /// None while the head is incomplete.
 fn request_head(
@@ -220,12 +230,8 @@ fn request_head(
 ) -> io::Result<Option<Framing>> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
-    let head_len = match req
-        .parse(buf)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
-    {
-        httparse::Status::Partial => return Ok(None),
-        httparse::Status::Complete(n) => n,
+    let Some(head_len) = head_length(req.parse(buf))? else {
+        return Ok(None);
     };
     out.clear();
     out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
@@ -247,12 +253,8 @@ fn request_head(
 fn response_head(buf: &[u8], out: &mut Vec<u8>) -> io::Result<Option<Framing>> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut res = httparse::Response::new(&mut headers);
-    let head_len = match res
-        .parse(buf)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
-    {
-        httparse::Status::Partial => return Ok(None),
-        httparse::Status::Complete(n) => n,
+    let Some(head_len) = head_length(res.parse(buf))? else {
+        return Ok(None);
     };
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
