@@ -135,13 +135,14 @@ impl Slot {
 
 /// The lot's places: place `i` holds the connection registered in the epoll set under token
 /// `i`. A connection takes the lowest free place, so that the places in use gather at the
-/// bottom; the free places at the top are given up, and the memory they took is given back
-/// once they are few enough, so that a spike of idle connections does not leave the lot
-/// holding room for all of them for good.
+/// bottom and the free places at the top can be dropped: after a spike of idle connections
+/// the lot does not keep room for all of them for good.
 #[derive(Default)]
 struct Places {
+    /// Each place's connection; None while the place is free, or while its connection is
+    /// taken out to be looked at.
     slots: Vec<Option<Slot>>,
-    /// The free places below the top one.
+    /// The free places. The top place is never free: a free place at the top is dropped.
     free: BTreeSet<usize>,
 }
 
@@ -166,8 +167,8 @@ impl Places {
             self.free.pop_last();
             self.slots.pop();
         }
-        // Room for four times the places in use, or more: halved, down to twice. Not
-        // below a few pages' worth, so that a small lot never reallocates.
+        // Room for more than four times the places: shrunk to twice. Never below 256
+        // places, so that a small lot does not reallocate back and forth.
         let (len, capacity) = (self.slots.len(), self.slots.capacity());
         if capacity > 256 && capacity > 4 * len {
             self.slots.shrink_to((2 * len).max(256));
@@ -218,7 +219,8 @@ pub(crate) async fn run(mut yard: Yard, drain: CancellationToken, resume: impl F
                         slot.count(true);
                         places.slots[index] = Some(slot);
                         // The deadlines of connections gone from the lot stay in the heap until
-                        // they pass; past twice the lot's size, they are swept out.
+                        // they pass; past twice the lot's size, they are swept out, and the
+                        // heap's room shrinks with them as the places' does.
                         let parked_now = places.parked();
                         if deadlines.len() > 2 * parked_now + 64 {
                             deadlines.retain(|&Reverse((_, i, id))| {
