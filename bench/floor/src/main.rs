@@ -4,8 +4,9 @@
 //!     floor raw LISTEN ORIGIN     a hand-written codec: httparse and one buffer per side
 //!
 //! Both run on tokio with one worker thread, as drover does under `--workers 1`, and
-//! give each client connection one upstream connection of its own, opened with the
-//! client's first request (at steady state the same as a pool of kept-alive connections).
+//! give each client connection one upstream connection of its own (`hyper` opens it when
+//! the client connects, `raw` with the first request; at steady state either is the same
+//! as a pool of kept-alive connections).
 //! Both do the header work every proxy does: the hop-by-hop headers are dropped both ways
 //! and `X-Forwarded-For` is added. Neither routes, balances, retries, counts or logs.
 //!
