@@ -386,13 +386,18 @@ def write_nginx(workers):
     return write_conf("nginx.conf", conf)
 
 
-def write_haproxy(workers):
-    conf = f"""global
+def haproxy_global(workers):
+    """The global section of the HTTP and the relay configs alike."""
+    return f"""global
     nbthread {workers}
     maxconn 9000
     pidfile {TMP}/haproxy.pid
 
-defaults
+"""
+
+
+def write_haproxy(workers):
+    conf = haproxy_global(workers) + f"""defaults
     mode http
     option http-keep-alive
     http-reuse always
@@ -426,12 +431,7 @@ def write_nginx_relay(workers):
 
 
 def write_haproxy_relay(workers):
-    conf = f"""global
-    nbthread {workers}
-    maxconn 9000
-    pidfile {TMP}/haproxy.pid
-
-defaults
+    conf = haproxy_global(workers) + f"""defaults
     mode tcp
     timeout connect 5s
     timeout client 300s
