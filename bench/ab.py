@@ -4,8 +4,8 @@ interleaved round by round, with the origin, configs and pinning of bench/bench.
 
     python3 bench/ab.py OLD_DROVER NEW_DROVER [nginx ...]
 
-A target is a path to a drover binary, the name of a peer proxy, or floor-hyper or
-floor-raw (bench/floor's minimal proxies, built by run.sh). Each round starts
+A target is a path to a drover binary, the name of a peer proxy, or floor-hyper,
+floor-half or floor-raw (bench/floor's minimal proxies, built by run.sh). Each round starts
 every target afresh (in reverse order every other round, so that a drift in the
 machine's load does not always favour the same one), warms it up, and measures each
 scenario once. Prints the median requests/s and proxy CPU per request per target and

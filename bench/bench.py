@@ -83,7 +83,7 @@ DROVER_BIN = os.environ.get("DROVER_BIN", os.path.join(REPO_DIR, "target/release
 PACE_BIN = os.environ.get("PACE_BIN", os.path.join(REPO_DIR, "target/bench-pace/release/pace"))
 FLOOR_BIN = os.environ.get("FLOOR_BIN", os.path.join(REPO_DIR, "target/bench-floor/release/floor"))
 # bench/floor's two minimal proxies, yardsticks for drover's cost per request.
-FLOORS = ("floor-hyper", "floor-raw")
+FLOORS = ("floor-hyper", "floor-half", "floor-raw")
 H2_CONNS, H2_STREAMS = 16, 4   # 64 streams in flight, as the 64-connection HTTP/1.1 runs
 
 

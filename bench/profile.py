@@ -13,7 +13,7 @@ connections, 1 KiB bodies, drover alone on CPU 0 with one worker).
 
 CONNS sets the connections of the perf and callgrind runs (default 64; callgrind wants
 CONNS=4, see below), and CLOSE=1 makes them open a new connection per request.
-PROXY=floor-hyper or PROXY=floor-raw profiles one of bench/floor's minimal proxies
+PROXY=floor-hyper, floor-half or floor-raw profiles one of bench/floor's minimal proxies
 instead of drover with perf or callgrind (reports under profile-PROXY/), to set beside
 drover's.
 

@@ -262,6 +262,8 @@ def floor_table(summary):
     relay = summary.get("relay", {}).get(sc, {})
     rows = [("drover", "drover: routing, balancing, counting, on hyper", http.get("drover")),
             ("floor-hyper", "hyper's server and client, nothing else", floor.get("floor-hyper")),
+            ("floor-half", "hyper's server, a hand-written upstream client",
+             floor.get("floor-half")),
             ("floor-raw", "a hand-written HTTP/1 codec (httparse)", floor.get("floor-raw")),
             ("drover relay", "drover as a TCP relay: no HTTP at all", relay.get("drover")),
             ("nginx", "nginx, for comparison", http.get("nginx"))]

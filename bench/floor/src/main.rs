@@ -1,26 +1,31 @@
-//! Two minimal HTTP/1.1 reverse proxies, yardsticks for bench/ and never a product:
+//! Three minimal HTTP/1.1 reverse proxies, yardsticks for bench/ and never a product:
 //!
 //!     floor hyper LISTEN ORIGIN   hyper's server and client, and nothing else
+//!     floor half LISTEN ORIGIN    hyper's server, a hand-written upstream client
 //!     floor raw LISTEN ORIGIN     a hand-written codec: httparse and one buffer per side
 //!
-//! Both run on tokio with one worker thread, as drover does under `--workers 1`, and
+//! All run on tokio with one worker thread, as drover does under `--workers 1`, and
 //! give each client connection one upstream connection of its own (`hyper` opens it when
-//! the client connects, `raw` with the first request; at steady state either is the same
-//! as a pool of kept-alive connections).
-//! Both do the header work every proxy does: the hop-by-hop headers are dropped both ways
-//! and `X-Forwarded-For` is added. Neither routes, balances, retries, counts or logs.
+//! the client connects, `half` and `raw` with the first request; at steady state either is
+//! the same as a pool of kept-alive connections).
+//! All do the header work every proxy does: the hop-by-hop headers are dropped both ways
+//! and `X-Forwarded-For` is added. None routes, balances, retries, counts or logs.
 //!
 //! Set beside drover's figure, `hyper` shows what drover's own work costs on top of hyper,
 //! and `raw` what hyper costs on top of a codec that forwards header blocks with no more
 //! parsing than finding the framing: the most an HTTP/1 codec of drover's own could gain.
-//! `raw` frames bodies by Content-Length only (the benchmark's origin sends nothing else)
-//! and answers 501 to a chunked request.
+//! `half` is the first step there: hyper still serves the client, but the upstream request
+//! is written and its response read in the request's own task, with no dispatcher task and
+//! no channel; the response head still becomes a `HeaderMap`, which hyper's server needs.
+//! `raw` and `half` frame bodies by Content-Length only (the benchmark's origin sends
+//! nothing else); `raw` answers 501 to a chunked request, `half` 502 to any request body.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::service::service_fn;
@@ -48,17 +53,25 @@ const MAX_HEADERS: usize = 64;
 /// The largest head either side may send.
 const MAX_HEAD: usize = 64 * 1024;
 
+#[derive(Clone, Copy)]
+enum Mode {
+    Hyper,
+    Half,
+    Raw,
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: floor hyper|raw LISTEN_ADDR ORIGIN_ADDR (e.g. floor raw 127.0.0.1:18080 127.0.0.1:19000)";
+    let usage = "usage: floor hyper|half|raw LISTEN_ADDR ORIGIN_ADDR (e.g. floor raw 127.0.0.1:18080 127.0.0.1:19000)";
     let [_, mode, listen, origin] = &args[..] else {
         eprintln!("{usage}");
         std::process::exit(2);
     };
-    let raw = match mode.as_str() {
-        "raw" => true,
-        "hyper" => false,
+    let mode = match mode.as_str() {
+        "raw" => Mode::Raw,
+        "half" => Mode::Half,
+        "hyper" => Mode::Hyper,
         _ => {
             eprintln!("floor: unknown mode {mode:?}; {usage}");
             std::process::exit(2);
@@ -83,10 +96,10 @@ async fn main() {
         let _ = client.set_nodelay(true);
         tokio::spawn(async move {
             // Errors end the connection; a yardstick has nothing to report about them.
-            let _ = if raw {
-                serve_raw(client, peer, origin).await
-            } else {
-                serve_hyper(client, peer, origin).await
+            let _ = match mode {
+                Mode::Raw => serve_raw(client, peer, origin).await,
+                Mode::Half => serve_half(client, peer, origin).await,
+                Mode::Hyper => serve_hyper(client, peer, origin).await,
             };
         });
     }
@@ -136,6 +149,103 @@ async fn serve_hyper(client: TcpStream, peer: SocketAddr, origin: SocketAddr) ->
         .serve_connection(TokioIo::new(client), service)
         .await
         .map_err(io::Error::other)
+}
+
+async fn serve_half(client: TcpStream, peer: SocketAddr, origin: SocketAddr) -> io::Result<()> {
+    // As in `serve_hyper`: one request at a time takes the upstream side and puts it back.
+    let slot: Arc<Mutex<Option<Side>>> = Arc::new(Mutex::new(None));
+    let forwarded_for = peer.ip().to_string().into_bytes();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let slot = slot.clone();
+        let forwarded_for = forwarded_for.clone();
+        async move {
+            let taken = slot.lock().unwrap().take();
+            let mut up = match taken {
+                Some(up) => up,
+                None => Side::new(connect(origin).await?),
+            };
+            let response = exchange(&mut up, &req, &forwarded_for).await?;
+            *slot.lock().unwrap() = Some(up);
+            Ok::<_, io::Error>(response)
+        }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(client), service)
+        .await
+        .map_err(io::Error::other)
+}
+
+/// Sends `req`'s head upstream and reads the whole response: what `half` does per request.
+async fn exchange(
+    up: &mut Side,
+    req: &Request<Incoming>,
+    forwarded_for: &[u8],
+) -> io::Result<Response<Full<Bytes>>> {
+    if req.headers().contains_key(header::CONTENT_LENGTH)
+        || req.headers().contains_key(header::TRANSFER_ENCODING)
+    {
+        return Err(io::Error::new(io::ErrorKind::Unsupported, "request body"));
+    }
+    let mut out = Vec::with_capacity(1024);
+    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.push(b' ');
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in req.headers() {
+        if HOP_BY_HOP.contains(&name.as_str()) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    out.extend_from_slice(forwarded_for);
+    out.extend_from_slice(b"\r\n\r\n");
+    up.stream.write_all(&out).await?;
+
+    let (mut response, head_len, body_len) = loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut headers);
+        if let Some(head_len) = head_length(res.parse(&up.buf))? {
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() =
+                hyper::StatusCode::from_u16(res.code.unwrap_or(502)).map_err(io::Error::other)?;
+            let map = response.headers_mut();
+            let mut body_len = 0;
+            for h in res.headers.iter() {
+                if h.name.eq_ignore_ascii_case("content-length") {
+                    body_len = std::str::from_utf8(h.value)
+                        .ok()
+                        .and_then(|v| v.trim().parse().ok())
+                        .ok_or_else(|| {
+                            io::Error::new(io::ErrorKind::InvalidData, "bad Content-Length")
+                        })?;
+                }
+                if HOP_BY_HOP.iter().any(|n| h.name.eq_ignore_ascii_case(n)) {
+                    continue;
+                }
+                map.append(
+                    HeaderName::from_bytes(h.name.as_bytes()).map_err(io::Error::other)?,
+                    HeaderValue::from_bytes(h.value).map_err(io::Error::other)?,
+                );
+            }
+            break (response, head_len, body_len);
+        }
+        if !up.fill().await? {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    };
+    up.buf.advance(head_len);
+    while up.buf.len() < body_len {
+        if !up.fill().await? {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    *response.body_mut() = Full::new(up.buf.split_to(body_len).freeze());
+    Ok(response)
 }
 
 fn strip(headers: &mut header::HeaderMap) {
