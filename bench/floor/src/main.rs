@@ -18,7 +18,8 @@
 //! is written and its response read in the request's own task, with no dispatcher task and
 //! no channel; the response head still becomes a `HeaderMap`, which hyper's server needs.
 //! `raw` and `half` frame bodies by Content-Length only (the benchmark's origin sends
-//! nothing else); `raw` answers 501 to a chunked request, `half` 502 to any request body.
+//! nothing else); `raw` answers 501 to a chunked request, and `half` closes the connection
+//! of any request with a body.
 
 use std::io;
 use std::net::SocketAddr;
@@ -239,8 +240,10 @@ async fn exchange(
         }
     };
     up.buf.advance(head_len);
+    // Not `fill`: its limit is for heads, and a body may be larger.
+    up.buf.reserve(body_len.saturating_sub(up.buf.len()));
     while up.buf.len() < body_len {
-        if !up.fill().await? {
+        if up.stream.read_buf(&mut up.buf).await? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
     }

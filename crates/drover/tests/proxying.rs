@@ -432,3 +432,56 @@ async fn connections_over_the_limit_wait_for_a_free_slot() {
         .unwrap();
     assert_eq!(status, StatusCode::OK);
 }
+
+/// Trailers a client sends after a chunked body reach an HTTP/1.1 origin with the last chunk,
+/// small bodies (kept for a retry) and streamed ones alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_trailers_reach_an_http1_origin() {
+    let origin = raw::Recorder::start().await;
+    let port = free_port();
+    let _d = Drover::start(&one_service(port, &[(origin.addr, 1)])).await;
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let big = "x".repeat(100_000);
+    for (path, data) in [("/small", "hello"), ("/large", big.as_str())] {
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\nconnection: close\r\n\r\n{:x}\r\n{data}\r\n0\r\nx-checksum: c0ffee\r\n\r\n",
+            data.len()
+        );
+        let reply = raw::send_raw(addr, req.as_bytes(), Duration::from_secs(2)).await;
+        assert_eq!(reply.status(), 200, "{path}: {}", reply.text());
+    }
+    let seen = origin.seen();
+    assert_eq!(origin.targets(), ["/small", "/large"]);
+    for (s, len) in seen.iter().zip([5, 100_000]) {
+        assert_eq!(s.body.len(), len, "{}", s.target);
+        let trailers = s
+            .trailers
+            .as_ref()
+            .unwrap_or_else(|| panic!("{}: no trailers", s.target));
+        assert_eq!(trailers["x-checksum"], "c0ffee", "{}", s.target);
+    }
+}
+
+/// An origin that closes a kept-alive connection while it waits in drover's pool: the next
+/// request goes on a new connection, and the client never sees the closed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_origin_closed_is_not_used_again() {
+    // Answers one request per connection, keeps it 300 ms, then closes it.
+    let origin = raw::scripted_origin(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+    let port = free_port();
+    let d = Drover::start(&one_service(port, &[(origin, 1)])).await;
+    let url = format!("http://127.0.0.1:{port}/");
+    for round in 0..3 {
+        let (status, _, body) = get(&client(), &url).await;
+        assert_eq!(status, StatusCode::OK, "round {round}");
+        assert_eq!(body, "ok", "round {round}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (_, stats) = d.api("GET", "/stats/detail", None).await;
+    let endpoint = &stats[0];
+    assert_eq!(endpoint["success"], 3, "{stats}");
+    assert_eq!(
+        endpoint["failed"], 0,
+        "no request was sent on a closed connection: {stats}"
+    );
+}

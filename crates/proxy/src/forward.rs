@@ -34,11 +34,11 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use crate::http::{Kind, UpstreamBody, error, strip_hop_by_hop};
+use crate::http::{Kind, Source, UpstreamBody, error, strip_hop_by_hop};
 use crate::pool::{ConnectError, EndpointState};
 use crate::stats::{RouteStats, Stats};
 use crate::table::Service;
-use crate::upstream::{Conn, Upstream};
+use crate::upstream::{Answer, Sent, Upstream};
 
 /// The most tries the configuration allows.
 pub(crate) const MAX_ATTEMPTS: usize = 10;
@@ -58,7 +58,7 @@ pub struct KeptBody {
 }
 
 impl KeptBody {
-    fn new(data: &Bytes, trailers: &Option<HeaderMap>) -> Self {
+    pub(crate) fn new(data: &Bytes, trailers: &Option<HeaderMap>) -> Self {
         Self {
             data: (!data.is_empty()).then(|| data.clone()),
             trailers: trailers.clone(),
@@ -137,6 +137,14 @@ impl Body for Upload {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+impl ReqBody {
+    /// Whether trailers follow the data, as far as is known before it is sent: a kept body
+    /// knows, a streamed one does not.
+    pub(crate) fn has_trailers(&self) -> bool {
+        matches!(self, ReqBody::Bytes(k) if k.trailers.is_some())
     }
 }
 
@@ -400,7 +408,7 @@ pub(crate) async fn forward(
         tried[tries] = index;
         tries += 1;
         match sent {
-            Some(Ok(mut response)) => {
+            Sent::Answer(mut response) => {
                 endpoint.latency.observe(started.elapsed());
                 let upstream_time = try_started.elapsed();
                 endpoint.responses.fetch_add(1, Ordering::Relaxed);
@@ -418,18 +426,20 @@ pub(crate) async fn forward(
                     && tries < attempts;
                 strip_response_headers(response.headers_mut());
                 *response.version_mut() = Version::HTTP_11;
-                let response = response.map(|body| {
-                    Kind::Upstream(match conn {
-                        Conn::H1(sender) => UpstreamBody::pooled(
+                let response = response.map(|answer| {
+                    let source = match answer {
+                        Answer::H1(body) => Source::Pooled {
                             body,
-                            sender,
-                            service.upstream.id,
-                            spec.pool_max_idle as usize,
-                            in_flight,
-                        ),
+                            upstream: service.upstream.id,
+                            max_idle: spec.pool_max_idle as usize,
+                        },
                         // Shared: nothing to give back.
-                        Conn::H2(_) => UpstreamBody::unpooled(body, in_flight),
-                    })
+                        Answer::H2(body) => Source::Hyper {
+                            body,
+                            _connection: None,
+                        },
+                    };
+                    Kind::Upstream(UpstreamBody::new(source, in_flight))
                 });
                 if retry {
                     tracing::debug!(service = %service.name, endpoint = %endpoint.address, %status, "retrying elsewhere");
@@ -445,31 +455,29 @@ pub(crate) async fn forward(
                     upstream_time: Some(upstream_time),
                 };
             }
-            Some(Err(mut e)) => match e.take_message() {
-                // Never written: the connection was closing. Send it on another one.
-                Some(back) => {
-                    let (back_parts, back_body) = back.into_parts();
-                    parts.headers = back_parts.headers;
-                    parts.uri = back_parts.uri;
-                    if let ReqBody::Stream(s) = back_body {
-                        payload = Payload::Streaming(Some(s));
-                    }
-                    tries -= 1;
-                    stale += 1;
-                    if stale > MAX_STALE {
-                        break;
-                    }
+            // Never written: the connection was closing. Send it on another one.
+            Sent::Unsent(back) => {
+                let (back_parts, back_body) = back.into_parts();
+                parts.headers = back_parts.headers;
+                parts.uri = back_parts.uri;
+                if let ReqBody::Stream(s) = back_body {
+                    payload = Payload::Streaming(Some(s));
                 }
-                None => {
-                    tracing::debug!(service = %service.name, endpoint = %endpoint.address, "upstream failed: {}", e.into_error());
-                    record_failure(stats, service, endpoint);
-                    failure = Failure::Broken;
-                    if !payload.replayable() {
-                        break;
-                    }
+                tries -= 1;
+                stale += 1;
+                if stale > MAX_STALE {
+                    break;
                 }
-            },
-            None => {
+            }
+            Sent::Failed(e) => {
+                tracing::debug!(service = %service.name, endpoint = %endpoint.address, "upstream failed: {e}");
+                record_failure(stats, service, endpoint);
+                failure = Failure::Broken;
+                if !payload.replayable() {
+                    break;
+                }
+            }
+            Sent::TimedOut => {
                 record_failure(stats, service, endpoint);
                 failure = Failure::TimedOut;
                 if !(idempotent && payload.replayable()) {

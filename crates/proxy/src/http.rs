@@ -34,7 +34,7 @@ use hyper::body::Incoming;
 use crate::access::Record;
 use crate::conn::{Active, ConnCtx};
 use crate::forward::{self, Affinity, InFlight};
-use crate::pool::Sender;
+use crate::h1::H1Body;
 use crate::stats::{RouteStats, Stats};
 use crate::table::{HeaderRules, Service};
 
@@ -506,7 +506,7 @@ fn upstream_framing_ok(head: bool, response: &Response<Kind>) -> bool {
         return true;
     }
     let announced = first.to_str().ok().and_then(|v| v.parse::<u64>().ok());
-    announced.is_some() && body.body.size_hint().exact() == announced
+    announced.is_some() && body.size_hint().exact() == announced
 }
 
 /// Forwards a request that `route` took to `service`, with the route's request header rules.
@@ -761,76 +761,85 @@ pub(crate) enum Kind {
 }
 
 /// An upstream response body, trailers included; gives its HTTP/1.1 connection back to the
-/// pool once read to the end.
+/// pool once read to its end.
 pub(crate) struct UpstreamBody {
-    body: Incoming,
-    /// The HTTP/1.1 connection and the `Upstream::id` that opened it; None when shared
-    /// (HTTP/2) or never pooled.
-    sender: Option<(Sender, u64)>,
-    max_idle: usize,
+    source: Source,
     in_flight: InFlight,
-    /// The body returned its end. A chunked HTTP/1.1 body cannot tell its end before that.
+    /// The body returned its end. A chunked body cannot tell its end before that.
     done: bool,
 }
 
-impl UpstreamBody {
-    /// A body whose connection is never pooled (`max_idle` 0) or pooled as opened by no
-    /// current service settings.
-    pub(crate) fn new(
-        body: Incoming,
-        sender: hyper::client::conn::http1::SendRequest<crate::forward::ReqBody>,
-        max_idle: usize,
-        in_flight: InFlight,
-    ) -> Self {
-        Self::pooled(body, Sender::new(sender), 0, max_idle, in_flight)
-    }
-
-    /// A body whose HTTP/1.1 connection goes back to the pool at its end.
-    pub(crate) fn pooled(
-        body: Incoming,
-        sender: Sender,
+pub(crate) enum Source {
+    /// drover's HTTP/1.1 client; its connection goes back to the pool opened by `upstream`
+    /// (an `Upstream::id`), which keeps at most `max_idle`.
+    Pooled {
+        body: H1Body,
         upstream: u64,
         max_idle: usize,
-        in_flight: InFlight,
-    ) -> Self {
-        Self {
-            body,
-            sender: Some((sender, upstream)),
-            max_idle,
-            in_flight,
-            done: false,
-        }
-    }
+    },
+    /// hyper's client: an HTTP/2 stream, or the answer to an upgrade request that did not
+    /// switch, with that request's connection of its own (kept until the body is read).
+    Hyper {
+        body: Incoming,
+        _connection: Option<hyper::client::conn::http1::SendRequest<crate::forward::ReqBody>>,
+    },
+}
 
-    /// A body on a shared HTTP/2 connection.
-    pub(crate) fn unpooled(body: Incoming, in_flight: InFlight) -> Self {
+impl UpstreamBody {
+    pub(crate) fn new(source: Source, in_flight: InFlight) -> Self {
         Self {
-            body,
-            sender: None,
-            max_idle: 0,
+            source,
             in_flight,
             done: false,
         }
     }
 
     fn ended(&self) -> bool {
-        self.done || self.body.is_end_stream()
+        self.done
+            || match &self.source {
+                Source::Pooled { body, .. } => body.is_end_stream(),
+                Source::Hyper { body, .. } => body.is_end_stream(),
+            }
+    }
+
+    /// At the end of the body, its HTTP/1.1 connection goes back to the pool, if it can
+    /// take another request.
+    fn give_back(&mut self) {
+        if let Source::Pooled {
+            body,
+            upstream,
+            max_idle,
+        } = &mut self.source
+            && let Some(conn) = body.take_reusable()
+        {
+            self.in_flight
+                .endpoint()
+                .checkin(conn, *upstream, *max_idle);
+        }
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         // Data, then trailers (HTTP/2, or a chunked HTTP/1.1 body's), then the end.
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            this.done = true;
+        let polled = match &mut this.source {
+            Source::Pooled { body, .. } => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Source::Hyper { body, .. } => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        };
+        match &polled {
+            Poll::Ready(None) => {
+                this.done = true;
+                this.give_back();
+            }
+            Poll::Ready(Some(Ok(_))) if this.ended() => this.give_back(),
+            _ => {}
         }
         polled
     }
@@ -840,19 +849,18 @@ impl Body for UpstreamBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.source {
+            Source::Pooled { body, .. } => body.size_hint(),
+            Source::Hyper { body, .. } => body.size_hint(),
+        }
     }
 }
 
 impl Drop for UpstreamBody {
+    /// A body ended but never polled again (an answer to HEAD, say) gives its connection
+    /// back here.
     fn drop(&mut self) {
-        if self.ended()
-            && let Some((sender, upstream)) = self.sender.take()
-        {
-            self.in_flight
-                .endpoint()
-                .checkin(sender, upstream, self.max_idle);
-        }
+        self.give_back();
     }
 }
 
@@ -899,7 +907,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Full(f) => f.size_hint(),
-            Kind::Upstream(u) => u.body.size_hint(),
+            Kind::Upstream(u) => u.size_hint(),
             Kind::Compressed(c) => c.size_hint(),
         }
     }

@@ -18,6 +18,7 @@ pub mod access;
 mod compress;
 mod conn;
 mod forward;
+mod h1;
 mod health;
 mod http;
 mod listener;
@@ -33,6 +34,8 @@ mod upgrade;
 mod upstream;
 
 pub use access::AccessLog;
+#[doc(hidden)]
+pub use h1::fuzz_upstream_answer;
 pub use health::Report as HealthReport;
 #[doc(hidden)]
 pub use http::{fuzz_front_end, fuzz_route, path_is_plain};

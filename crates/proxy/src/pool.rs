@@ -1,12 +1,13 @@
 //! Endpoint state and the upstream connection pool.
 //!
 //! HTTP/1.1: each endpoint owns a lock-free queue of idle connections. A request takes one
-//! (dropping any that went stale, that the upstream closed, or that an older version of the
-//! service's connection settings opened), or opens a new one; its response body gives the
-//! connection back when it has been read to the end. A connection whose response was not read
-//! to the end is never reused: hyper closes it. The queue is bounded by the service's
-//! `pool_max_idle`; idle connections older than `pool_idle_timeout` are closed at the next
-//! checkout or sweep.
+//! (dropping any that went stale, that the upstream closed or sent something on, or that an
+//! older version of the service's connection settings opened), or opens a new one; its
+//! response body gives the connection back when it has been read to the end. A connection
+//! whose response was not read to the end is never reused: it is closed. The queue is
+//! bounded by the service's `pool_max_idle`; idle connections older than
+//! `pool_idle_timeout`, or closed by their upstream, are closed at the next checkout or
+//! sweep.
 //!
 //! HTTP/2: each endpoint has one multiplexed connection, opened by the first request that
 //! needs it and shared by all the others (a clone of its `SendRequest` each), held in an
@@ -29,10 +30,10 @@ use drover_model::UpstreamProtocol;
 use hyper::client::conn::http2;
 
 use crate::forward::ReqBody;
+use crate::h1::H1Conn;
 use crate::health::{Health, now_ms};
 use crate::stats::CodeCounters;
 pub(crate) use crate::upstream::ConnectError;
-pub(crate) use crate::upstream::Sender;
 use crate::upstream::{Conn, Upstream};
 
 /// Warnings about an endpoint's refused certificate: at most one per endpoint this often;
@@ -68,7 +69,7 @@ pub struct EndpointState {
 
 #[derive(Debug)]
 struct Idle {
-    sender: Sender,
+    conn: Box<H1Conn>,
     since: Instant,
     /// The `Upstream::id` that opened it.
     upstream: u64,
@@ -117,29 +118,26 @@ impl EndpointState {
             shared.used.store(now_ms(), Ordering::Relaxed);
             return Some(Conn::H2(shared.sender.clone()));
         }
-        while let Some(idle) = self.idle.pop() {
+        while let Some(mut idle) = self.idle.pop() {
             self.idle_len.fetch_sub(1, Ordering::Relaxed);
-            if !idle.sender.is_closed()
+            if idle.upstream == upstream.id
                 && idle.since.elapsed() < max_idle_age
-                && idle.upstream == upstream.id
+                && idle.conn.is_open()
             {
-                return Some(Conn::H1(idle.sender));
+                return Some(Conn::H1(idle.conn));
             }
         }
         None
     }
 
-    /// Gives an HTTP/1.1 connection back, unless the pool is full or the connection closed.
-    pub(crate) fn checkin(&self, sender: Sender, upstream: u64, max_idle: usize) {
-        if sender.is_closed() {
-            return;
-        }
+    /// Gives an HTTP/1.1 connection back, unless the pool is full.
+    pub(crate) fn checkin(&self, conn: Box<H1Conn>, upstream: u64, max_idle: usize) {
         if self.idle_len.fetch_add(1, Ordering::Relaxed) >= max_idle {
             self.idle_len.fetch_sub(1, Ordering::Relaxed);
             return;
         }
         self.idle.push(Idle {
-            sender,
+            conn,
             since: Instant::now(),
             upstream,
         });
@@ -150,9 +148,11 @@ impl EndpointState {
     /// request in flight.
     pub fn sweep(&self, max_idle_age: Duration) {
         for _ in 0..self.idle_len.load(Ordering::Relaxed) {
-            let Some(idle) = self.idle.pop() else { break };
+            let Some(mut idle) = self.idle.pop() else {
+                break;
+            };
             self.idle_len.fetch_sub(1, Ordering::Relaxed);
-            if !idle.sender.is_closed() && idle.since.elapsed() < max_idle_age {
+            if idle.since.elapsed() < max_idle_age && idle.conn.is_open() {
                 self.idle_len.fetch_add(1, Ordering::Relaxed);
                 self.idle.push(idle);
             }

@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 
 use crate::conn::{ConnCtx, Open, Switched};
 use crate::forward::{self, Affinity, Forwarded, InFlight, ReqBody, Upload};
-use crate::http::{Kind, UpstreamBody, error, strip_hop_by_hop};
+use crate::http::{Kind, Source, UpstreamBody, error, strip_hop_by_hop};
 use crate::stats::{RouteStats, Stats};
 use crate::table::Service;
 use crate::upstream::Upstream;
@@ -153,8 +153,15 @@ pub(crate) async fn forward(
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             strip_hop_by_hop(response.headers_mut());
             // Its connection was opened for this request alone: never pooled.
-            let response =
-                response.map(|body| Kind::Upstream(UpstreamBody::new(body, sender, 0, in_flight)));
+            let response = response.map(|body| {
+                Kind::Upstream(UpstreamBody::new(
+                    Source::Hyper {
+                        body,
+                        _connection: Some(sender),
+                    },
+                    in_flight,
+                ))
+            });
             return done(response, &tried, last, Some(upstream_time));
         }
         let switched_to = response.headers().get(header::UPGRADE).cloned();

@@ -18,17 +18,18 @@ use std::time::Duration;
 use drover_model::{ServiceSpec, UpstreamProtocol, UpstreamTls};
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::{TrySendError, http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::Sleep;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::forward::ReqBody;
+use crate::h1::{self, H1Body, H1Conn};
+use crate::http::BodyError;
 
 /// Why a new upstream connection could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -80,78 +81,58 @@ struct Tls {
 
 /// A connection ready for requests.
 pub(crate) enum Conn {
-    H1(Sender),
+    /// drover's own HTTP/1.1 client (`crate::h1`): one request at a time.
+    H1(Box<H1Conn>),
     H2(http2::SendRequest<ReqBody>),
 }
 
-/// What a request sent on a connection came to: its response head, or the error (with the
-/// request handed back if it was never written), or `None` if the deadline passed first.
-pub(crate) type Sent = Option<Result<Response<Incoming>, TrySendError<Request<ReqBody>>>>;
+/// What a request sent on a connection came to.
+pub(crate) enum Sent {
+    /// The answer's head; its body follows.
+    Answer(Response<Answer>),
+    /// Never written: the connection was closing. The request comes back whole.
+    Unsent(Request<ReqBody>),
+    /// Written, but no usable answer came: the connection broke, or the answer was invalid.
+    Failed(BodyError),
+    /// The deadline passed before the answer's head.
+    TimedOut,
+}
+
+/// An answer's body, as the connection's client reads it.
+pub(crate) enum Answer {
+    /// It holds its connection, for the pool to take back at its end.
+    H1(H1Body),
+    H2(Incoming),
+}
 
 impl Conn {
-    /// Waits until the connection can take a request; an error means it closed.
+    /// Waits until the connection can take a request; an error means it closed. An HTTP/1.1
+    /// connection was checked when it was taken from the pool.
     pub(crate) async fn ready(&mut self) -> hyper::Result<()> {
         match self {
-            Conn::H1(s) => s.send.ready().await,
+            Conn::H1(_) => Ok(()),
             Conn::H2(s) => s.ready().await,
         }
     }
 
-    /// Sends a request and waits at most `within` for the response head.
-    pub(crate) async fn send_within(&mut self, req: Request<ReqBody>, within: Duration) -> Sent {
+    /// Sends a request and waits at most `within` for the answer's head.
+    pub(crate) async fn send_within(self, req: Request<ReqBody>, within: Duration) -> Sent {
         match self {
-            Conn::H1(s) => s.send_within(req, within).await,
+            Conn::H1(c) => match c.send(req, within).await {
+                h1::Sent::Answer(r) => Sent::Answer(r.map(Answer::H1)),
+                h1::Sent::Failed(e) => Sent::Failed(e.into()),
+                h1::Sent::TimedOut => Sent::TimedOut,
+            },
             // Requests share the connection: each has a timer of its own.
-            Conn::H2(s) => tokio::time::timeout(within, s.try_send_request(req))
-                .await
-                .ok(),
+            Conn::H2(mut s) => match tokio::time::timeout(within, s.try_send_request(req)).await {
+                Ok(Ok(r)) => Sent::Answer(r.map(Answer::H2)),
+                Ok(Err(mut e)) => match e.take_message() {
+                    Some(req) => Sent::Unsent(req),
+                    None => Sent::Failed(e.into_error().into()),
+                },
+                Err(_) => Sent::TimedOut,
+            },
         }
-    }
-}
-
-/// An upstream HTTP/1.1 connection: hyper's sending half, and the timer that bounds the wait
-/// for each of its responses.
-#[derive(Debug)]
-pub(crate) struct Sender {
-    pub(crate) send: http1::SendRequest<ReqBody>,
-    /// Set to each request's deadline. One request at a time uses the connection, and its
-    /// deadline is later than the one before, so tokio moves the timer's time in place (an
-    /// atomic store) instead of taking it out of its timer wheel and putting it back, which
-    /// a new `tokio::time::timeout` per request did, under the wheel's lock each time. The
-    /// timer enters the wheel when the connection's first request sets it, and again after
-    /// it went off while the connection was idle. Made by the first request.
-    deadline: Option<Pin<Box<Sleep>>>,
-}
-
-impl Sender {
-    pub(crate) fn new(send: http1::SendRequest<ReqBody>) -> Self {
-        Self {
-            send,
-            deadline: None,
-        }
-    }
-
-    pub(crate) fn is_closed(&self) -> bool {
-        self.send.is_closed()
-    }
-
-    async fn send_within(&mut self, req: Request<ReqBody>, within: Duration) -> Sent {
-        let at = tokio::time::Instant::now() + within;
-        let deadline = match &mut self.deadline {
-            Some(d) => {
-                d.as_mut().reset(at);
-                d
-            }
-            None => self.deadline.insert(Box::pin(tokio::time::sleep_until(at))),
-        };
-        let mut sent = std::pin::pin!(self.send.try_send_request(req));
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = sent.as_mut().poll(cx) {
-                return Poll::Ready(Some(r));
-            }
-            deadline.as_mut().poll(cx).map(|()| None)
-        })
-        .await
     }
 }
 
@@ -221,7 +202,7 @@ impl Upstream {
         }
     }
 
-    /// A new connection to `address`, with the driving task spawned.
+    /// A new connection to `address`; for HTTP/2, with the task that drives it spawned.
     pub(crate) async fn connect(
         &self,
         address: SocketAddr,
@@ -229,36 +210,25 @@ impl Upstream {
     ) -> Result<Conn, ConnectError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let stream = self.open(address, timeout).await?;
-        let io = TokioIo::new(stream);
+        if self.protocol == UpstreamProtocol::Http1 {
+            // No handshake: the first request is the first word.
+            return Ok(Conn::H1(H1Conn::new(stream)));
+        }
         let handshake = async {
-            match self.protocol {
-                UpstreamProtocol::Http1 => {
-                    let (sender, conn) = http1::Builder::new()
-                        .handshake(io)
-                        .await
-                        .map_err(|e| ConnectError::Handshake(address, e, "HTTP/1.1"))?;
-                    tokio::spawn(async move {
-                        // Ends when the upstream or drover closes the connection; routine.
-                        let _ = conn.await;
-                    });
-                    Ok(Conn::H1(Sender::new(sender)))
-                }
-                UpstreamProtocol::Http2 => {
-                    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                        .timer(TokioTimer::new())
-                        // Keeps an idle multiplexed connection known to be alive, and finds
-                        // a dead one before a request does (gRPC clients ping too).
-                        .keep_alive_interval(Duration::from_secs(30))
-                        .keep_alive_timeout(Duration::from_secs(10))
-                        .handshake(io)
-                        .await
-                        .map_err(|e| ConnectError::Handshake(address, e, "HTTP/2"))?;
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    });
-                    Ok(Conn::H2(sender))
-                }
-            }
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                // Keeps an idle multiplexed connection known to be alive, and finds a dead
+                // one before a request does (gRPC clients ping too).
+                .keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| ConnectError::Handshake(address, e, "HTTP/2"))?;
+            tokio::spawn(async move {
+                // Ends when the upstream or drover closes the connection; routine.
+                let _ = conn.await;
+            });
+            Ok(Conn::H2(sender))
         };
         match tokio::time::timeout_at(deadline, handshake).await {
             Err(_) => Err(ConnectError::Timeout(address)),

@@ -59,3 +59,27 @@ fn http1_corpus_replays() {
         }
     }
 }
+
+#[test]
+fn upstream_http1_corpus_replays() {
+    for (path, data) in corpus("upstream_http1") {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let read = drover_proxy::fuzz_upstream_answer(&data);
+        let expected: Option<(u16, &[u8])> = match name.as_str() {
+            "length" => Some((200, b"hello")),
+            "chunked_trailers" => Some((200, b"hello world")),
+            "interim" => Some((201, b"ok")),
+            "until_close" => Some((200, b"all of it")),
+            "no_content" => Some((204, b"")),
+            "cl_te" | "chunk_overflow" => None,
+            // Inputs the fuzzer found: they must not panic.
+            _ => continue,
+        };
+        assert_eq!(
+            read.as_ref().map(|(s, b)| (*s, b.as_slice())),
+            expected,
+            "{}",
+            path.display()
+        );
+    }
+}

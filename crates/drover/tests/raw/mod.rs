@@ -92,6 +92,7 @@ pub struct Seen {
     pub target: String,
     pub headers: http::HeaderMap,
     pub body: Bytes,
+    pub trailers: Option<http::HeaderMap>,
 }
 
 /// An origin (HTTP/1.1 and h2c) that records every whole request that reaches it and answers
@@ -122,14 +123,15 @@ impl Recorder {
                             let (parts, body) = req.into_parts();
                             // A request whose body broke off is not a request: only whole
                             // ones are recorded (`heads` counts every head).
-                            let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
+                            let Ok(collected) = body.collect().await else {
                                 return Ok(Response::new(Full::new(Bytes::new())));
                             };
                             s.lock().unwrap().push(Seen {
                                 method: parts.method.to_string(),
                                 target: parts.uri.to_string(),
                                 headers: parts.headers,
-                                body,
+                                trailers: collected.trailers().cloned(),
+                                body: collected.to_bytes(),
                             });
                             Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
                         }
