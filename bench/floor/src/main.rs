@@ -215,7 +215,7 @@ async fn exchange(
             *response.status_mut() =
                 hyper::StatusCode::from_u16(res.code.unwrap_or(502)).map_err(io::Error::other)?;
             let map = response.headers_mut();
-            let mut body_len = 0;
+            let mut body_len: usize = 0;
             for h in res.headers.iter() {
                 if h.name.eq_ignore_ascii_case("content-length") {
                     body_len = std::str::from_utf8(h.value)
