@@ -181,7 +181,7 @@ impl Body for ReqBody {
 enum Payload {
     /// The bytes, and the trailers that followed them.
     Kept(Bytes, Option<HeaderMap>),
-    /// Taken by the try that sends it; back here if hyper returns it unsent.
+    /// Taken by the try that sends it; back here if the connection hands it back unsent.
     Streaming(Option<Upload>),
 }
 

@@ -1,11 +1,12 @@
 //! How drover reaches a service's endpoints: a TCP connection, then TLS when the service has
-//! `tls`, then the HTTP/1.1 or HTTP/2 handshake its `upstream_protocol` asks for.
+//! `tls`, then for HTTP/2 hyper's handshake; an HTTP/1.1 connection goes to drover's own
+//! client (`crate::h1`) as it is.
 //!
 //! A service's [`Upstream`] is made when its table entry is built, off the hot path: the CA
 //! bundle is read and the rustls `ClientConfig` built there, once, and a bundle that cannot be
 //! read rejects the configuration. Connections share that config; a new connection costs a
 //! TCP connect, a TLS handshake (resumed when rustls has a session ticket for the server) and
-//! the HTTP handshake, all within the service's `connect_timeout`.
+//! the HTTP/2 handshake, all within the service's `connect_timeout`.
 
 use std::io;
 use std::net::SocketAddr;
