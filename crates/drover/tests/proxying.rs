@@ -485,3 +485,86 @@ async fn a_pooled_connection_the_origin_closed_is_not_used_again() {
         "no request was sent on a closed connection: {stats}"
     );
 }
+
+/// An origin whose idle close crosses drover's next request on a kept-alive connection: it
+/// answers the first request on each connection, then closes the connection as soon as
+/// the second request arrives, with no answer. A GET goes again on a new connection and the
+/// client never knows; a POST, which may not be sent twice, gets 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_crossing_the_origin_s_idle_close_goes_again_when_it_may() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                for answered in [true, false] {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match s.read(&mut byte).await {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let line = head.lines().next().unwrap_or("").to_string();
+                    seen.lock().unwrap().push(line);
+                    if answered {
+                        // A POST's small body follows its head: read it before answering.
+                        if let Some(len) = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length: "))
+                            .and_then(|n| n.trim().parse::<usize>().ok())
+                        {
+                            let mut body = vec![0u8; len];
+                            let _ = s.read_exact(&mut body).await;
+                        }
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                    }
+                }
+                // The second request's head is in: close with no answer.
+            });
+        }
+    });
+    let port = free_port();
+    let d = Drover::start(&one_service(port, &[(origin, 1)])).await;
+    let url = format!("http://127.0.0.1:{port}/");
+    let (status, _, body) = get(&client(), &url).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
+    // On the kept-alive connection: the origin closes it, and drover sends the GET again.
+    let (status, _, body) = get(&client(), &url).await;
+    assert_eq!(
+        (status, &body[..]),
+        (StatusCode::OK, &b"ok"[..]),
+        "the GET went again"
+    );
+    let (_, stats) = d.api("GET", "/stats/detail", None).await;
+    assert_eq!(
+        stats[0]["failed"], 0,
+        "not counted against the origin: {stats}"
+    );
+    // The GET's new connection is kept alive in turn: a POST on it meets the same close.
+    let post = Request::post(&url).body(full("data")).unwrap();
+    let (status, _, _) = send(&client(), post).await.unwrap();
+    assert_eq!(
+        status,
+        StatusCode::BAD_GATEWAY,
+        "a POST is never sent twice"
+    );
+    let lines = heads.lock().unwrap().clone();
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("POST")).count(),
+        1,
+        "{lines:?}"
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("GET")).count(),
+        3,
+        "the first GET, the crossed one and its resend: {lines:?}"
+    );
+}

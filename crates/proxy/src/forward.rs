@@ -5,6 +5,9 @@
 //! - it never left drover (the connection could not be opened, or a pooled connection was
 //!   found closed before the request was written): always, on another endpoint (a closed
 //!   pooled connection does not count as a try at all);
+//! - it was written on a kept-alive HTTP/1.1 connection that the upstream closed without a
+//!   byte of answer (its idle close crossed the request): for idempotent methods whose
+//!   request can be replayed, on another connection, and not counted as a try either;
 //! - it was sent, but no response byte came back (reset, or the per-try deadline passed):
 //!   when the request can be replayed, i.e. it had no body or one small enough to have been
 //!   kept (`retries.replay_buffer`); after a per-try timeout only for idempotent methods;
@@ -469,8 +472,23 @@ pub(crate) async fn forward(
                     break;
                 }
             }
-            Sent::Failed(e) => {
-                tracing::debug!(service = %service.name, endpoint = %endpoint.address, "upstream failed: {e}");
+            // The upstream closed a kept-alive connection as the request went out, and sent
+            // nothing: it never began to answer, so an idempotent request that can be
+            // replayed goes again on another connection, not counted as a try (nginx treats
+            // its cached connections so).
+            Sent::Failed {
+                resend: Some(back), ..
+            } if idempotent && payload.replayable() => {
+                parts.headers = back.headers;
+                parts.uri = back.uri;
+                tries -= 1;
+                stale += 1;
+                if stale > MAX_STALE {
+                    break;
+                }
+            }
+            Sent::Failed { error, .. } => {
+                tracing::debug!(service = %service.name, endpoint = %endpoint.address, "upstream failed: {error}");
                 record_failure(stats, service, endpoint);
                 failure = Failure::Broken;
                 if !payload.replayable() {

@@ -89,6 +89,10 @@ pub(crate) struct H1Conn {
     /// store) instead of taking it out of its timer wheel and putting it back. Made by the
     /// first request.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// It carried a request before the current one.
+    used: bool,
+    /// The upstream has sent something since the current request began.
+    heard: bool,
 }
 
 impl std::fmt::Debug for H1Conn {
@@ -103,8 +107,13 @@ impl std::fmt::Debug for H1Conn {
 pub(crate) enum Sent {
     /// The answer's head; its body follows in the `H1Body`, which holds the connection.
     Answer(Response<H1Body>),
-    /// No usable answer came.
-    Failed(Error),
+    /// No usable answer came. `resend` holds the request's head when the connection had
+    /// carried a request before and the upstream closed it with no byte of an answer: the
+    /// race between an upstream's idle close and a request (see `forward`).
+    Failed {
+        error: Error,
+        resend: Option<http::request::Parts>,
+    },
     /// The deadline passed before the answer's head.
     TimedOut,
 }
@@ -116,6 +125,8 @@ impl H1Conn {
             buf: BytesMut::new(),
             read_size: FIRST_READ,
             deadline: None,
+            used: false,
+            heard: false,
         })
     }
 
@@ -140,6 +151,8 @@ impl H1Conn {
             Some(d) => d.as_mut().reset(at),
             None => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
         }
+        let reused = std::mem::replace(&mut self.used, true);
+        self.heard = false;
         let head_only = req.method() == Method::HEAD;
         let (parts, body) = req.into_parts();
         let mut out = Outgoing::new(&parts, body);
@@ -150,7 +163,12 @@ impl H1Conn {
                 Sent::Answer(Response::from_parts(head, body))
             }
             Ok(None) => Sent::TimedOut,
-            Err(e) => Sent::Failed(e),
+            Err(error) => {
+                let unanswered = reused && !self.heard;
+                let resend =
+                    (unanswered && matches!(error, Error::Closed | Error::Io(_))).then_some(parts);
+                Sent::Failed { error, resend }
+            }
         }
     }
 
@@ -198,6 +216,7 @@ impl H1Conn {
         if n == offered && self.read_size < MAX_READ {
             self.read_size *= 2;
         }
+        self.heard |= n > 0;
         Poll::Ready(Ok(n > 0))
     }
 

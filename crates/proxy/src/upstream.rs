@@ -94,7 +94,12 @@ pub(crate) enum Sent {
     /// Never written: the connection was closing. The request comes back whole.
     Unsent(Request<ReqBody>),
     /// Written, but no usable answer came: the connection broke, or the answer was invalid.
-    Failed(BodyError),
+    /// `resend`: the request's head, when the upstream closed a connection it had kept
+    /// alive as the request went out, with no byte of an answer (`h1::Sent::Failed`).
+    Failed {
+        error: BodyError,
+        resend: Option<http::request::Parts>,
+    },
     /// The deadline passed before the answer's head.
     TimedOut,
 }
@@ -121,7 +126,10 @@ impl Conn {
         match self {
             Conn::H1(c) => match c.send(req, within).await {
                 h1::Sent::Answer(r) => Sent::Answer(r.map(Answer::H1)),
-                h1::Sent::Failed(e) => Sent::Failed(e.into()),
+                h1::Sent::Failed { error, resend } => Sent::Failed {
+                    error: error.into(),
+                    resend,
+                },
                 h1::Sent::TimedOut => Sent::TimedOut,
             },
             // Requests share the connection: each has a timer of its own.
@@ -129,7 +137,10 @@ impl Conn {
                 Ok(Ok(r)) => Sent::Answer(r.map(Answer::H2)),
                 Ok(Err(mut e)) => match e.take_message() {
                     Some(req) => Sent::Unsent(req),
-                    None => Sent::Failed(e.into_error().into()),
+                    None => Sent::Failed {
+                        error: e.into_error().into(),
+                        resend: None,
+                    },
                 },
                 Err(_) => Sent::TimedOut,
             },
