@@ -260,7 +260,8 @@ def floor_table(summary):
     http = summary.get("throughput", {}).get(sc, {})
     floor = summary.get("floor", {}).get(sc, {})
     relay = summary.get("relay", {}).get(sc, {})
-    rows = [("drover", "drover: routing, balancing, counting, on hyper", http.get("drover")),
+    rows = [("drover", "drover: routing, balancing, counting; hyper's server, its own "
+             "upstream client", http.get("drover")),
             ("floor-hyper", "hyper's server and client, nothing else", floor.get("floor-hyper")),
             ("floor-half", "hyper's server, a hand-written upstream client",
              floor.get("floor-half")),
@@ -275,13 +276,16 @@ def floor_table(summary):
         cpu = f"{us['median']:.1f}" if us else "n/a"
         lines.append(f"| {name} | {what} | {rps_cell(c)} | {cpu} |")
     cost = {name: (c or {}).get("cpu_us_per_req") for name, _, c in rows}
-    if all(cost.get(k) for k in ("drover", "floor-hyper", "floor-raw")):
-        d, h, r = (cost[k]["median"] for k in ("drover", "floor-hyper", "floor-raw"))
+    names = ("drover", "floor-hyper", "floor-half", "floor-raw")
+    if all(cost.get(k) for k in names):
+        d, h, half, r = (cost[k]["median"] for k in names)
         lines.append(
-            f"\nDifferences in CPU per request: drover − floor-hyper (drover's own work) "
-            f"{d - h:+.1f} µs; floor-hyper − floor-raw (hyper over a hand-written codec) "
-            f"{h - r:+.1f} µs. Runs minutes apart differ by several µs on this machine; "
-            f"`bench/ab.py` with more rounds tells such steps apart better.")
+            f"\nDifferences in CPU per request: drover − floor-half (drover's own work, on the "
+            f"same server and kind of client) {d - half:+.1f} µs; floor-hyper − floor-half "
+            f"(hyper's client over a hand-written one) {h - half:+.1f} µs; floor-half − "
+            f"floor-raw (hyper's server over a hand-written codec) {half - r:+.1f} µs. Runs "
+            f"minutes apart differ by several µs on this machine; `bench/ab.py` with more "
+            f"rounds tells such steps apart better.")
     return "\n".join(lines)
 
 
@@ -387,12 +391,13 @@ def goals(summary):
     floor = summary.get("floor", {}).get("ka-c64-1k", {})
     d_cpu = med(centre, "drover", "cpu_us_per_req")
     h_cpu = med(floor, "floor-hyper", "cpu_us_per_req")
+    half_cpu = med(floor, "floor-half", "cpu_us_per_req")
     raw_cpu = med(floor, "floor-raw", "cpu_us_per_req")
-    if d_cpu and h_cpu and raw_cpu and n_cpu:
+    if d_cpu and h_cpu and half_cpu and raw_cpu and n_cpu:
         out.append(
-            f"- where drover's CPU per request stands: drover {d_cpu:.1f} µs, a minimal proxy "
-            f"on hyper {h_cpu:.1f}, a minimal proxy with a hand-written codec {raw_cpu:.1f}, "
-            f"nginx {n_cpu:.1f}")
+            f"- where drover's CPU per request stands: drover {d_cpu:.1f} µs; minimal proxies: "
+            f"on hyper {h_cpu:.1f}, on hyper's server with a hand-written client "
+            f"{half_cpu:.1f}, with a hand-written codec {raw_cpu:.1f}; nginx {n_cpu:.1f}")
     rs = summary.get("rate") or {}
     try:
         dd = rs["drover"]["p99_ms"]["median"] - rs["direct"]["p99_ms"]["median"]
@@ -478,7 +483,7 @@ def markdown(doc, summary, svg_name):
     if summary.get("floor"):
         parts.append(
             "**Beside minimal proxies** (64 connections, 1 KiB, keep-alive, each alone on the "
-            "proxy's core): bench/floor's two yardsticks, HTTP/1.1 reverse proxies that drop the "
+            "proxy's core): bench/floor's three yardsticks, HTTP/1.1 reverse proxies that drop the "
             "hop-by-hop headers, add `X-Forwarded-For`, keep one upstream connection per client "
             "connection, and do nothing else. Medians.\n\n" + floor_table(summary))
     if summary.get("rate"):
