@@ -1046,6 +1046,14 @@ mod tests {
         (sent, peer)
     }
 
+    fn answer(sent: Sent) -> Response<H1Body> {
+        match sent {
+            Sent::Answer(response) => response,
+            Sent::Failed { error, .. } => panic!("no answer: {error}"),
+            Sent::TimedOut => panic!("no answer in time"),
+        }
+    }
+
     fn request(method: &str, body: &'static [u8], trailers: Option<HeaderMap>) -> Request<ReqBody> {
         let mut req = Request::new(ReqBody::Bytes(KeptBody::new(
             &Bytes::from_static(body),
@@ -1065,9 +1073,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\n\r\nworld",
         )
         .await;
-        let Sent::Answer(response) = sent else {
-            panic!("no answer")
-        };
+        let response = answer(sent);
         assert_eq!(response.headers()["x-a"], "1");
         let mut body = response.into_body();
         let mut data = Vec::new();
@@ -1094,9 +1100,7 @@ mod tests {
             b"HTTP/1.1 204 No Content\r\n\r\n",
         )
         .await;
-        let Sent::Answer(response) = sent else {
-            panic!("no answer")
-        };
+        let response = answer(sent);
         assert!(response.body().is_end_stream());
         assert_eq!(
             String::from_utf8(peer.await.unwrap()).unwrap(),
@@ -1111,9 +1115,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
         )
         .await;
-        let Sent::Answer(response) = sent else {
-            panic!("no answer")
-        };
+        let response = answer(sent);
         let mut body = response.into_body();
         let first = body.frame().await.unwrap().unwrap();
         assert_eq!(first.into_data().unwrap(), "short");
