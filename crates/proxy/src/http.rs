@@ -770,8 +770,8 @@ pub(crate) struct UpstreamBody {
 }
 
 pub(crate) enum Source {
-    /// drover's HTTP/1.1 client; its connection goes back to the pool opened by `upstream`
-    /// (an `Upstream::id`), which keeps at most `max_idle`.
+    /// drover's HTTP/1.1 client. Its connection goes back to the endpoint's pool, marked as
+    /// opened by the `Upstream` whose id is `upstream`; the pool keeps at most `max_idle`.
     Pooled {
         body: H1Body,
         upstream: u64,
