@@ -93,6 +93,8 @@ pub(crate) struct H1Conn {
     used: bool,
     /// The upstream has sent something since the current request began.
     heard: bool,
+    /// The buffer requests are written from, kept between requests: no allocation for each.
+    out_buf: BytesMut,
 }
 
 impl std::fmt::Debug for H1Conn {
@@ -127,6 +129,7 @@ impl H1Conn {
             deadline: None,
             used: false,
             heard: false,
+            out_buf: BytesMut::new(),
         })
     }
 
@@ -155,10 +158,13 @@ impl H1Conn {
         self.heard = false;
         let head_only = req.method() == Method::HEAD;
         let (parts, body) = req.into_parts();
-        let mut out = Outgoing::new(&parts, body);
+        let mut out = Outgoing::new(&parts, body, std::mem::take(&mut self.out_buf));
         let got = poll_fn(|cx| self.poll_answer(cx, &mut out, head_only)).await;
         match got {
             Ok(Some(answer)) => {
+                if out.done {
+                    self.out_buf = std::mem::take(&mut out.pending);
+                }
                 let (head, body) = H1Body::new(self, answer, out);
                 Sent::Answer(Response::from_parts(head, body))
             }
@@ -220,11 +226,14 @@ impl H1Conn {
         Poll::Ready(Ok(n > 0))
     }
 
-    /// Ready for the pool: a large read buffer is given back.
+    /// Ready for the pool: large buffers are given back.
     fn rest(mut self: Box<Self>) -> Box<Self> {
         if self.buf.capacity() > KEEP_BUFFER {
             self.buf = BytesMut::new();
             self.read_size = FIRST_READ;
+        }
+        if self.out_buf.capacity() > KEEP_BUFFER {
+            self.out_buf = BytesMut::new();
         }
         self
     }
@@ -386,9 +395,12 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    fn new(parts: &http::request::Parts, body: ReqBody) -> Self {
+    /// `pending` is the connection's buffer, empty: the head is written into it.
+    fn new(parts: &http::request::Parts, body: ReqBody, mut pending: BytesMut) -> Self {
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut pending = BytesMut::with_capacity(512);
+        // Written out, its room comes back to the front without an allocation.
+        pending.clear();
+        pending.reserve(512);
         pending.put_slice(parts.method.as_str().as_bytes());
         pending.put_u8(b' ');
         pending.put_slice(target.as_bytes());
