@@ -695,37 +695,53 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<Vec<u8>> {
 }
 
 /// Removes hop-by-hop headers and every header the Connection header names.
-///
-/// Most messages carry none of them, or only `Connection: keep-alive`, so one walk over the
-/// names (no hashing) finds which are there, and only those are removed.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    strip(headers, false);
+}
+
+/// As `strip_hop_by_hop`, but keeps `Trailer`, for a response: it names the trailer fields
+/// to come, and hyper sends an HTTP/1.1 client only the trailers it names.
+pub(crate) fn strip_hop_by_hop_but_trailer(headers: &mut HeaderMap) {
+    strip(headers, true);
+}
+
+/// Most messages carry no hop-by-hop header, or only `Connection: keep-alive`, so one walk
+/// over the fields (no hashing) finds which are there, reading Connection's options on the
+/// way, and only those are removed.
+fn strip(headers: &mut HeaderMap, keep_trailer: bool) {
     let list = hop_by_hop();
+    let kept = |name: &HeaderName| keep_trailer && name == header::TRAILER;
     let mut present = [false; 9];
     let mut any = false;
-    for name in headers.keys() {
-        if let Some(i) = list.iter().position(|h| *h == name) {
-            present[i] = true;
-            any = true;
+    // What Connection names besides its options `close` and `keep-alive` (Keep-Alive is in
+    // the list anyway).
+    let mut named: Vec<HeaderName> = Vec::new();
+    for (name, value) in headers.iter() {
+        let Some(i) = list.iter().position(|h| *h == name) else {
+            continue;
+        };
+        if kept(name) {
+            continue;
+        }
+        present[i] = true;
+        any = true;
+        if i == 0 {
+            let tokens = value.to_str().unwrap_or("").split(',').map(str::trim);
+            named.extend(
+                tokens
+                    .filter(|n| {
+                        !n.eq_ignore_ascii_case("close") && !n.eq_ignore_ascii_case("keep-alive")
+                    })
+                    .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+                    .filter(|n| !kept(n)),
+            );
         }
     }
     if !any {
         return;
     }
-    // `present[0]` is Connection: the headers its tokens name go too. `close` and
-    // `keep-alive` are options, not header names (Keep-Alive is in the list anyway).
-    if present[0] {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|n| !n.eq_ignore_ascii_case("close") && !n.eq_ignore_ascii_case("keep-alive"))
-            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
+    for name in named {
+        headers.remove(name);
     }
     for (name, _) in list.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(*name);
@@ -1119,5 +1135,48 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn a_response_keeps_its_trailer_header_even_when_connection_names_it() {
+        let fields = [
+            ("connection", "close, Trailer, X-Secret"),
+            ("connection", "upgrade"),
+            ("upgrade", "h2c"),
+            ("trailer", "x-checksum"),
+            ("trailer", "x-count"),
+            ("x-secret", "1"),
+            ("transfer-encoding", "chunked"),
+            ("x-kept", "1"),
+        ];
+        let map = || {
+            let mut h = HeaderMap::new();
+            for (name, value) in fields {
+                h.append(name, HeaderValue::from_static(value));
+            }
+            h
+        };
+        let mut response = map();
+        strip_hop_by_hop_but_trailer(&mut response);
+        let mut left: Vec<(&str, &str)> = response
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+            .collect();
+        // Removal moves fields about; their order across names means nothing.
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ("trailer", "x-checksum"),
+                ("trailer", "x-count"),
+                ("x-kept", "1")
+            ]
+        );
+        let mut request = map();
+        strip_hop_by_hop(&mut request);
+        assert_eq!(
+            request.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["x-kept"]
+        );
     }
 }

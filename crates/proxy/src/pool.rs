@@ -108,7 +108,13 @@ impl EndpointState {
 
     /// A connection made by `upstream` that is open and fresh, if there is one: an idle
     /// HTTP/1.1 one, taken out of the pool, or the shared HTTP/2 one.
-    pub(crate) fn checkout(&self, upstream: &Upstream, max_idle_age: Duration) -> Option<Conn> {
+    /// `now` is the time, read by the caller.
+    pub(crate) fn checkout(
+        &self,
+        upstream: &Upstream,
+        max_idle_age: Duration,
+        now: Instant,
+    ) -> Option<Conn> {
         if upstream.protocol == UpstreamProtocol::Http2 {
             let guard = self.h2.load();
             let shared = guard.as_ref()?;
@@ -121,7 +127,7 @@ impl EndpointState {
         while let Some(mut idle) = self.idle.pop() {
             self.idle_len.fetch_sub(1, Ordering::Relaxed);
             if idle.upstream == upstream.id
-                && idle.since.elapsed() < max_idle_age
+                && now.saturating_duration_since(idle.since) < max_idle_age
                 && idle.conn.is_open()
             {
                 return Some(Conn::H1(idle.conn));

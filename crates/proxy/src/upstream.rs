@@ -14,9 +14,11 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use drover_model::{ServiceSpec, UpstreamProtocol, UpstreamTls};
+use futures_util::FutureExt as _;
+use futures_util::future::Either;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
@@ -121,29 +123,39 @@ impl Conn {
         }
     }
 
-    /// Sends a request and waits at most `within` for the answer's head.
-    pub(crate) async fn send_within(self, req: Request<ReqBody>, within: Duration) -> Sent {
+    /// Sends a request and waits until `until` at most for the answer's head.
+    ///
+    /// Not an `async fn`, which would keep room for `req` beside the send that took it:
+    /// every request's future, and each one it is part of, would be larger and more to copy.
+    pub(crate) fn send(self, req: Request<ReqBody>, until: Instant) -> impl Future<Output = Sent> {
         match self {
-            Conn::H1(c) => match c.send(req, within).await {
+            Conn::H1(c) => Either::Left(c.send(req, until).map(|sent| match sent {
                 h1::Sent::Answer(r) => Sent::Answer(r.map(Answer::H1)),
                 h1::Sent::Failed { error, resend } => Sent::Failed {
                     error: error.into(),
                     resend,
                 },
                 h1::Sent::TimedOut => Sent::TimedOut,
-            },
+            })),
             // Requests share the connection: each has a timer of its own.
-            Conn::H2(mut s) => match tokio::time::timeout(within, s.try_send_request(req)).await {
-                Ok(Ok(r)) => Sent::Answer(r.map(Answer::H2)),
-                Ok(Err(mut e)) => match e.take_message() {
-                    Some(req) => Sent::Unsent(req),
-                    None => Sent::Failed {
-                        error: e.into_error().into(),
-                        resend: None,
-                    },
-                },
-                Err(_) => Sent::TimedOut,
-            },
+            Conn::H2(mut s) => {
+                let answer = tokio::time::timeout_at(until.into(), s.try_send_request(req));
+                // `s` is kept until the answer, as it would be if the future borrowed it.
+                Either::Right(answer.map(move |answer| {
+                    drop(s);
+                    match answer {
+                        Ok(Ok(r)) => Sent::Answer(r.map(Answer::H2)),
+                        Ok(Err(mut e)) => match e.take_message() {
+                            Some(req) => Sent::Unsent(req),
+                            None => Sent::Failed {
+                                error: e.into_error().into(),
+                                resend: None,
+                            },
+                        },
+                        Err(_) => Sent::TimedOut,
+                    }
+                }))
+            }
         }
     }
 }
