@@ -9,7 +9,8 @@ floor-half or floor-raw (bench/floor's minimal proxies, built by run.sh). Each r
 every target afresh (in reverse order every other round, so that a drift in the
 machine's load does not always favour the same one), warms it up, and measures each
 scenario once. Prints the median requests/s and proxy CPU per request per target and
-scenario. Knobs, as environment variables:
+scenario, the CPU split into the proxy's own code (user) and the kernel's work for it.
+Knobs, as environment variables:
 
     SC        scenarios, CONNS:BODY[,CONNS:BODY...]; default 64:1k (BODY: 64, 1k, 16k, 1m)
     ROUNDS    default 3
@@ -65,14 +66,19 @@ def main():
                     bench.wait_port_free(bench.LISTEN_PORT)
     finally:
         origin.stop()
-    print(f"{'scenario':14} {'target':40} {'req/s':>8} {'µs/req':>7}  runs (k req/s)")
+    print(f"{'scenario':14} {'target':40} {'req/s':>8} {'µs/req':>7} {'user':>5} "
+          f"{'kernel':>6}  runs (k req/s)")
     for (sc, target), recs in results.items():
         rps = [r["rps"] for r in recs if r.get("rps")]
-        cpu = [r["cpu_us_per_req"] for r in recs if r.get("cpu_us_per_req")]
         med = f"{statistics.median(rps) / 1000:.1f}k" if rps else "failed"
-        us = f"{statistics.median(cpu):.1f}" if cpu else "-"
+
+        def us(key):
+            values = [r[key] for r in recs if r.get(key) is not None]
+            return f"{statistics.median(values):.1f}" if values else "-"
+
         runs = " ".join(f"{x / 1000:.1f}" for x in rps)
-        print(f"{sc:14} {target:40} {med:>8} {us:>7}  {runs}")
+        print(f"{sc:14} {target:40} {med:>8} {us('cpu_us_per_req'):>7} "
+              f"{us('user_us_per_req'):>5} {us('kernel_us_per_req'):>6}  {runs}")
 
 
 if __name__ == "__main__":

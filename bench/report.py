@@ -110,12 +110,15 @@ def summarize(doc):
         table = {}
         for rec in doc.get(phase, []):
             cell = table.setdefault(rec["scenario"], {}).setdefault(
-                rec["target"], {"rps": [], "p99_ms": [], "cpu_us_per_req": [], "proxy_busy": [],
-                                "load_busy": [], "errors": 0, "failed_runs": 0})
+                rec["target"], {"rps": [], "p99_ms": [], "cpu_us_per_req": [],
+                                "user_us_per_req": [], "kernel_us_per_req": [],
+                                "proxy_busy": [], "load_busy": [], "errors": 0,
+                                "failed_runs": 0})
             if rec.get("rps") is None:
                 cell["failed_runs"] += 1
             cell["errors"] += rec.get("errors") or 0
-            for key in ("rps", "p99_ms", "cpu_us_per_req", "proxy_busy", "load_busy"):
+            for key in ("rps", "p99_ms", "cpu_us_per_req", "user_us_per_req",
+                        "kernel_us_per_req", "proxy_busy", "load_busy"):
                 if rec.get(key) is not None and rec.get("rps") is not None:
                     cell[key].append(rec[key])
         out[phase] = {sc: {t: {**{k: spread(v) for k, v in c.items() if isinstance(v, list)},
@@ -268,13 +271,18 @@ def floor_table(summary):
             ("floor-raw", "a hand-written HTTP/1 codec (httparse)", floor.get("floor-raw")),
             ("drover relay", "drover as a TCP relay: no HTTP at all", relay.get("drover")),
             ("nginx", "nginx, for comparison", http.get("nginx"))]
-    lines = ["| proxy | what it does | req/s | µs/request |", "|---|---|---:|---:|"]
+    lines = ["| proxy | what it does | req/s | µs/request | of which its own code (user) "
+             "| of which the kernel's |", "|---|---|---:|---:|---:|---:|"]
     for name, what, c in rows:
         if not c:
             continue
-        us = c.get("cpu_us_per_req")
-        cpu = f"{us['median']:.1f}" if us else "n/a"
-        lines.append(f"| {name} | {what} | {rps_cell(c)} | {cpu} |")
+
+        def us(key):
+            v = c.get(key)
+            return f"{v['median']:.1f}" if v else "n/a"
+
+        lines.append(f"| {name} | {what} | {rps_cell(c)} | {us('cpu_us_per_req')} "
+                     f"| {us('user_us_per_req')} | {us('kernel_us_per_req')} |")
     cost = {name: (c or {}).get("cpu_us_per_req") for name, _, c in rows}
     names = ("drover", "floor-hyper", "floor-half", "floor-raw")
     if all(cost.get(k) for k in names):
@@ -393,6 +401,17 @@ def goals(summary):
     h_cpu = med(floor, "floor-hyper", "cpu_us_per_req")
     half_cpu = med(floor, "floor-half", "cpu_us_per_req")
     raw_cpu = med(floor, "floor-raw", "cpu_us_per_req")
+    n_kernel, n_user = (med(centre, "nginx", k) for k in ("kernel_us_per_req", "user_us_per_req"))
+    d_kernel, d_user = (med(centre, "drover", k) for k in ("kernel_us_per_req", "user_us_per_req"))
+    if n_kernel and n_user and d_kernel and d_user and n_cpu:
+        # The kernel's work per request (two sockets read and written) is much the same
+        # for every proxy; what a proxy can cut is its own code's time.
+        out.append(
+            f"- the kernel's share: per request the kernel worked {d_kernel:.1f} µs for "
+            f"drover and {n_kernel:.1f} for nginx, their own code {d_user:.1f} and "
+            f"{n_user:.1f} µs. A proxy with nginx's kernel cost and no code at all would "
+            f"take {n_kernel:.1f} µs, {n_cpu / n_kernel:.2f}× nginx's rate; 1.2× needs its "
+            f"own code within {max(0.0, n_cpu / 1.2 - n_kernel):.1f} µs per request")
     if d_cpu and h_cpu and half_cpu and raw_cpu and n_cpu:
         out.append(
             f"- where drover's CPU per request stands: drover {d_cpu:.1f} µs; minimal proxies: "
