@@ -107,8 +107,8 @@ impl EndpointState {
     }
 
     /// A connection made by `upstream` that is open and fresh, if there is one: an idle
-    /// HTTP/1.1 one, taken out of the pool, or the shared HTTP/2 one.
-    /// `now` is the time, read by the caller.
+    /// HTTP/1.1 one, taken out of the pool, or the shared HTTP/2 one. `now` is the caller's
+    /// reading of the clock, against which idle connections' ages are judged.
     pub(crate) fn checkout(
         &self,
         upstream: &Upstream,
