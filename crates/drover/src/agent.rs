@@ -489,6 +489,9 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
 }
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
+/// How long a member has to answer a status request when the agent connects (a quarter of
+/// the lease's TTL when that is shorter).
+const PROBE_WITHIN: Duration = Duration::from_secs(2);
 
 /// Retries with a backoff, and logs an outage once when it starts and once when it ends.
 struct Outage {
@@ -632,10 +635,15 @@ impl EtcdSession<'_> {
     ) -> Result<(), String> {
         let c = match client {
             Some(c) => c,
+            // Only the members that answer: the session may have ended on a silent one.
             None => client.insert(
-                drover_etcd::connect(self.url, self.options)
-                    .await
-                    .map_err(|e| e.to_string())?,
+                drover_etcd::connect_answering(
+                    self.url,
+                    self.options,
+                    PROBE_WITHIN.min(self.ttl / 4),
+                )
+                .await
+                .map_err(|e| e.to_string())?,
             ),
         };
         let ttl = self.ttl.as_secs() as i64;
@@ -676,14 +684,28 @@ impl EtcdSession<'_> {
         let mut tick = tokio::time::interval(self.ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
+        let mut answered = Instant::now();
         loop {
             tokio::select! {
-                _ = tick.tick() => keeper
-                    .keep_alive()
-                    .await
-                    .map_err(|e| format!("cannot keep lease {id:x} alive: {e}"))?,
+                _ = tick.tick() => {
+                    // etcd answers every keep-alive. Unanswered for half the TTL, the
+                    // stream's member is likely dead or cut off, which the client's HTTP/2
+                    // pings take up to 4 s to notice: longer than a short TTL. A new client
+                    // connects afresh, and only the members that answer take its requests.
+                    if answered.elapsed() > self.ttl / 2 {
+                        *client = None;
+                        return Err(format!(
+                            "lease {id:x}'s keep-alives went unanswered for {} ms; connecting again",
+                            answered.elapsed().as_millis()
+                        ));
+                    }
+                    keeper
+                        .keep_alive()
+                        .await
+                        .map_err(|e| format!("cannot keep lease {id:x} alive: {e}"))?;
+                }
                 answer = answers.message() => match answer {
-                    Ok(Some(a)) if a.ttl() > 0 => {}
+                    Ok(Some(a)) if a.ttl() > 0 => answered = Instant::now(),
                     Ok(Some(_)) => {
                         *lease = None;
                         return Err(format!(

@@ -466,6 +466,36 @@ async fn with_one_etcd_member_killed_the_agents_and_the_gateway_go_on() {
 }
 
 #[tokio::test]
+async fn with_the_etcd_leader_frozen_the_agents_keep_their_leases() {
+    // A frozen member keeps its connections open and answers nothing. A client learns that
+    // it is gone only from its HTTP/2 pings, after up to 4 s: twice this lease's TTL. An
+    // agent whose keep-alives go there, directly or through a follower that forwards them
+    // to the frozen leader, must notice the silence itself and go to the members that answer.
+    let hosts = TwoHosts::start(3, "2s").await;
+    let service = hosts.service();
+    let leader = hosts.etcd.leader().await;
+    hosts.etcd.freeze(leader);
+    let frozen = Instant::now();
+    let both: BTreeSet<String> = hosts.host_ports.iter().map(|p| local(*p)).collect();
+    while frozen.elapsed() < Duration::from_secs(6) {
+        let now = endpoints(&hosts.gateway, &service).await;
+        if now != both {
+            hosts.etcd.thaw(leader);
+            panic!(
+                "after {:?} with the leader frozen the gateway has {now:?}, not {both:?}\n\
+                 gateway:\n{}\nagent n1:\n{}\nagent n2:\n{}",
+                frozen.elapsed(),
+                hosts.gateway.log_text(),
+                hosts.agents[0].log_text(),
+                hosts.agents[1].log_text()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    hosts.etcd.thaw(leader);
+}
+
+#[tokio::test]
 async fn the_gateway_keeps_serving_while_etcd_is_down_and_catches_up_after_a_compaction() {
     let mut hosts = TwoHosts::start(3, "2s").await;
     let service = hosts.service();

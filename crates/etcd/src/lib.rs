@@ -157,6 +157,49 @@ pub async fn connect(
         .map_err(|e| StoreError::Etcd(url.to_string(), e))
 }
 
+/// Connects to the members that answer a status request within `within`, or to all of
+/// them when none or all do. For a client that found its member silent: a member whose
+/// process hangs, or whose network is cut, may still take TCP connections, so a client
+/// balanced over every member would go on sending it requests that wait for their timeout.
+pub async fn connect_answering(
+    url: &StoreUrl,
+    options: &StoreOptions,
+    within: std::time::Duration,
+) -> Result<etcd_client::Client, StoreError> {
+    let mut probes = tokio::task::JoinSet::new();
+    for endpoint in &url.endpoints {
+        let one = StoreUrl {
+            endpoints: vec![endpoint.clone()],
+            prefix: url.prefix.clone(),
+        };
+        let options = options.clone();
+        probes.spawn(async move {
+            let status = tokio::time::timeout(within, async {
+                connect(&one, &options).await.ok()?.status().await.ok()
+            });
+            status.await.ok().flatten().map(|_| one.endpoints)
+        });
+    }
+    let mut answering = Vec::new();
+    while let Some(probe) = probes.join_next().await {
+        answering.extend(probe.ok().flatten().unwrap_or_default());
+    }
+    if answering.is_empty() || answering.len() == url.endpoints.len() {
+        return connect(url, options).await;
+    }
+    // In the order given, as `connect` would have them.
+    answering.sort_by_key(|e| url.endpoints.iter().position(|u| u == e));
+    tracing::info!(
+        "etcd at {url}: connecting to the members that answered: {}",
+        answering.join(", ")
+    );
+    let some = StoreUrl {
+        endpoints: answering,
+        prefix: url.prefix.clone(),
+    };
+    connect(&some, options).await
+}
+
 // --- The API's state in etcd (`drover run --store`): see the module. ---
 
 pub mod state;

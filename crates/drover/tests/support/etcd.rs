@@ -180,6 +180,27 @@ impl EtcdCluster {
         }
     }
 
+    /// Stops member `i` with SIGSTOP (`thaw` goes on): its process and connections stay, but
+    /// it answers nothing, as a member whose machine hangs or whose network is cut.
+    pub fn freeze(&self, i: usize) {
+        self.signal(i, "STOP");
+    }
+
+    /// Lets a frozen member go on (SIGCONT).
+    pub fn thaw(&self, i: usize) {
+        self.signal(i, "CONT");
+    }
+
+    fn signal(&self, i: usize, name: &str) {
+        let child = self.members[i].child.as_ref().expect("the member runs");
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
     /// Starts member `i` again with its data, and waits until the cluster is healthy.
     pub async fn restart(&mut self, i: usize) {
         self.kill(i);
