@@ -440,6 +440,10 @@ fn check_target<B>(req: &Request<B>) -> Result<(), Refusal> {
 #[doc(hidden)]
 pub fn path_is_plain(path: &str) -> bool {
     let bytes = path.as_bytes();
+    // Most paths have none of the three bytes the checks below look for: one pass says so.
+    if !bytes.iter().any(|&b| matches!(b, b'.' | b'%' | b'\\')) {
+        return true;
+    }
     if bytes.contains(&b'\\') {
         return false;
     }
@@ -1073,6 +1077,7 @@ mod tests {
         }
         for good in [
             "/",
+            "/api/v1/items",
             "//a//",
             "/a/...",
             "/a/.b",
