@@ -193,12 +193,7 @@ impl EtcdCluster {
 
     fn signal(&self, i: usize, name: &str) {
         let child = self.members[i].child.as_ref().expect("the member runs");
-        let ok = Command::new("kill")
-            .args([&format!("-{name}"), &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{name} failed");
+        super::signal(child.id(), name);
     }
 
     /// Starts member `i` again with its data, and waits until the cluster is healthy.

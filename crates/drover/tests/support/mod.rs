@@ -321,12 +321,7 @@ impl Drover {
     }
 
     pub fn signal(&self, name: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{name}"), &self.pid().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{name} failed");
+        signal(self.pid(), name);
     }
 
     pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
@@ -495,4 +490,14 @@ pub async fn read_response(s: &mut TcpStream) -> String {
         assert!(n > 0, "closed after {text:?}");
         got.extend_from_slice(&buf[..n]);
     }
+}
+
+/// Sends signal `name` (`TERM`, `STOP`, …) to process `pid`, with kill(1).
+pub fn signal(pid: u32, name: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{name} {pid} failed");
 }
