@@ -153,6 +153,9 @@ struct Dial<'a> {
     expect: &'a str,
     versions: &'a [&'static rustls::SupportedProtocolVersion],
     alpn: &'a [&'a [u8]],
+    /// The client's settings, made from the fields above by [`client_config`] when None. A
+    /// client resumes only sessions made with the same settings.
+    config: Option<&'a Arc<rustls::ClientConfig>>,
 }
 
 impl Dial<'_> {
@@ -162,6 +165,7 @@ impl Dial<'_> {
             expect: sni,
             versions: rustls::ALL_VERSIONS,
             alpn: &[],
+            config: None,
         }
     }
 }
@@ -180,6 +184,20 @@ async fn connect_over(
     tcp: TcpStream,
     dial: &Dial<'_>,
 ) -> std::io::Result<TlsStream<TcpStream>> {
+    let config = match dial.config {
+        Some(c) => c.clone(),
+        None => Arc::new(client_config(ca, dial)),
+    };
+    let name = match dial.sni {
+        Some(sni) => ServerName::try_from(sni.to_string()).unwrap(),
+        None => ServerName::IpAddress(tcp.peer_addr()?.ip().into()),
+    };
+    TlsConnector::from(config).connect(name, tcp).await
+}
+
+/// A client's settings for `dial`: the versions and ALPN it offers, and the certificate it
+/// accepts. It keeps sessions to resume (rustls' default store).
+fn client_config(ca: &Ca, dial: &Dial<'_>) -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
         ca.roots.clone(),
@@ -198,13 +216,7 @@ async fn connect_over(
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
     config.alpn_protocols = dial.alpn.iter().map(|p| p.to_vec()).collect();
-    let name = match dial.sni {
-        Some(sni) => ServerName::try_from(sni.to_string()).unwrap(),
-        None => ServerName::IpAddress(tcp.peer_addr()?.ip().into()),
-    };
-    TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
+    config
 }
 
 /// The certificate the server presented.
@@ -615,26 +627,101 @@ async fn tls_1_1_is_refused_and_min_version_1_3_refuses_a_1_2_client() {
 
     // Every failed handshake is counted: on the first listener, the two old hellos and the
     // TLS 1.2 one dropped after its ServerHello.
+    await_counters(
+        &d,
+        "drover_listener_tls_handshake_failures_total",
+        &[("https", 3), ("strict", 1)],
+    )
+    .await;
+}
+
+/// Waits up to 3 s for the listeners' values of the counter `metric` to be `expect`.
+async fn await_counters(d: &Drover, metric: &str, expect: &[(&str, u64)]) {
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let (_, _, metrics) = get(&client(), &format!("http://{}/metrics", d.admin)).await;
         let metrics = String::from_utf8_lossy(&metrics).into_owned();
-        let failures = |listener: &str| -> u64 {
+        let value = |listener: &str| -> u64 {
             metrics
                 .lines()
                 .find(|l| {
-                    l.starts_with("drover_listener_tls_handshake_failures_total{")
+                    l.starts_with(&format!("{metric}{{"))
                         && l.contains(&format!("listener=\"{listener}\""))
                 })
                 .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-                .unwrap_or_else(|| panic!("no counter for {listener}:\n{metrics}"))
+                .unwrap_or_else(|| panic!("no {metric} for {listener}:\n{metrics}"))
         };
-        if (failures("https"), failures("strict")) == (3, 1) {
+        if expect.iter().all(|(listener, n)| value(listener) == *n) {
             break;
         }
         assert!(Instant::now() < deadline, "{metrics}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn a_returning_client_resumes_its_session_by_ticket_unless_tickets_are_off() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files = [ca.leaf(&["a.test"]).write(dir.path(), "a")];
+    let origin = Origin::start("web").await;
+    let (on, off) = (free_port(), free_port());
+    let config = format!(
+        "{}{}",
+        tls_config(on, &files, "", origin.addr),
+        tls_config(off, &files, ", session_tickets = false", origin.addr)
+            .replace("\"https\"", "\"full\"")
+            .split("[services.web]")
+            .next()
+            .unwrap(),
+    );
+    let d = Drover::start(&config).await;
+    let addr = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().unwrap() };
+
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        for (port, resumes) in [(on, true), (off, false)] {
+            let what = format!("{:?} to port {port}", version.version);
+            let versions = [version];
+            let dial = Dial {
+                versions: &versions,
+                ..Dial::to("a.test")
+            };
+            let config = Arc::new(client_config(&ca, &dial));
+            let dial = Dial {
+                config: Some(&config),
+                ..dial
+            };
+            let first = connect(&ca, addr(port), &dial).await.unwrap();
+            assert_eq!(
+                first.get_ref().1.handshake_kind(),
+                Some(rustls::HandshakeKind::Full),
+                "{what}"
+            );
+            // A TLS 1.3 client reads its tickets after the handshake, with the answer.
+            assert_eq!(get_over(first, "a.test", "/").await.0, StatusCode::OK);
+
+            let second = connect(&ca, addr(port), &dial).await.unwrap();
+            let expected = if resumes {
+                rustls::HandshakeKind::Resumed
+            } else {
+                rustls::HandshakeKind::Full
+            };
+            assert_eq!(
+                second.get_ref().1.handshake_kind(),
+                Some(expected),
+                "{what}"
+            );
+            let (status, body) = get_over(second, "a.test", "/").await;
+            assert_eq!(status, StatusCode::OK, "{what}");
+            assert_eq!(echoed(&body, "x-forwarded-proto"), Some("https"), "{body}");
+        }
+    }
+    await_counters(
+        &d,
+        "drover_listener_tls_resumed_handshakes_total",
+        &[("https", 2), ("full", 0)],
+    )
+    .await;
 }
 
 /// A TLS origin: answers each connection with `NAME` and a newline after the handshake, then

@@ -24,6 +24,10 @@ pub struct ListenerTls {
     /// Offers HTTP/2 by ALPN beside HTTP/1.1. On.
     #[serde(default = "defaults::yes")]
     pub http2: bool,
+    /// Issues session tickets, with which a returning client resumes its session in a short
+    /// handshake (no certificate, no signature). On, as in nginx and HAProxy.
+    #[serde(default = "defaults::yes")]
+    pub session_tickets: bool,
 }
 
 /// One certificate chain and its private key.

@@ -29,6 +29,7 @@ pub mod proxy_protocol;
 mod stats;
 pub mod table;
 mod tcp;
+mod tickets;
 mod tls;
 mod upgrade;
 mod upstream;

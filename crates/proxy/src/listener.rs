@@ -575,7 +575,8 @@ async fn serve_tls(
     }
 }
 
-/// Terminates TLS within `deadline`; None (and counted) when the handshake fails.
+/// Terminates TLS within `deadline`; None (and counted) when the handshake fails. Resumed
+/// sessions are counted too.
 async fn handshake(
     terminator: &Terminator,
     stream: Prefixed<TcpStream>,
@@ -584,7 +585,14 @@ async fn handshake(
     client: &Client,
 ) -> Option<tokio_rustls::server::TlsStream<Prefixed<TcpStream>>> {
     let why = match tokio::time::timeout_at(deadline, terminator.acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => return Some(stream),
+        Ok(Ok(stream)) => {
+            if stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                stats
+                    .tls_resumed_handshakes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            return Some(stream);
+        }
         Ok(Err(e)) => e.to_string(),
         Err(_) => "not finished before the deadline".to_string(),
     };

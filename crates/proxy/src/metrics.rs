@@ -256,7 +256,7 @@ fn write_listeners(out: &mut Exposition, table: &RoutingTable) {
         [("listener", l.0.name.clone()), ("address", l.1.clone())]
     };
     type Read = fn(&ListenerStats) -> u64;
-    let simple: [(&str, Kind, &str, Read); 6] = [
+    let simple: [(&str, Kind, &str, Read); 7] = [
         (
             "drover_listener_connections_active",
             Kind::Gauge,
@@ -286,6 +286,12 @@ fn write_listeners(out: &mut Exposition, table: &RoutingTable) {
             Kind::Counter,
             "TLS handshakes that failed or timed out.",
             |l| l.tls_handshake_failures.load(Ordering::Relaxed),
+        ),
+        (
+            "drover_listener_tls_resumed_handshakes_total",
+            Kind::Counter,
+            "TLS handshakes that resumed a session by ticket.",
+            |l| l.tls_resumed_handshakes.load(Ordering::Relaxed),
         ),
         (
             "drover_listener_proxy_header_failures_total",

@@ -70,6 +70,8 @@ pub struct ListenerStats {
     pub requests_active: AtomicU64,
     /// TLS handshakes that failed or timed out.
     pub tls_handshake_failures: AtomicU64,
+    /// TLS handshakes that resumed a session by ticket.
+    pub tls_resumed_handshakes: AtomicU64,
     /// Connections from a trusted downstream closed for a missing or invalid PROXY header.
     pub proxy_header_failures: AtomicU64,
     /// Finished requests by the status class of their response, routed or not.
@@ -86,6 +88,7 @@ impl ListenerStats {
             connections_parked: AtomicU64::new(0),
             requests_active: AtomicU64::new(0),
             tls_handshake_failures: AtomicU64::new(0),
+            tls_resumed_handshakes: AtomicU64::new(0),
             proxy_header_failures: AtomicU64::new(0),
             responses: CodeCounters::default(),
         }

@@ -4,8 +4,9 @@
 //!
 //! A [`Terminator`] is one listener's TLS: its rustls settings (versions, ALPN) and a
 //! [`Resolver`] that holds the loaded certificates in an `ArcSwap`. A handshake reads that
-//! pointer and two hash maps; it takes no lock. Session resumption is off: rustls' session
-//! cache and ticket rotator both take a lock per use.
+//! pointer and two hash maps; it takes no lock. Sessions resume by ticket only
+//! ([`crate::tickets`], whose keys take no lock either); rustls' session cache, which would
+//! serve session IDs, takes a lock per use and stays off.
 //!
 //! Certificates are loaded when a configuration is applied, and a file that cannot be used
 //! rejects the configuration. After that a watcher polls the files' metadata every
@@ -33,6 +34,8 @@ use rustls::{ServerConfig, SupportedProtocolVersion};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+
+use crate::tickets::Tickets;
 
 /// How often the certificate files are checked for changes.
 pub(crate) const POLL_EVERY: Duration = Duration::from_secs(1);
@@ -89,7 +92,17 @@ impl Terminator {
             (Protocol::Tcp, _) => Vec::new(),
         };
         config.session_storage = Arc::new(NoServerSessionStorage {});
-        config.send_tls13_tickets = 0;
+        if tls.session_tickets {
+            let tickets = Tickets::new().ok_or_else(|| {
+                format!(
+                    "listener {}: cannot make a session ticket key: the system's random source failed",
+                    spec.name
+                )
+            })?;
+            config.ticketer = Arc::new(tickets);
+        } else {
+            config.send_tls13_tickets = 0;
+        }
         Ok(Self {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             resolver,
