@@ -44,3 +44,5 @@ pub use listener::{Proxy, ProxyHandle};
 pub use pool::EndpointState;
 pub use stats::{CODE_CLASSES, CodeCounters, ListenerStats, RouteStats, ServiceStats, Stats};
 pub use table::RoutingTable;
+#[doc(hidden)]
+pub use tickets::fuzz_session_ticket;

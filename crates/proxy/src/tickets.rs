@@ -169,6 +169,22 @@ impl ProducesTickets for Tickets {
     }
 }
 
+/// For fuzzing (`fuzz/fuzz_targets/session_ticket.rs`): `data` offered as a ticket to a
+/// listener's keys, as a client's ClientHello can, both as it is and after the name of the
+/// key in use (which a fuzzer could not guess, and without which the cipher is never
+/// reached); then `data` sealed as session state and opened again. Returns whether either
+/// offer opened (only a forgery would). Panics if the state sealed does not open to itself.
+pub fn fuzz_session_ticket(data: &[u8]) -> bool {
+    static TICKETS: std::sync::OnceLock<Tickets> = std::sync::OnceLock::new();
+    let tickets = TICKETS.get_or_init(|| Tickets::new().expect("a random source"));
+    let mut named = tickets.keys.load().current.name.to_vec();
+    named.extend_from_slice(data);
+    let forged = tickets.decrypt(data).is_some() || tickets.decrypt(&named).is_some();
+    let ticket = tickets.encrypt(data).expect("a ticket");
+    assert_eq!(tickets.decrypt(&ticket).as_deref(), Some(data));
+    forged
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

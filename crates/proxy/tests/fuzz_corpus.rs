@@ -83,3 +83,14 @@ fn upstream_http1_corpus_replays() {
         );
     }
 }
+
+#[test]
+fn session_ticket_corpus_replays() {
+    for (path, data) in corpus("session_ticket") {
+        assert!(
+            !drover_proxy::fuzz_session_ticket(&data),
+            "{} opened as a ticket",
+            path.display()
+        );
+    }
+}
