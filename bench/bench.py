@@ -399,8 +399,8 @@ def haproxy_global(workers):
 """
 
 
-def write_haproxy(workers):
-    conf = haproxy_global(workers) + f"""defaults
+# HAProxy's HTTP defaults: keep-alive both ways, upstream connections shared.
+HAPROXY_HTTP_DEFAULTS = """defaults
     mode http
     option http-keep-alive
     http-reuse always
@@ -410,7 +410,11 @@ def write_haproxy(workers):
     timeout http-keep-alive 300s
     maxconn 9000
 
-frontend bench
+"""
+
+
+def write_haproxy(workers):
+    conf = haproxy_global(workers) + HAPROXY_HTTP_DEFAULTS + f"""frontend bench
     bind {HOST}:{LISTEN_PORT}
     bind {HOST}:{H2_PORT} proto h2
     default_backend origin
@@ -993,13 +997,18 @@ def main():
     log(f"wrote {path} in {meta['elapsed_s']} s")
 
 
-if __name__ == "__main__":
+def run_main(main_fn):
+    """Runs main_fn, stopping every process it started when it ends or is interrupted."""
     def on_signal(signum, frame):
         stop_all()
         sys.exit(128 + signum)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
     try:
-        main()
+        main_fn()
     finally:
         stop_all()
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -23,7 +23,6 @@ PROXIES (default "drover nginx haproxy caddy").
 
 import json
 import os
-import signal
 import socket
 import ssl
 import statistics
@@ -101,17 +100,8 @@ endpoints = [ {{ address = "{origin}" }} ]
         os.makedirs(os.path.join(bench.TMP, "nginx-tmp"), exist_ok=True)
         return ["nginx", "-p", bench.TMP, "-e", f"{bench.TMP}/nginx-error.log", "-c", path], {}
     if name == "haproxy":
-        path = bench.write_conf("haproxy-tls.cfg", bench.haproxy_global(1) + f"""defaults
-    mode http
-    option http-keep-alive
-    http-reuse always
-    timeout connect 5s
-    timeout client 300s
-    timeout server 60s
-    timeout http-keep-alive 300s
-    maxconn 9000
-
-frontend bench
+        path = bench.write_conf("haproxy-tls.cfg", bench.haproxy_global(1)
+                                + bench.HAPROXY_HTTP_DEFAULTS + f"""frontend bench
     bind {bench.HOST}:{PORT} ssl crt {both}
     default_backend origin
 
@@ -276,12 +266,4 @@ def main():
 
 
 if __name__ == "__main__":
-    def on_signal(signum, frame):
-        bench.stop_all()
-        sys.exit(128 + signum)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-    try:
-        main()
-    finally:
-        bench.stop_all()
+    bench.run_main(main)

@@ -273,6 +273,22 @@ endpoints = [ {{ address = "{origin}" }} ]
     )
 }
 
+/// [`tls_config`]'s listener `https` on `port`, and beside it a listener (PORT, NAME, EXTRA)
+/// with the same certificates and route, whose TLS table has `extra` too.
+fn and_another_listener(
+    port: u16,
+    (other, name, extra): (u16, &str, &str),
+    certs: &[(PathBuf, PathBuf)],
+    origin: SocketAddr,
+) -> String {
+    let second = tls_config(other, certs, extra, origin).replace("\"https\"", &format!("{name:?}"));
+    let (listener_and_route, _service) = second.split_once("[services.web]").unwrap();
+    format!(
+        "{}{listener_and_route}",
+        tls_config(port, certs, "", origin)
+    )
+}
+
 #[tokio::test]
 async fn the_certificate_is_chosen_by_sni_and_unknown_names_get_the_first() {
     let ca = Ca::new();
@@ -589,14 +605,11 @@ async fn tls_1_1_is_refused_and_min_version_1_3_refuses_a_1_2_client() {
     let files = [ca.leaf(&["a.test"]).write(dir.path(), "a")];
     let origin = Origin::start("web").await;
     let (default, strict) = (free_port(), free_port());
-    let config = format!(
-        "{}{}",
-        tls_config(default, &files, "", origin.addr),
-        tls_config(strict, &files, ", min_version = \"1.3\"", origin.addr)
-            .replace("\"https\"", "\"strict\"")
-            .split("[services.web]")
-            .next()
-            .unwrap(),
+    let config = and_another_listener(
+        default,
+        (strict, "strict", ", min_version = \"1.3\""),
+        &files,
+        origin.addr,
     );
     let d = Drover::start(&config).await;
     let addr = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().unwrap() };
@@ -666,14 +679,11 @@ async fn a_returning_client_resumes_its_session_by_ticket_unless_tickets_are_off
     let files = [ca.leaf(&["a.test"]).write(dir.path(), "a")];
     let origin = Origin::start("web").await;
     let (on, off) = (free_port(), free_port());
-    let config = format!(
-        "{}{}",
-        tls_config(on, &files, "", origin.addr),
-        tls_config(off, &files, ", session_tickets = false", origin.addr)
-            .replace("\"https\"", "\"full\"")
-            .split("[services.web]")
-            .next()
-            .unwrap(),
+    let config = and_another_listener(
+        on,
+        (off, "full", ", session_tickets = false"),
+        &files,
+        origin.addr,
     );
     let d = Drover::start(&config).await;
     let addr = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().unwrap() };

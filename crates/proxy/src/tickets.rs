@@ -27,7 +27,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use rustls::server::ProducesTickets;
 
 /// How long a key seals tickets before a new one takes over; it opens them for as long again.
-pub(crate) const ROTATE_EVERY: Duration = Duration::from_secs(6 * 60 * 60);
+const ROTATE_EVERY: Duration = Duration::from_secs(6 * 60 * 60);
 
 const NAME_LEN: usize = 16;
 
