@@ -24,7 +24,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use bytes::Bytes;
 use drover_control::{Snapshot, Status};
 use drover_discovery::agents::Registration;
@@ -212,34 +212,18 @@ impl AgentArgs {
             self.store.is_some() || self.register.is_some(),
             "drover agent needs somewhere to register: --store etcd://HOST:PORT (for gateways run with --agents etcd://HOST:PORT), or --register consul://HOST:PORT (for gateways run with --consul HOST:PORT --consul-tags), or both"
         );
-        let store = match &self.store {
-            Some(url) => Some((
-                url.clone(),
-                agents_args::store_options(
-                    url,
-                    agents_args::EtcdFlags {
-                        flag: "--store",
-                        ca: self.store_ca.as_ref(),
-                        cert: self.store_cert.as_ref(),
-                        key: self.store_key.as_ref(),
-                        user: self.store_user.as_deref(),
-                        password: self.store_password.as_deref(),
-                    },
-                )?,
-            )),
-            None => {
-                let set = [
-                    (self.store_ca.is_some(), "--store-ca"),
-                    (self.store_cert.is_some(), "--store-cert"),
-                    (self.store_key.is_some(), "--store-key"),
-                    (self.store_user.is_some(), "--store-user"),
-                ];
-                if let Some((_, flag)) = set.iter().find(|(on, _)| *on) {
-                    bail!("{flag} needs --store etcd://HOST:PORT");
-                }
-                None
-            }
-        };
+        let options = agents_args::store_options(
+            self.store.as_ref(),
+            agents_args::EtcdFlags {
+                flag: "--store",
+                ca: self.store_ca.as_ref(),
+                cert: self.store_cert.as_ref(),
+                key: self.store_key.as_ref(),
+                user: self.store_user.as_deref(),
+                password: self.store_password.as_deref(),
+            },
+        )?;
+        let store = self.store.clone().zip(options);
         let node = match &self.node {
             Some(n) => n.clone(),
             None => {

@@ -2,7 +2,7 @@
 //! each host (docs/cluster.md, "Agents"); and the etcd options that the agent and the
 //! gateway both take.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure};
 use drover_control::SnapshotSender;
@@ -63,9 +63,13 @@ pub struct EtcdFlags<'a> {
     pub password: Option<&'a str>,
 }
 
-/// The options of an etcd URL, checked: TLS files that go together and exist, and a user
-/// with a password.
-pub fn store_options(url: &StoreUrl, flags: EtcdFlags<'_>) -> anyhow::Result<StoreOptions> {
+/// The options of an etcd URL given with `flags.flag`, checked: TLS files that go together
+/// with an `etcds://` URL and can be read now, not at the first connection, and a user with
+/// a password. None without a URL, when none of the flags that go with one is given either.
+pub fn store_options(
+    url: Option<&StoreUrl>,
+    flags: EtcdFlags<'_>,
+) -> anyhow::Result<Option<StoreOptions>> {
     let EtcdFlags {
         flag,
         ca,
@@ -74,29 +78,43 @@ pub fn store_options(url: &StoreUrl, flags: EtcdFlags<'_>) -> anyhow::Result<Sto
         user,
         password,
     } = flags;
-    let tls = url.endpoints.iter().any(|e| e.starts_with("https://"));
-    if let Some(ca) = ca {
-        ensure!(
-            tls,
-            "{flag}-ca needs {flag} etcds://HOST:PORT (TLS to etcd), not {url}"
-        );
-        ensure!(ca.is_file(), "{flag}-ca: no file {}", ca.display());
-    }
-    ensure!(
-        !tls || ca.is_some(),
-        "{flag} {url} is TLS: give {flag}-ca FILE, the CA bundle etcd's certificate chains to"
-    );
-    match (cert, key) {
-        (Some(c), Some(k)) => {
-            ensure!(
-                ca.is_some(),
-                "{flag}-cert and {flag}-key need {flag}-ca and {flag} etcds://…"
-            );
-            ensure!(c.is_file(), "{flag}-cert: no file {}", c.display());
-            ensure!(k.is_file(), "{flag}-key: no file {}", k.display());
+    // A password from the environment may be there for another drover on the machine.
+    let password_given = password.is_some() && std::env::var_os(password_env(flag)).is_none();
+    let Some(url) = url else {
+        let given = [
+            ("ca", ca.is_some()),
+            ("cert", cert.is_some()),
+            ("key", key.is_some()),
+            ("user", user.is_some()),
+            ("password", password_given),
+        ];
+        if let Some((name, _)) = given.iter().find(|(_, set)| *set) {
+            bail!("{flag}-{name} needs {flag} etcd://HOST:PORT (or etcds:// for TLS)");
         }
-        (Some(_), None) => bail!("{flag}-cert needs {flag}-key, the certificate's key"),
-        (None, Some(_)) => bail!("{flag}-key needs {flag}-cert"),
+        return Ok(None);
+    };
+    let tls = url.endpoints.iter().any(|e| e.starts_with("https://"));
+    match (ca, tls) {
+        (Some(_), false) => {
+            bail!("{flag}-ca is for TLS to etcd: write {flag} etcds://… instead of {url}")
+        }
+        (None, true) => bail!(
+            "{flag} {url} uses TLS: give {flag}-ca FILE, the PEM bundle of the CAs that etcd's certificate chains to"
+        ),
+        (Some(ca), true) => readable(flag, "ca", ca)?,
+        (None, false) => {}
+    }
+    match (cert, key) {
+        (Some(cert), Some(key)) => {
+            ensure!(
+                tls,
+                "{flag}-cert and {flag}-key are for TLS to etcd: write {flag} etcds://… instead of {url}"
+            );
+            readable(flag, "cert", cert)?;
+            readable(flag, "key", key)?;
+        }
+        (Some(_), None) => bail!("{flag}-cert needs {flag}-key, the certificate's private key"),
+        (None, Some(_)) => bail!("{flag}-key needs {flag}-cert, the certificate it belongs to"),
         (None, None) => {}
     }
     let user = match (user, password) {
@@ -106,14 +124,23 @@ pub fn store_options(url: &StoreUrl, flags: EtcdFlags<'_>) -> anyhow::Result<Sto
             "{flag}-user needs a password: {flag}-password, or {} in the environment",
             password_env(flag)
         ),
+        (None, _) if password_given => bail!("{flag}-password needs {flag}-user"),
         (None, _) => None,
     };
-    Ok(StoreOptions {
+    Ok(Some(StoreOptions {
         ca_file: ca.cloned(),
         cert_file: cert.cloned(),
         key_file: key.cloned(),
         user,
-    })
+    }))
+}
+
+/// A file an etcd flag names (`FLAG-WHICH`): it must be readable now, not at the first
+/// connection.
+fn readable(flag: &str, which: &str, path: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!("{flag}-{which} {}: cannot read it: {e}", path.display()))
 }
 
 impl AgentsArgs {
@@ -124,20 +151,8 @@ impl AgentsArgs {
 
     /// Checks the options and starts the source, if asked for, until `stop`.
     pub fn spawn(&self, snapshots: SnapshotSender, stop: CancellationToken) -> anyhow::Result<()> {
-        let Some(url) = &self.agents else {
-            let set = [
-                (self.agents_ca.is_some(), "--agents-ca"),
-                (self.agents_cert.is_some(), "--agents-cert"),
-                (self.agents_key.is_some(), "--agents-key"),
-                (self.agents_user.is_some(), "--agents-user"),
-            ];
-            if let Some((_, flag)) = set.iter().find(|(on, _)| *on) {
-                bail!("{flag} needs --agents etcd://HOST:PORT");
-            }
-            return Ok(());
-        };
         let options = store_options(
-            url,
+            self.agents.as_ref(),
             EtcdFlags {
                 flag: "--agents",
                 ca: self.agents_ca.as_ref(),
@@ -147,11 +162,54 @@ impl AgentsArgs {
                 password: self.agents_password.as_deref(),
             },
         )?;
+        let (Some(url), Some(options)) = (&self.agents, options) else {
+            return Ok(());
+        };
         tracing::info!(
             "agents: following the registrations under {} in {url}",
             url.layout().agents()
         );
         tokio::spawn(AgentsSource::new(url.clone(), options).run(snapshots, stop));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags<'a>(user: Option<&'a str>, password: Option<&'a str>) -> EtcdFlags<'a> {
+        EtcdFlags {
+            flag: "--agents",
+            ca: None,
+            cert: None,
+            key: None,
+            user,
+            password,
+        }
+    }
+
+    #[test]
+    fn each_flag_is_named_in_what_it_needs() {
+        let url = StoreUrl::parse("etcd://127.0.0.1:2379").unwrap();
+        let e = store_options(None, flags(Some("u"), None)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--agents-user needs --agents etcd://HOST:PORT (or etcds:// for TLS)"
+        );
+        let e = store_options(Some(&url), flags(Some("u"), None)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--agents-user needs a password: --agents-password, or DROVER_AGENTS_PASSWORD in the environment"
+        );
+        if std::env::var_os("DROVER_AGENTS_PASSWORD").is_none() {
+            let e = store_options(Some(&url), flags(None, Some("p"))).unwrap_err();
+            assert_eq!(e.to_string(), "--agents-password needs --agents-user");
+        }
+        let options = store_options(Some(&url), flags(Some("u"), Some("p")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(options.user, Some(("u".to_string(), "p".to_string())));
+        assert!(store_options(None, flags(None, None)).unwrap().is_none());
     }
 }

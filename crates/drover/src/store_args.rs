@@ -12,6 +12,8 @@ use drover_etcd::{StoreOptions, StoreUrl};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::agents_args::{EtcdFlags, store_options};
+
 /// Where the API's state is kept.
 #[derive(clap::Args, Debug, Default)]
 pub struct StoreArgs {
@@ -46,92 +48,22 @@ fn parse_url(s: &str) -> Result<StoreUrl, String> {
     StoreUrl::parse(s.trim())
 }
 
-/// A file the store needs: it must be there and readable now, not at the first write.
-fn readable(flag: &str, path: &Path) -> Result<(), String> {
-    std::fs::File::open(path)
-        .map(drop)
-        .map_err(|e| format!("{flag} {}: cannot read it: {e}", path.display()))
-}
-
 impl StoreArgs {
     /// The store and how to reach it, checked; None without --store.
     pub fn build(&self) -> Result<Option<(StoreUrl, StoreOptions)>, String> {
-        let Some(url) = &self.store else {
-            let given = [
-                ("--store-ca", self.store_ca.is_some()),
-                ("--store-cert", self.store_cert.is_some()),
-                ("--store-key", self.store_key.is_some()),
-                ("--store-user", self.store_user.is_some()),
-                // The password may come from the environment, set for another drover.
-                (
-                    "--store-password",
-                    self.store_password.is_some()
-                        && std::env::var_os("DROVER_STORE_PASSWORD").is_none(),
-                ),
-            ];
-            return match given.iter().find(|(_, set)| *set) {
-                Some((flag, _)) => Err(format!(
-                    "{flag} needs --store etcd://HOST:PORT (or etcds:// for TLS)"
-                )),
-                None => Ok(None),
-            };
-        };
-        let tls = url.endpoints.iter().any(|e| e.starts_with("https://"));
-        match (&self.store_ca, tls) {
-            (Some(_), false) => {
-                return Err(format!(
-                    "--store-ca is for TLS to etcd: write --store etcds://… instead of {url}"
-                ));
-            }
-            (None, true) => {
-                return Err(format!(
-                    "--store {url} uses TLS: give --store-ca FILE, the PEM bundle of the CAs that etcd's certificate chains to"
-                ));
-            }
-            (Some(ca), true) => readable("--store-ca", ca)?,
-            (None, false) => {}
-        }
-        match (&self.store_cert, &self.store_key) {
-            (Some(cert), Some(key)) => {
-                if !tls {
-                    return Err(format!(
-                        "--store-cert and --store-key are for TLS to etcd: write --store etcds://… instead of {url}"
-                    ));
-                }
-                readable("--store-cert", cert)?;
-                readable("--store-key", key)?;
-            }
-            (Some(_), None) => {
-                return Err("--store-cert needs --store-key, the certificate's private key".into());
-            }
-            (None, Some(_)) => {
-                return Err("--store-key needs --store-cert, the certificate it belongs to".into());
-            }
-            (None, None) => {}
-        }
-        let user = match (&self.store_user, &self.store_password) {
-            (Some(u), _) if u.is_empty() => return Err("--store-user is empty".into()),
-            (Some(u), Some(p)) => Some((u.clone(), p.clone())),
-            (Some(_), None) => {
-                return Err(
-                    "--store-user needs a password: --store-password, or DROVER_STORE_PASSWORD in the environment"
-                        .into(),
-                );
-            }
-            (None, Some(_)) if std::env::var_os("DROVER_STORE_PASSWORD").is_none() => {
-                return Err("--store-password needs --store-user".into());
-            }
-            (None, _) => None,
-        };
-        Ok(Some((
-            url.clone(),
-            StoreOptions {
-                ca_file: self.store_ca.clone(),
-                cert_file: self.store_cert.clone(),
-                key_file: self.store_key.clone(),
-                user,
+        let options = store_options(
+            self.store.as_ref(),
+            EtcdFlags {
+                flag: "--store",
+                ca: self.store_ca.as_ref(),
+                cert: self.store_cert.as_ref(),
+                key: self.store_key.as_ref(),
+                user: self.store_user.as_deref(),
+                password: self.store_password.as_deref(),
             },
-        )))
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(self.store.clone().zip(options))
     }
 
     /// Reads the API's state at start-up: the file in `data_dir`, or, with --store, what etcd

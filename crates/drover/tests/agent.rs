@@ -691,7 +691,10 @@ fn bad_flags_are_refused_with_what_would_be_right() {
         "--store-ca",
         "/nonexistent.pem",
     ]);
-    assert!(e.contains("--store-ca needs --store etcds://"), "{e}");
+    assert!(
+        e.contains("--store-ca is for TLS to etcd: write --store etcds://"),
+        "{e}"
+    );
     let e = agent_refuses(&[
         "--docker",
         "--register",
