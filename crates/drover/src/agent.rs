@@ -42,6 +42,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::store_args::StoreAccess;
 use crate::{agents_args, sources};
 
 /// What the registrars register: the latest slice, None before the engine's first listing.
@@ -66,26 +67,8 @@ pub struct AgentArgs {
     /// etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (etcds:// for TLS) [default prefix: /drover].
     #[arg(long, value_name = "URL", value_parser = agents_args::parse_store_url)]
     store: Option<StoreUrl>,
-    /// PEM bundle of the CAs that etcd's certificate must chain to (with --store etcds://).
-    #[arg(long, value_name = "FILE")]
-    store_ca: Option<PathBuf>,
-    /// PEM client certificate for etcd (with --store-key).
-    #[arg(long, value_name = "FILE")]
-    store_cert: Option<PathBuf>,
-    /// PEM key of --store-cert.
-    #[arg(long, value_name = "FILE")]
-    store_key: Option<PathBuf>,
-    /// etcd user, when etcd's authentication is on (with --store-password).
-    #[arg(long, value_name = "USER")]
-    store_user: Option<String>,
-    /// Password of --store-user (from DROVER_STORE_PASSWORD when not given here).
-    #[arg(
-        long,
-        value_name = "PASSWORD",
-        env = "DROVER_STORE_PASSWORD",
-        hide_env_values = true
-    )]
-    store_password: Option<String>,
+    #[command(flatten)]
+    store_access: StoreAccess,
     /// Register in this Consul agent, Registrator's way, for gateways run with `--consul
     /// HOST:PORT --consul-tags`: consul://HOST:PORT.
     #[arg(long, value_name = "URL", value_parser = parse_consul)]
@@ -212,17 +195,7 @@ impl AgentArgs {
             self.store.is_some() || self.register.is_some(),
             "drover agent needs somewhere to register: --store etcd://HOST:PORT (for gateways run with --agents etcd://HOST:PORT), or --register consul://HOST:PORT (for gateways run with --consul HOST:PORT --consul-tags), or both"
         );
-        let options = agents_args::store_options(
-            self.store.as_ref(),
-            agents_args::EtcdFlags {
-                flag: "--store",
-                ca: self.store_ca.as_ref(),
-                cert: self.store_cert.as_ref(),
-                key: self.store_key.as_ref(),
-                user: self.store_user.as_deref(),
-                password: self.store_password.as_deref(),
-            },
-        )?;
+        let options = self.store_access.options(self.store.as_ref())?;
         let store = self.store.clone().zip(options);
         let node = match &self.node {
             Some(n) => n.clone(),

@@ -12,7 +12,7 @@ use drover_etcd::{StoreOptions, StoreUrl};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::agents_args::{EtcdFlags, store_options};
+use crate::agents_args::{EtcdFlags, parse_store_url, store_options};
 
 /// Where the API's state is kept.
 #[derive(clap::Args, Debug, Default)]
@@ -20,8 +20,16 @@ pub struct StoreArgs {
     /// Keep the state made through the API in etcd, shared with every drover that names the
     /// same store, instead of in --data-dir: etcd://HOST:PORT[,HOST:PORT...][/PREFIX]
     /// (etcds:// for TLS) [default prefix: /drover].
-    #[arg(long, value_name = "URL", value_parser = parse_url)]
+    #[arg(long, value_name = "URL", value_parser = parse_store_url)]
     store: Option<StoreUrl>,
+    #[command(flatten)]
+    access: StoreAccess,
+}
+
+/// How to reach the etcd of `--store`: TLS and authentication. `drover run` and
+/// `drover agent` take the same flags.
+#[derive(clap::Args, Debug, Default)]
+pub struct StoreAccess {
     /// PEM bundle of the CAs that etcd's certificate chains to (with --store etcds://).
     #[arg(long, value_name = "FILE")]
     store_ca: Option<PathBuf>,
@@ -44,15 +52,11 @@ pub struct StoreArgs {
     store_password: Option<String>,
 }
 
-fn parse_url(s: &str) -> Result<StoreUrl, String> {
-    StoreUrl::parse(s.trim())
-}
-
-impl StoreArgs {
-    /// The store and how to reach it, checked; None without --store.
-    pub fn build(&self) -> Result<Option<(StoreUrl, StoreOptions)>, String> {
-        let options = store_options(
-            self.store.as_ref(),
+impl StoreAccess {
+    /// The options for `url`, checked ([`store_options`]); None without a URL.
+    pub fn options(&self, url: Option<&StoreUrl>) -> anyhow::Result<Option<StoreOptions>> {
+        store_options(
+            url,
             EtcdFlags {
                 flag: "--store",
                 ca: self.store_ca.as_ref(),
@@ -62,7 +66,16 @@ impl StoreArgs {
                 password: self.store_password.as_deref(),
             },
         )
-        .map_err(|e| e.to_string())?;
+    }
+}
+
+impl StoreArgs {
+    /// The store and how to reach it, checked; None without --store.
+    pub fn build(&self) -> Result<Option<(StoreUrl, StoreOptions)>, String> {
+        let options = self
+            .access
+            .options(self.store.as_ref())
+            .map_err(|e| e.to_string())?;
         Ok(self.store.clone().zip(options))
     }
 
