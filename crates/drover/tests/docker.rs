@@ -585,11 +585,18 @@ async fn drover_runs_in_a_container_with_the_docker_socket_mounted() {
     };
     let web = run_web(&format!("web-{run}"), &seed_labels(&run, port), &[]);
     wait_answers(port, &[web.hostname()], &logs).await;
-    let text = logs();
-    assert!(
-        text.contains(&format!("Backend web-{run} at {}, port 80", web.ip())),
-        "{text}"
-    );
+    // The log line comes through drover's log writer thread and Docker's log file, both
+    // behind the change that made the answers: it may be read a moment after them.
+    let expected = format!("Backend web-{run} at {}, port 80", web.ip());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = logs();
+        if text.contains(&expected) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no {expected:?} in:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A single-node swarm for the test's life; left again if the test made it.
