@@ -30,7 +30,7 @@ log() { printf '[bench] %s\n' "$*" >&2; }
 # ------------------------------------------------------------- 1. install
 missing=()
 for pair in nginx:nginx haproxy:haproxy caddy:caddy wrk:wrk h2load:nghttp2-client \
-            curl:curl taskset:util-linux python3:python3; do
+            curl:curl taskset:util-linux python3:python3 openssl:openssl; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 # nginx's stream module, for the relay phase (nginx as a plain TCP relay).
