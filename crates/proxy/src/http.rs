@@ -66,30 +66,56 @@ fn hop_by_hop() -> [&'static HeaderName; 9] {
 const CLIENT_CLOSED: u16 = 499;
 
 /// Serves one request of a client connection.
-pub(crate) async fn handle(
+///
+/// This and [`route_request`] return `async move` blocks rather than being `async fn`s: an
+/// `async fn`'s future keeps each argument twice (as passed, and moved into its body), and the
+/// request alone is 264 bytes. hyper boxes this future for every request, so its size is
+/// copied for every request too.
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn handle(
     ctx: Arc<ConnCtx>,
-    req: Request<Incoming>,
-) -> Result<Response<ResponseBody>, Infallible> {
-    let active = ctx.begin();
-    // Dropped with this future if the client goes away first: then it counts as a 499.
-    let mut exchange = Exchange::start(&ctx, &req);
-    let response = proxy(&ctx, req, &mut exchange).await;
-    // drover's own answers are the failures; an upstream's 101 has no body either.
-    let own = matches!(response.body(), Kind::Full(_))
-        && response.status() != StatusCode::SWITCHING_PROTOCOLS;
-    Stats::count(if own {
-        &ctx.stats.client_failed
-    } else {
-        &ctx.stats.client_success
-    });
-    exchange.status = response.status().as_u16();
-    let (parts, kind) = response.into_parts();
-    let body = ResponseBody {
-        kind,
-        exchange: Some(exchange),
-        _active: active,
-    };
-    Ok(Response::from_parts(parts, body))
+    mut req: Request<Incoming>,
+) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send {
+    async move {
+        let active = ctx.begin();
+        // Dropped with this future if the client goes away first: then it counts as a 499.
+        let mut exchange = Exchange::start(&ctx, &req);
+        let response = 'answer: {
+            // A `let`, so that nothing of `route`'s result but these is held over the await.
+            let Routed {
+                service,
+                stats,
+                rules,
+                max_body,
+            } = match route(&ctx, &mut req, &mut exchange) {
+                Ok(routed) => routed,
+                Err(refusal) => break 'answer refuse(refusal, req.version()),
+            };
+            let rules = rules.as_deref();
+            let mut response =
+                route_request(&ctx, req, &mut exchange, service, stats, rules, max_body).await;
+            if let Some(rules) = rules {
+                rules.response.apply(response.headers_mut());
+            }
+            response
+        };
+        // drover's own answers are the failures; an upstream's 101 has no body either.
+        let own = matches!(response.body(), Kind::Full(_))
+            && response.status() != StatusCode::SWITCHING_PROTOCOLS;
+        Stats::count(if own {
+            &ctx.stats.client_failed
+        } else {
+            &ctx.stats.client_success
+        });
+        exchange.status = response.status().as_u16();
+        let (parts, kind) = response.into_parts();
+        let body = ResponseBody {
+            kind,
+            exchange: Some(exchange),
+            _active: active,
+        };
+        Ok(Response::from_parts(parts, body))
+    }
 }
 
 /// One request from its head to the end of its response, and what it will be counted and
@@ -189,56 +215,56 @@ impl Drop for Exchange {
     }
 }
 
-async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>, ex: &mut Exchange) -> Response<Kind> {
-    let (service, route, rules, max_body) = {
-        let table = ctx.tables.load();
-        let Some(listener) = table.listener(ctx.local) else {
-            return error(StatusCode::SERVICE_UNAVAILABLE, "this listener is closing");
-        };
-        if let Err((status, message)) = check_request(&mut req, &listener.spec) {
-            let mut refused = error(status, message);
-            if status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
-                && req.version() < Version::HTTP_2
-            {
-                // As hyper does with the HTTP/1 heads it refuses itself.
-                refused
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            return refused;
-        }
-        let path = match req.uri().path() {
-            // `OPTIONS *` asks about the server as a whole: the route of `/` answers it.
-            "*" => "/",
-            path => path,
-        };
-        match listener.route(request_host(&req), path) {
-            Some(r) => {
-                if let (Some(limit), Some(announced)) = (r.max_request_body, content_length(&req))
-                    && announced > limit
-                {
-                    ex.route = Some(r.stats.clone());
-                    return error(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "the request body is larger than this route accepts",
-                    );
-                }
-                (
-                    r.service.clone(),
-                    r.stats.clone(),
-                    r.headers.clone(),
-                    r.max_request_body,
-                )
-            }
-            None => return error(StatusCode::NOT_FOUND, "no route for this host and path"),
-        }
+/// Where a request goes, once [`route`] has checked it and found its route.
+struct Routed {
+    service: Arc<Service>,
+    stats: Arc<RouteStats>,
+    rules: Option<Arc<HeaderRules>>,
+    max_body: Option<u64>,
+}
+
+/// Checks a request and finds its route; why it is refused if it has none or may not pass.
+fn route(ctx: &ConnCtx, req: &mut Request<Incoming>, ex: &mut Exchange) -> Result<Routed, Refusal> {
+    let table = ctx.tables.load();
+    let Some(listener) = table.listener(ctx.local) else {
+        return Err((StatusCode::SERVICE_UNAVAILABLE, "this listener is closing"));
     };
-    let mut response =
-        route_request(ctx, req, ex, service, route, rules.as_deref(), max_body).await;
-    if let Some(rules) = &rules {
-        rules.response.apply(response.headers_mut());
+    check_request(req, &listener.spec)?;
+    let path = match req.uri().path() {
+        // `OPTIONS *` asks about the server as a whole: the route of `/` answers it.
+        "*" => "/",
+        path => path,
+    };
+    let Some(r) = listener.route(request_host(req), path) else {
+        return Err((StatusCode::NOT_FOUND, "no route for this host and path"));
+    };
+    if let (Some(limit), Some(announced)) = (r.max_request_body, content_length(req))
+        && announced > limit
+    {
+        ex.route = Some(r.stats.clone());
+        return Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the request body is larger than this route accepts",
+        ));
     }
-    response
+    Ok(Routed {
+        service: r.service.clone(),
+        stats: r.stats.clone(),
+        rules: r.headers.clone(),
+        max_body: r.max_request_body,
+    })
+}
+
+/// drover's answer to a request that [`route`] refused.
+fn refuse((status, message): Refusal, version: Version) -> Response<Kind> {
+    let mut refused = error(status, message);
+    if status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE && version < Version::HTTP_2 {
+        // As hyper does with the HTTP/1 heads it refuses itself.
+        refused
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    refused
 }
 
 /// Why a request is refused before it is routed.
@@ -513,77 +539,87 @@ fn upstream_framing_ok(head: bool, response: &Response<Kind>) -> bool {
     announced.is_some() && body.size_hint().exact() == announced
 }
 
-/// Forwards a request that `route` took to `service`, with the route's request header rules.
-async fn route_request(
-    ctx: &ConnCtx,
+/// Forwards a request that `route` took to `service`, with the route's request header rules;
+/// see [`handle`] for why this is not an `async fn`.
+#[allow(clippy::manual_async_fn)]
+fn route_request<'a>(
+    ctx: &'a ConnCtx,
     mut req: Request<Incoming>,
-    ex: &mut Exchange,
+    ex: &'a mut Exchange,
     service: Arc<Service>,
     route: Arc<RouteStats>,
-    rules: Option<&HeaderRules>,
+    rules: Option<&'a HeaderRules>,
     max_body: Option<u64>,
-) -> Response<Kind> {
-    ex.route = Some(route.clone());
-    if service.endpoints.is_empty() {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the service has no endpoints",
-        );
-    }
-    let affinity = affinity(ctx, &service, &req);
-    let compression = service.spec.compression.as_ref().and_then(|spec| {
-        crate::compress::accepted(req.headers(), req.method(), spec).map(|e| (e, spec))
-    });
-    let upgrade = crate::upgrade::requested(&req);
-    prepare_upstream_request(&mut req, ctx);
-    if let Some(rules) = rules {
-        rules.request.apply(req.headers_mut());
-    }
-    let head = req.method() == Method::HEAD;
-    // A body that streams is watched for the route's limit and for client framing errors.
-    let watch = (!req.body().is_end_stream()).then(|| {
-        let w = Arc::new(BodyWatch::new(max_body));
-        req.extensions_mut().insert(w.clone());
-        w
-    });
-    let forwarded = match upgrade {
-        Some(protocol) => {
-            crate::upgrade::forward(ctx, &service, &route, req, protocol, &affinity).await
+) -> impl Future<Output = Response<Kind>> + Send + 'a {
+    async move {
+        ex.route = Some(route.clone());
+        if service.endpoints.is_empty() {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the service has no endpoints",
+            );
         }
-        None => forward::forward(&ctx.stats, &service, &route, req, &affinity).await,
-    };
-    if let Some(log) = &mut ex.log {
-        log.upstream = forwarded.upstream;
-        log.upstream_time = forwarded.upstream_time;
-        log.attempts = forwarded.attempts;
-    }
-    let (mut response, chosen) = (forwarded.response, forwarded.chosen);
-    if let Some((status, message)) = watch.as_deref().and_then(BodyWatch::refusal) {
-        return error(status, message);
-    }
-    if !upstream_framing_ok(head, &response) {
-        // Dropping the upstream body closes its connection: it never goes back to the pool.
-        return error(
-            StatusCode::BAD_GATEWAY,
-            "the upstream sent a response with conflicting framing",
-        );
-    }
-    if let Some((encoding, spec)) = compression {
-        response = crate::compress::maybe(response, encoding, spec);
-    }
-    if let (Some(index), Some(sticky)) = (chosen, &service.spec.sticky) {
-        match sticky.mode {
-            StickyMode::Cookie if affinity.preferred != Some(index) => {
-                if let Some(v) = forward::set_cookie(&sticky.cookie, &service.cookie_values[index])
-                {
-                    response.headers_mut().append(header::SET_COOKIE, v);
-                }
+        let affinity = affinity(ctx, &service, &req);
+        let compression = service.spec.compression.as_ref().and_then(|spec| {
+            crate::compress::accepted(req.headers(), req.method(), spec).map(|e| (e, spec))
+        });
+        let upgrade = crate::upgrade::requested(&req);
+        prepare_upstream_request(&mut req, ctx);
+        if let Some(rules) = rules {
+            rules.request.apply(req.headers_mut());
+        }
+        let head = req.method() == Method::HEAD;
+        // A body that streams is watched for the route's limit and for client framing errors.
+        let watch = (!req.body().is_end_stream()).then(|| {
+            let w = Arc::new(BodyWatch::new(max_body));
+            req.extensions_mut().insert(w.clone());
+            w
+        });
+        let forwarded = match upgrade {
+            // Boxed: the upgrade's future is the largest of all, and every request's future
+            // would otherwise be as large, upgrade or not.
+            Some(protocol) => {
+                Box::pin(crate::upgrade::forward(
+                    ctx, &service, &route, req, protocol, &affinity,
+                ))
+                .await
             }
-            StickyMode::Cookie => {}
-            StickyMode::SourceIp => service.remember(ctx.client_hash, index),
+            None => forward::forward(&ctx.stats, &service, &route, req, &affinity).await,
+        };
+        if let Some(log) = &mut ex.log {
+            log.upstream = forwarded.upstream;
+            log.upstream_time = forwarded.upstream_time;
+            log.attempts = forwarded.attempts;
         }
+        let (mut response, chosen) = (forwarded.response, forwarded.chosen);
+        if let Some((status, message)) = watch.as_deref().and_then(BodyWatch::refusal) {
+            return error(status, message);
+        }
+        if !upstream_framing_ok(head, &response) {
+            // Dropping the upstream body closes its connection: it never goes back to the pool.
+            return error(
+                StatusCode::BAD_GATEWAY,
+                "the upstream sent a response with conflicting framing",
+            );
+        }
+        if let Some((encoding, spec)) = compression {
+            response = crate::compress::maybe(response, encoding, spec);
+        }
+        if let (Some(index), Some(sticky)) = (chosen, &service.spec.sticky) {
+            match sticky.mode {
+                StickyMode::Cookie if affinity.preferred != Some(index) => {
+                    if let Some(v) =
+                        forward::set_cookie(&sticky.cookie, &service.cookie_values[index])
+                    {
+                        response.headers_mut().append(header::SET_COOKIE, v);
+                    }
+                }
+                StickyMode::Cookie => {}
+                StickyMode::SourceIp => service.remember(ctx.client_hash, index),
+            }
+        }
+        response
     }
-    response
 }
 
 /// The request's hash for `consistent_hash`, and the endpoint stickiness asks for.
