@@ -16,7 +16,7 @@ from the environment (all optional):
     FULL_MATRIX=1    every connections x body x keep-alive/close combination
     RATE             fixed rate in req/s (default: half the slowest proxy's median
                      at 64 connections, 1 KiB, from the throughput phase)
-    MEM_CONNS        idle keep-alive connections held (default 5000)
+    MEM_CONNS        idle connections held, of each kind (default 5000)
     PROXY_CPU / LOAD_CPU   default 0 / 1
     DROVER_BIN, PACE_BIN, FLOOR_BIN   binaries (run.sh sets them)
 """
@@ -853,6 +853,50 @@ def hold_idle(n):
     return socks
 
 
+def h2c_frame(kind, flags, stream, payload=b""):
+    """An HTTP/2 frame: 3 bytes of length, type, flags, the stream's id, the payload."""
+    return (len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big")
+            + payload)
+
+
+def h2c_open(port, path="/64"):
+    """A new cleartext HTTP/2 connection (prior knowledge) that has had one GET answered in
+    full; the socket, open. Hand-written, as the standard library has no HTTP/2 client: the
+    preface, an empty SETTINGS, and one HEADERS frame in HPACK's static forms (indexed
+    :method GET and :scheme http, literal :path and :authority), then frames are read until
+    the stream ends, acknowledging the server's SETTINGS on the way."""
+    authority = f"{HOST}:{port}".encode()
+    block = (b"\x82\x86" + b"\x04" + bytes([len(path)]) + path.encode()
+             + b"\x01" + bytes([len(authority)]) + authority)
+    s = socket.create_connection((HOST, port), timeout=5)
+    # HEADERS (type 1) with END_STREAM | END_HEADERS (0x5) on stream 1.
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2c_frame(4, 0, 0)
+              + h2c_frame(1, 0x5, 1, block))
+    buf = b""
+    while True:
+        while len(buf) < 9 or len(buf) < 9 + int.from_bytes(buf[:3], "big"):
+            chunk = s.recv(65536)
+            if not chunk:
+                s.close()
+                raise ConnectionError("closed before the answer ended")
+            buf += chunk
+        size, kind, flags = int.from_bytes(buf[:3], "big"), buf[3], buf[4]
+        stream = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+        buf = buf[9 + size:]
+        if kind == 4 and not flags & 0x1:  # the server's SETTINGS: acknowledge it
+            s.sendall(h2c_frame(4, 0x1, 0))
+        elif kind == 7:  # GOAWAY
+            s.close()
+            raise ConnectionError("GOAWAY")
+        elif stream == 1 and kind in (0, 1) and flags & 0x1:  # DATA or HEADERS, END_STREAM
+            return s
+
+
+def hold_idle_h2c(n):
+    """Open n cleartext HTTP/2 connections to the proxy, one request each; return them."""
+    return [h2c_open(H2_PORT) for _ in range(n)]
+
+
 def still_open(socks):
     alive = 0
     for s in socks:
@@ -868,37 +912,43 @@ def still_open(socks):
 
 
 def phase_memory(results, status):
+    """RSS per idle connection: HTTP/1.1 keep-alive connections (`memory`), then cleartext
+    HTTP/2 ones (`memory_h2`), each kind against a proxy just started."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = MEM_CONNS + 1000
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(want, soft), hard), hard))
+    kinds = (("memory", "HTTP/1.1", hold_idle, lambda: http_get(LISTEN_PORT, "/64")),
+             ("memory_h2", "h2c", hold_idle_h2c, lambda: h2c_open(H2_PORT).close()))
     for rnd in range(1, RUNS + 1):
-        for target in rotated(PROXIES, rnd - 1):
-            def go(proc):
-                # One request first, so lazily built state (the upstream pool,
-                # buffers) exists before the baseline is read.
-                for _ in range(5):
-                    http_get(LISTEN_PORT, "/64")
-                time.sleep(0.5)
-                before = rss_kb(proc.pid)
-                socks = []
-                rec = {"target": target, "round": rnd, "conns_requested": MEM_CONNS}
-                try:
-                    socks = hold_idle(MEM_CONNS)
-                    time.sleep(2)
-                    after = rss_kb(proc.pid)
-                    alive = still_open(socks)
-                    rec.update(rss_before_kb=before, rss_after_kb=after, conns_held=alive)
-                    if alive:
-                        rec["kb_per_conn"] = round((after - before) / alive, 3)
-                except OSError as e:
-                    rec.update(error=f"{type(e).__name__}: {e} after {len(socks)} connections")
-                finally:
-                    for s in socks:
-                        s.close()
-                results["memory"].append(rec)
-                log(f"round {rnd}/{RUNS} {target:7} memory: {rec}")
-            with_target(target, 1, str(PROXY_CPU), go, status)
+        for key, label, hold, one_request in kinds:
+            for target in rotated(PROXIES, rnd - 1):
+                def go(proc):
+                    # A few requests first, so lazily built state (the upstream pool,
+                    # buffers) exists before the baseline is read.
+                    for _ in range(5):
+                        one_request()
+                    time.sleep(0.5)
+                    before = rss_kb(proc.pid)
+                    socks = []
+                    rec = {"target": target, "round": rnd, "conns_requested": MEM_CONNS}
+                    try:
+                        socks = hold(MEM_CONNS)
+                        time.sleep(2)
+                        after = rss_kb(proc.pid)
+                        alive = still_open(socks)
+                        rec.update(rss_before_kb=before, rss_after_kb=after, conns_held=alive)
+                        if alive:
+                            rec["kb_per_conn"] = round((after - before) / alive, 3)
+                    except OSError as e:
+                        rec.update(error=f"{type(e).__name__}: {e} after {len(socks)} "
+                                         "connections")
+                    finally:
+                        for s in socks:
+                            s.close()
+                    results[key].append(rec)
+                    log(f"round {rnd}/{RUNS} {target:7} memory, {label}: {rec}")
+                with_target(target, 1, str(PROXY_CPU), go, status)
 
 
 # -------------------------------------------------------------------- main
@@ -950,7 +1000,7 @@ def main():
 
     started = time.time()
     results = {"throughput": [], "workers2": [], "relay": [], "floor": [], "rate": [],
-               "memory": []}
+               "memory": [], "memory_h2": []}
     status = {}
     meta = {
         "name": NAME,
