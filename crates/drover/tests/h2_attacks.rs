@@ -1,6 +1,7 @@
 //! HTTP/2 attacks on drover's clear-text listener (h2c with prior knowledge): raw frames
 //! written by hand where the attack is in the framing (concurrency over SETTINGS,
 //! CONTINUATION flood, rapid reset), and the `h2` client where the answer must be decoded.
+//! Also how an idle HTTP/2 connection ends, which only raw frames show.
 
 mod raw;
 mod support;
@@ -19,6 +20,7 @@ const DATA: u8 = 0;
 const HEADERS: u8 = 1;
 const RST_STREAM: u8 = 3;
 const SETTINGS: u8 = 4;
+const PING: u8 = 6;
 const GOAWAY: u8 = 7;
 const CONTINUATION: u8 = 9;
 const END_STREAM: u8 = 0x1;
@@ -81,7 +83,7 @@ async fn h2c(addr: SocketAddr) -> TcpStream {
 }
 
 /// Reads frames until the connection closes or nothing comes for `quiet`; acknowledges
-/// the server's SETTINGS.
+/// the server's SETTINGS and PINGs.
 async fn read_frames(s: &mut TcpStream, quiet: Duration) -> (Vec<Frame>, bool) {
     let mut buf = Vec::new();
     let mut frames = Vec::new();
@@ -101,6 +103,9 @@ async fn read_frames(s: &mut TcpStream, quiet: Duration) -> (Vec<Frame>, bool) {
             buf.drain(..9 + len);
             if f.0 == SETTINGS && f.1 & ACK == 0 {
                 let _ = s.write_all(&frame(SETTINGS, ACK, 0, &[])).await;
+            }
+            if f.0 == PING && f.1 & ACK == 0 {
+                let _ = s.write_all(&frame(PING, ACK, 0, &f.3)).await;
             }
             frames.push(f);
         }
@@ -192,6 +197,50 @@ async fn streams_over_the_concurrency_limit_are_refused() {
         heads.load(Ordering::SeqCst) <= 5,
         "{} requests reached the upstream",
         heads.load(Ordering::SeqCst)
+    );
+}
+
+/// A connection idle past `idle_timeout` is told with a GOAWAY (NO_ERROR) before it closes,
+/// so that the client does not send its next request into the close. The PINGs a client sends
+/// while idle are no request: they do not bring the shorter `request_header_timeout` on.
+#[tokio::test]
+async fn an_idle_connection_gets_goaway_at_the_idle_timeout_and_pings_do_not_shorten_it() {
+    let origin = Origin::start("one").await;
+    let port = free_port();
+    let listener = "request_header_timeout = \"300ms\"\nidle_timeout = \"1500ms\"";
+    let _d = Drover::start(&config(port, origin.addr, listener, "")).await;
+    let mut s = h2c(local(port)).await;
+    let asked = std::time::Instant::now();
+    s.write_all(&frame(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &get_block("/"),
+    ))
+    .await
+    .unwrap();
+    let (frames, closed) = read_frames(&mut s, Duration::from_millis(300)).await;
+    assert!(
+        frames.iter().any(|f| f.2 == 1 && f.1 & END_STREAM != 0),
+        "the request is answered: {frames:?}"
+    );
+    assert!(!closed && goaway_code(&frames).is_none(), "{frames:?}");
+    // Twice the header timeout of PINGs, as clients send to keep a connection warm.
+    for _ in 0..3 {
+        s.write_all(&frame(PING, 0, 0, &[7; 8])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (frames, closed) = read_frames(&mut s, Duration::from_secs(4)).await;
+    let lasted = asked.elapsed();
+    assert_eq!(
+        goaway_code(&frames),
+        Some(0),
+        "GOAWAY with NO_ERROR: {frames:?}"
+    );
+    assert!(closed, "the connection closes after its GOAWAY");
+    assert!(
+        lasted >= Duration::from_millis(1300),
+        "closed {lasted:?} after the request: the idle timeout is 1.5 s"
     );
 }
 

@@ -202,6 +202,10 @@ impl Drop for Active {
 struct Tracked<S> {
     stream: S,
     ctx: Arc<ConnCtx>,
+    /// Whether bytes read on an idle connection begin a request head, so that the header
+    /// deadline takes over from the idle one: in HTTP/1. Not in HTTP/2, where an idle
+    /// connection also carries PINGs, window updates and settings, none of them a request.
+    heads: bool,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
@@ -213,7 +217,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        if this.heads && buf.filled().len() > before {
             this.ctx.on_read();
         }
         r
@@ -528,6 +532,7 @@ async fn serve_http2<S>(
     let io = TokioIo::new(Tracked {
         stream,
         ctx: ctx.clone(),
+        heads: false,
     });
     let mut conn = pin!(server.h2.serve_connection(io, Requests(ctx.clone())));
     let shutdown = |c: &mut Pin<&mut http2::Connection<_, _, _>>| c.as_mut().graceful_shutdown();
@@ -604,6 +609,7 @@ where
     let mut stream = Tracked {
         stream: Prefixed::new(Vec::new(), stream),
         ctx: ctx.clone(),
+        heads: true,
     };
     let mut service = Requests(ctx.clone());
     // An async block rather than an async fn: it works on what it captures in place, where an
@@ -703,14 +709,14 @@ fn park<S: Park>(
     let Some(ip) = local_ip.and_then(|ip| ip.parse().ok()) else {
         return Err(stream);
     };
-    let Tracked { stream, ctx } = stream;
+    let Tracked { stream, ctx, heads } = stream;
     match stream.park() {
         Ok(Ok(socket)) => Ok(Some((socket, ip))),
         Ok(Err(e)) => {
             tracing::debug!(client = %ctx.peer, "lost a connection while parking it: {e}");
             Ok(None)
         }
-        Err(stream) => Err(Tracked { stream, ctx }),
+        Err(stream) => Err(Tracked { stream, ctx, heads }),
     }
 }
 
@@ -741,6 +747,10 @@ fn next_request<'a, S: AsyncRead + Unpin>(
     }
 }
 
+/// How long an idle connection asked to close may take to do so: an HTTP/2 connection
+/// waits for the client to acknowledge its GOAWAY's PING, one round trip.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(2);
+
 /// How [`watch`] ended.
 enum Ended<T> {
     /// hyper's connection ended: by itself, or `released` because drover asked it to while
@@ -770,6 +780,8 @@ async fn watch<C: Future + Unpin>(
     let mut drained = pin!(drain.cancelled());
     let mut draining = false;
     let mut releasing = false;
+    // Asked to close because it stayed idle past its idle deadline.
+    let mut closing = false;
     // The idle spell the watchdog was last set to release the connection after.
     let mut armed_for = None;
     std::future::poll_fn(|cx| {
@@ -803,6 +815,10 @@ async fn watch<C: Future + Unpin>(
                 tracing::debug!(%peer, "grace period over; closing the connection");
                 return Poll::Ready(Ended::Cut);
             }
+            if closing && clock.in_flight.load(Ordering::Relaxed) == 0 {
+                tracing::debug!(%peer, "idle connection did not close in time; closing it");
+                return Poll::Ready(Ended::Cut);
+            }
             let idle_enough = match (release, idle_since) {
                 (Some(after), Some(since)) => {
                     Duration::from_millis(clock.now().saturating_sub(since)) >= after
@@ -818,6 +834,17 @@ async fn watch<C: Future + Unpin>(
                 continue;
             }
             match next_check(clock, deadlines) {
+                // Idle past the idle deadline: closed the way a server announces it, so that
+                // the client opens a new connection for its next request instead of racing
+                // the close (HTTP/2 sends GOAWAY; an idle HTTP/1 connection just closes).
+                None if !closing && idle_since.is_some() => {
+                    closing = true;
+                    shutdown(conn);
+                    watchdog
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
+                    continue;
+                }
                 None => {
                     tracing::debug!(%peer, "connection deadline passed; closing it");
                     return Poll::Ready(Ended::Cut);
