@@ -2,7 +2,8 @@
 //! (rcgen), served over rustls with ALPN h2 and http/1.1, behind drover services with `tls`.
 //! Verified against the right CA it serves; against another CA, or under another name, it is
 //! a 502 and a failure of the endpoint; HTTP/2 is negotiated by ALPN; a CA file that cannot be
-//! read rejects the configuration and the old one keeps serving.
+//! read rejects the configuration and the old one keeps serving; an origin that asks for a
+//! client certificate (mutual TLS) serves the service that shows one.
 
 mod support;
 
@@ -17,7 +18,10 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
 use support::*;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -48,6 +52,12 @@ fn ca(name: &str) -> Ca {
 /// An HTTPS origin with a certificate for `origin.test` signed by `ca`. It answers with the
 /// HTTP version it received the request in, and the ALPN protocol in `x-alpn`.
 async fn https_origin(ca: &Ca) -> SocketAddr {
+    https_origin_asking(ca, None).await
+}
+
+/// As [`https_origin`]; with `clients`, it accepts only clients whose certificate that CA
+/// signed.
+async fn https_origin_asking(ca: &Ca, clients: Option<&Ca>) -> SocketAddr {
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(vec!["origin.test".to_string()]).unwrap();
     params
@@ -55,14 +65,25 @@ async fn https_origin(ca: &Ca) -> SocketAddr {
         .push(DnType::CommonName, "origin.test");
     let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![cert.der().clone()], key)
-    .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match clients {
+        None => builder.with_no_client_auth(),
+        Some(clients) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(clients.cert.der().clone()).unwrap();
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(vec![cert.der().clone()], key)
+        .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -309,4 +330,64 @@ async fn http_health_checks_go_over_tls_and_http2_like_requests() {
     let bad = wait_for_health(&drover, "badca", "unhealthy").await;
     let error = bad["last_check_error"].as_str().unwrap();
     assert!(error.contains("its certificate did not verify"), "{bad}");
+}
+
+/// nginx's `proxy_ssl_certificate`, HAProxy's `crt` on a server line: an origin that asks
+/// for a client certificate serves the service that shows one its CA signed, and refuses the
+/// service that shows none (a 502, as for any handshake that fails).
+#[tokio::test]
+async fn a_service_with_a_client_certificate_is_served_by_an_origin_that_asks_for_one() {
+    let server_ca = ca("drover test CA");
+    let client_ca = ca("drover test client CA");
+    let origin = https_origin_asking(&server_ca, Some(&client_ca)).await;
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, "drover");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_cert = params
+        .signed_by(&key, &client_ca.cert, &client_ca.key)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_pem, cert_pem, key_pem) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("client.pem"),
+        dir.path().join("client.key"),
+    );
+    std::fs::write(&ca_pem, server_ca.cert.pem()).unwrap();
+    std::fs::write(&cert_pem, client_cert.pem()).unwrap();
+    std::fs::write(&key_pem, key.serialize_pem()).unwrap();
+
+    let port = free_port();
+    let mut text = config(
+        port,
+        origin,
+        &[("anonymous", &ca_pem, "origin.test", "http1")],
+    );
+    text.push_str(&format!(
+        r#"
+[[routes]]
+listener = "web"
+path_prefix = "/mutual"
+service = "mutual"
+
+[services.mutual]
+tls = {{ ca = "{}", server_name = "origin.test", cert = "{}", key = "{}" }}
+endpoints = [ {{ address = "{origin}" }} ]
+"#,
+        ca_pem.display(),
+        cert_pem.display(),
+        key_pem.display()
+    ));
+    let drover = Drover::start(&text).await;
+    let client = client();
+    let url = |path: &str| format!("http://127.0.0.1:{port}/{path}");
+    for _ in 0..2 {
+        let (status, _, body) = get(&client, &url("mutual")).await;
+        assert_eq!(status, StatusCode::OK, "{}", drover.log_text());
+        assert_eq!(body, "HTTP/1.1");
+    }
+    let (status, _, _) = get(&client, &url("anonymous")).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(failed(&drover, "anonymous", origin).await >= 1);
+    assert_eq!(failed(&drover, "mutual", origin).await, 0);
 }

@@ -108,6 +108,13 @@ pub struct UpstreamTls {
     /// endpoint's IP address, checked against the certificate's IP names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
+    /// A client certificate chain, PEM with the leaf first, that drover shows to endpoints
+    /// that ask for one (mutual TLS); with `key`. None: no client certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// The private key of `cert`, PEM (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
 }
 
 /// What a listener does with a request header whose name contains an underscore. Such names

@@ -392,6 +392,26 @@ pub fn check_service(err: &mut impl FnMut(FieldPath, String), p: &FieldPath, s: 
                 "is empty: give the path of a PEM bundle of CA certificates, or leave ca out to use the system's roots".into(),
             );
         }
+        match (&tls.cert, &tls.key) {
+            (Some(_), None) => err(
+                tp.clone().key("cert"),
+                "needs key, the client certificate's private key: add key = \"client.key\"".into(),
+            ),
+            (None, Some(_)) => err(
+                tp.clone().key("key"),
+                "needs cert, the client certificate it goes with: add cert = \"client.pem\"".into(),
+            ),
+            _ => {}
+        }
+        for (field, path) in [("cert", &tls.cert), ("key", &tls.key)] {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                err(
+                    tp.clone().key(field),
+                    "is empty: give the path of a PEM file, such as \"/etc/drover/client.pem\""
+                        .into(),
+                );
+            }
+        }
         if let Some(name) = &tls.server_name
             && !is_dns_name(name)
         {
@@ -721,6 +741,7 @@ mod tests {
             tls: Some(crate::UpstreamTls {
                 ca: Some(ca.into()),
                 server_name: Some(name.into()),
+                ..Default::default()
             }),
             ..Default::default()
         };
@@ -741,5 +762,38 @@ mod tests {
             "{m:?}"
         );
         assert!(m[1].contains("\"api.example.com\""), "{m:?}");
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key_and_a_key_its_certificate() {
+        let mut c = base();
+        let tls = |cert: Option<&str>, key: Option<&str>| ServiceSpec {
+            tls: Some(crate::UpstreamTls {
+                cert: cert.map(Into::into),
+                key: key.map(Into::into),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        c.services
+            .insert("both".into(), tls(Some("/c.pem"), Some("/c.key")));
+        validate(&c).unwrap();
+        c.services.insert("cert".into(), tls(Some("/c.pem"), None));
+        c.services.insert("key".into(), tls(None, Some("/c.key")));
+        c.services
+            .insert("empty".into(), tls(Some(""), Some("/c.key")));
+        let m = messages(&c);
+        let fields: Vec<&str> = m.iter().map(|s| s.split(':').next().unwrap()).collect();
+        assert_eq!(
+            fields,
+            [
+                "services.cert.tls.cert",
+                "services.empty.tls.cert",
+                "services.key.tls.key",
+            ],
+            "{m:?}"
+        );
+        assert!(m[0].contains("key = \"client.key\""), "{m:?}");
+        assert!(m[2].contains("cert = \"client.pem\""), "{m:?}");
     }
 }

@@ -174,8 +174,8 @@ impl fmt::Debug for CertSet {
 
 /// One certificate chain with its key, and the DNS names of its leaf.
 #[derive(Clone)]
-struct Entry {
-    key: Arc<CertifiedKey>,
+pub(crate) struct Entry {
+    pub(crate) key: Arc<CertifiedKey>,
     names: Vec<String>,
 }
 
@@ -217,7 +217,7 @@ impl CertSet {
 }
 
 /// Reads and checks one certificate chain and its key.
-fn load_pair(files: &CertificateFiles) -> Result<Entry, String> {
+pub(crate) fn load_pair(files: &CertificateFiles) -> Result<Entry, String> {
     let cert_path = files.cert.display();
     let key_path = files.key.display();
     let cert_pem = read(&files.cert).map_err(|e| format!("cert {cert_path}: {e}"))?;

@@ -16,7 +16,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use drover_model::{ServiceSpec, UpstreamProtocol, UpstreamTls};
+use drover_model::{CertificateFiles, ServiceSpec, UpstreamProtocol, UpstreamTls};
 use futures_util::FutureExt as _;
 use futures_util::future::Either;
 use http::{Request, Response};
@@ -25,6 +25,7 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::sign::SingleCertAndKey;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -267,13 +268,25 @@ impl Tls {
             Some(path) => Arc::new(read_ca(service, path)?),
             None => system_roots(),
         };
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("service {service}: cannot set up TLS to its endpoints: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+        let mut config = match (&spec.cert, &spec.key) {
+            (Some(cert), Some(key)) => {
+                let files = CertificateFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                };
+                let pair = crate::tls::load_pair(&files)
+                    .map_err(|e| format!("service {service}: its client certificate, tls.{e}"))?;
+                config.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(pair.key)))
+            }
+            // Validation allows neither alone.
+            _ => config.with_no_client_auth(),
+        };
         config.alpn_protocols = vec![match protocol {
             UpstreamProtocol::Http1 => b"http/1.1".to_vec(),
             UpstreamProtocol::Http2 => b"h2".to_vec(),
@@ -444,7 +457,7 @@ mod tests {
             "api",
             &spec(UpstreamTls {
                 ca: Some("/nonexistent/ca.pem".into()),
-                server_name: None,
+                ..UpstreamTls::default()
             }),
         )
         .unwrap_err();
@@ -464,11 +477,28 @@ mod tests {
             "api",
             &spec(UpstreamTls {
                 ca: Some(path.clone()),
-                server_name: None,
+                ..UpstreamTls::default()
             }),
         )
         .unwrap_err();
         assert!(e.contains("holds no certificate"), "{e}");
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_client_certificate_that_cannot_be_read_names_the_service_and_the_file() {
+        let e = Upstream::new(
+            "api",
+            &spec(UpstreamTls {
+                cert: Some("/nonexistent/client.pem".into()),
+                key: Some("/nonexistent/client.key".into()),
+                ..UpstreamTls::default()
+            }),
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("service api: its client certificate, tls.cert /nonexistent/client.pem:"),
+            "{e}"
+        );
     }
 }
