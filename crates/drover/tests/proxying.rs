@@ -462,6 +462,72 @@ async fn request_trailers_reach_an_http1_origin() {
     }
 }
 
+/// An HTTP/2 client's body can carry both a `content-length` and trailers, which HTTP/1.1
+/// cannot: a length-framed body has nowhere to put them. When the head names its trailers
+/// (`Trailer`), drover chunks the body for the HTTP/1.1 origin and sends them with the last
+/// chunk, kept and streamed bodies alike. When it does not, the head goes out with the length
+/// before the trailers are known: the body arrives whole and the trailers are dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_s_named_trailers_after_a_known_length_reach_an_http1_origin() {
+    use http_body_util::BodyExt;
+    let origin = raw::Recorder::start().await;
+    let port = free_port();
+    let d = Drover::start(&one_service(port, &[(origin.addr, 1)])).await;
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let small = bytes::Bytes::from_static(b"hello");
+    // Over the 64 KiB that drover keeps for a retry: streamed.
+    let large = bytes::Bytes::from(vec![b'x'; 100_000]);
+    let cases = [
+        ("/small-named", &small, true),
+        ("/large-named", &large, true),
+        ("/large-unnamed", &large, false),
+    ];
+    for (path, data, named) in cases {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-checksum", http::HeaderValue::from_static("c0ffee"));
+        let body = http_body_util::Full::new(data.clone())
+            .with_trailers(std::future::ready(Some(Ok(trailers))));
+        let mut req = Request::post(format!("http://127.0.0.1:{port}{path}"))
+            .header("content-length", data.len());
+        if named {
+            req = req.header("trailer", "x-checksum");
+        }
+        let res = sender
+            .send_request(req.body(body).unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}\n{}", d.log_text()));
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+    }
+    let seen = origin.seen();
+    assert_eq!(origin.targets(), cases.map(|(path, ..)| path));
+    for (s, (path, data, named)) in seen.iter().zip(cases) {
+        assert_eq!(&s.body, data, "{path}: the body arrives whole");
+        let field = |name: &str| s.headers.get(name).map(|v| v.to_str().unwrap());
+        if named {
+            assert_eq!(field("transfer-encoding"), Some("chunked"), "{path}");
+            assert_eq!(field("content-length"), None, "{path}");
+            assert_eq!(field("trailer"), Some("x-checksum"), "{path}");
+            let trailers = s
+                .trailers
+                .as_ref()
+                .unwrap_or_else(|| panic!("{path}: no trailers"));
+            assert_eq!(trailers["x-checksum"], "c0ffee", "{path}");
+        } else {
+            assert_eq!(field("content-length"), Some("100000"), "{path}");
+            assert_eq!(s.trailers, None, "{path}");
+        }
+    }
+}
+
 /// An origin that closes a kept-alive connection while it waits in drover's pool: the next
 /// request goes on a new connection, and the client never sees the closed one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

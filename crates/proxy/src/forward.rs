@@ -144,10 +144,16 @@ impl Body for Upload {
 }
 
 impl ReqBody {
-    /// Whether trailers follow the data, as far as is known before it is sent: a kept body
-    /// knows, a streamed one does not.
-    pub(crate) fn has_trailers(&self) -> bool {
-        matches!(self, ReqBody::Bytes(k) if k.trailers.is_some())
+    /// Whether trailers follow the data, as far as can be known before it is sent: a kept
+    /// body knows; a streamed one is taken at its head's word (`named`: the request has a
+    /// `Trailer` field, RFC 9110 section 6.6.2). Unannounced trailers on a streamed body
+    /// whose length is known cannot be sent to an HTTP/1.1 upstream, which has already
+    /// been told that length.
+    pub(crate) fn trailers_follow(&self, named: bool) -> bool {
+        match self {
+            ReqBody::Bytes(k) => k.trailers.is_some(),
+            ReqBody::Stream(_) => named,
+        }
     }
 }
 

@@ -9,8 +9,8 @@
 //!
 //! What it does:
 //! - the request head is written with the headers as drover prepared them, and the body
-//!   framed by its length when that is known, else chunked (request trailers go with the
-//!   last chunk);
+//!   framed by its length when that is known and no trailers follow, else chunked (request
+//!   trailers go with the last chunk);
 //! - the request body is written while the answer is read, so an upstream that answers
 //!   early (a 413, or a stream echoed back) is heard; the body goes on being written while
 //!   the answer's body is read;
@@ -450,15 +450,25 @@ impl Outgoing {
         pending.put_u8(b' ');
         pending.put_slice(target.as_bytes());
         pending.put_slice(b" HTTP/1.1\r\n");
+        let (mut announced, mut trailer_named) = (false, false);
         for (name, value) in &parts.headers {
-            if name != header::CONTENT_LENGTH {
+            if name == header::CONTENT_LENGTH {
+                announced = true;
+            } else if name == header::TRAILER {
+                trailer_named = true;
+            } else {
                 put_field(&mut pending, name, value);
             }
         }
-        let announced = parts.headers.contains_key(header::CONTENT_LENGTH);
+        let trailers = body.trailers_follow(trailer_named);
+        if trailers {
+            for value in parts.headers.get_all(header::TRAILER) {
+                put_field(&mut pending, &header::TRAILER, value);
+            }
+        }
         let (chunked, owed) = match body.size_hint().exact() {
-            // Trailers need the chunked coding; kept bodies know whether they have any.
-            Some(_) if body.has_trailers() => (true, 0),
+            // Trailers need the chunked coding, even when the length is known.
+            Some(_) if trailers => (true, 0),
             Some(0) if !announced => (false, 0),
             Some(n) => {
                 let _ = write!(pending, "content-length: {n}\r\n");

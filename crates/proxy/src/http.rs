@@ -705,7 +705,7 @@ fn prepare_upstream_request(req: &mut Request<Incoming>, ctx: &ConnCtx) {
     *req.version_mut() = Version::HTTP_11;
 
     let headers = req.headers_mut();
-    strip_hop_by_hop(headers);
+    strip_hop_by_hop_but_trailer(headers);
     let forwarded_for = match joined(headers, &X_FORWARDED_FOR) {
         None => ctx.client_ip.clone(),
         Some(mut prior) => {
@@ -739,8 +739,10 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     strip(headers, false);
 }
 
-/// As `strip_hop_by_hop`, but keeps `Trailer`, for a response: it names the trailer fields
-/// to come, and hyper sends an HTTP/1.1 client only the trailers it names.
+/// As `strip_hop_by_hop`, but keeps `Trailer`, which names the trailer fields to come (RFC
+/// 9110 no longer counts it hop-by-hop). On a response, hyper sends an HTTP/1.1 client only
+/// the trailers it names; on a request, it tells drover's HTTP/1.1 client to chunk a body
+/// whose length is known, so that its trailers have somewhere to go.
 pub(crate) fn strip_hop_by_hop_but_trailer(headers: &mut HeaderMap) {
     strip(headers, true);
 }
@@ -1179,7 +1181,7 @@ mod tests {
     }
 
     #[test]
-    fn a_response_keeps_its_trailer_header_even_when_connection_names_it() {
+    fn a_message_keeps_its_trailer_header_even_when_connection_names_it() {
         let fields = [
             ("connection", "close, Trailer, X-Secret"),
             ("connection", "upgrade"),
@@ -1197,9 +1199,9 @@ mod tests {
             }
             h
         };
-        let mut response = map();
-        strip_hop_by_hop_but_trailer(&mut response);
-        let mut left: Vec<(&str, &str)> = response
+        let mut message = map();
+        strip_hop_by_hop_but_trailer(&mut message);
+        let mut left: Vec<(&str, &str)> = message
             .iter()
             .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
             .collect();
@@ -1213,10 +1215,11 @@ mod tests {
                 ("x-kept", "1")
             ]
         );
-        let mut request = map();
-        strip_hop_by_hop(&mut request);
+        // An upgrade's head, which has no trailers to announce, loses it.
+        let mut upgrade = map();
+        strip_hop_by_hop(&mut upgrade);
         assert_eq!(
-            request.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            upgrade.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
             ["x-kept"]
         );
     }
