@@ -734,6 +734,149 @@ async fn a_returning_client_resumes_its_session_by_ticket_unless_tickets_are_off
     .await;
 }
 
+/// A client that made a full handshake with the listener on `port` over `version`, read an
+/// answer there (and with it, over TLS 1.3, its tickets), and keeps its sessions.
+async fn served_once(
+    ca: &Ca,
+    port: u16,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> Arc<rustls::ClientConfig> {
+    let versions = [version];
+    let dial = Dial {
+        versions: &versions,
+        ..Dial::to("a.test")
+    };
+    let config = Arc::new(client_config(ca, &dial));
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let dial = Dial {
+        config: Some(&config),
+        ..dial
+    };
+    let s = connect(ca, addr, &dial).await.unwrap();
+    assert_eq!(
+        s.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Full)
+    );
+    assert_eq!(get_over(s, "a.test", "/").await.0, StatusCode::OK);
+    config
+}
+
+/// How that client's next handshake with the listener on `port` goes.
+async fn next_handshake(
+    ca: &Ca,
+    client: &Arc<rustls::ClientConfig>,
+    port: u16,
+) -> rustls::HandshakeKind {
+    let dial = Dial {
+        config: Some(client),
+        ..Dial::to("a.test")
+    };
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let s = connect(ca, addr, &dial).await.unwrap();
+    let kind = s.get_ref().1.handshake_kind().unwrap();
+    assert_eq!(get_over(s, "a.test", "/").await.0, StatusCode::OK);
+    kind
+}
+
+/// Gateways that read the same session ticket key files (nginx's `ssl_session_ticket_key`)
+/// resume each other's clients. Rewriting the files rotates the keys without a restart: the
+/// new first key seals, the one moved second still opens. A file that cannot be used is
+/// logged at reload and the keys in force stay; at a configuration change, it rejects the
+/// configuration.
+#[tokio::test]
+async fn gateways_that_share_ticket_key_files_resume_each_other_s_sessions() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files = [ca.leaf(&["a.test"]).write(dir.path(), "a")];
+    let origin = Origin::start("web").await;
+    // Each gateway reads its own copy of the files, as on two machines.
+    let paths = |gateway: &str| {
+        let file = |name: &str| dir.path().join(format!("{gateway}-{name}.key"));
+        [file("ticket"), file("old")]
+    };
+    let write = |[first, second]: &[PathBuf; 2], keys: [&[u8]; 2]| {
+        std::fs::write(first, keys[0]).unwrap();
+        std::fs::write(second, keys[1]).unwrap();
+        format!(", session_ticket_keys = [{first:?}, {second:?}]")
+    };
+    let (k1, k2, k3) = ([0x11u8; 80], [0x22u8; 48], [0x33u8; 80]);
+    let (on_one, on_two) = (paths("one"), paths("two"));
+    let (p1, p2, p3) = (free_port(), free_port(), free_port());
+    let one = Drover::start(&tls_config(
+        p1,
+        &files,
+        &write(&on_one, [&k1, &k2]),
+        origin.addr,
+    ))
+    .await;
+    let two = Drover::start(&tls_config(
+        p2,
+        &files,
+        &write(&on_two, [&k1, &k2]),
+        origin.addr,
+    ))
+    .await;
+    // A gateway with keys of its own, made at random.
+    let _alone = Drover::start(&tls_config(p3, &files, "", origin.addr)).await;
+
+    let (tls13, tls12) = (&rustls::version::TLS13, &rustls::version::TLS12);
+    for version in [tls13, tls12] {
+        let what = format!("{:?}", version.version);
+        let client = served_once(&ca, p1, version).await;
+        assert_eq!(next_handshake(&ca, &client, p2).await, Resumed, "{what}");
+        let client = served_once(&ca, p2, version).await;
+        assert_eq!(next_handshake(&ca, &client, p1).await, Resumed, "{what}");
+        let client = served_once(&ca, p1, version).await;
+        assert_eq!(next_handshake(&ca, &client, p3).await, Full, "{what}");
+    }
+
+    // Gateway two's files are rotated first: a new key, then k1, which one still seals with.
+    let sealed_with_k1 = served_once(&ca, p1, tls13).await;
+    write(&on_two, [&k3, &k1]);
+    two.wait_log("reloaded session ticket keys", 1).await;
+    assert_eq!(next_handshake(&ca, &sealed_with_k1, p2).await, Resumed);
+    let sealed_with_k3 = served_once(&ca, p2, tls13).await;
+    assert_eq!(
+        next_handshake(&ca, &sealed_with_k3, p1).await,
+        Full,
+        "one does not have k3 yet"
+    );
+
+    // A key file cut short is refused at reload; two goes on with k3 and k1.
+    std::fs::write(&on_two[0], b"too short").unwrap();
+    let log = two
+        .wait_log("cannot reload tls.session_ticket_keys[0]", 1)
+        .await;
+    assert!(
+        log.contains(&format!(
+            "{}: it holds 9 bytes; a session ticket key is 48 or 80 random bytes, such as `openssl rand 80` writes; the session ticket keys loaded before stay in use",
+            on_two[0].display()
+        )),
+        "{log}"
+    );
+    let sealed_with_k1 = served_once(&ca, p1, tls13).await;
+    assert_eq!(next_handshake(&ca, &sealed_with_k1, p2).await, Resumed);
+
+    // Given in a new configuration, the short file rejects it.
+    let generation = one.generation().await;
+    let short = format!(", session_ticket_keys = [{:?}]", on_two[0]);
+    one.write_config(&tls_config(p1, &files, &short, origin.addr));
+    let log = one.wait_log("configuration rejected", 1).await;
+    let wanted = format!(
+        "listener https: tls.session_ticket_keys[0] {}: it holds 9 bytes",
+        on_two[0].display()
+    );
+    assert!(log.contains(&wanted), "{wanted:?} not in:\n{log}");
+    assert_eq!(one.generation().await, generation);
+    let client = served_once(&ca, p1, tls13).await;
+    assert_eq!(
+        next_handshake(&ca, &client, p2).await,
+        Resumed,
+        "one still seals with k1, from the files of the configuration in force"
+    );
+}
+
 /// A TLS origin: answers each connection with `NAME` and a newline after the handshake, then
 /// echoes lines.
 async fn tls_origin(name: &'static str, leaf: &Leaf) -> SocketAddr {

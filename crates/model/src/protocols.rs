@@ -28,6 +28,12 @@ pub struct ListenerTls {
     /// handshake (no certificate, no signature). On, as in nginx and HAProxy.
     #[serde(default = "defaults::yes")]
     pub session_tickets: bool,
+    /// Files of session ticket keys shared with other gateways, as nginx's
+    /// `ssl_session_ticket_key`: 48 or 80 random bytes each (`openssl rand 80`). The first
+    /// seals new tickets; all of them open tickets. Empty: the listener makes its own keys
+    /// and rotates them. The files are watched and reloaded when they change.
+    #[serde(default)]
+    pub session_ticket_keys: Vec<PathBuf>,
 }
 
 /// One certificate chain and its private key.

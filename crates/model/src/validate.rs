@@ -274,6 +274,23 @@ fn check_limits(err: &mut impl FnMut(FieldPath, String), p: &FieldPath, l: &List
                 }
             }
         }
+        let keys = p.clone().key("tls").key("session_ticket_keys");
+        if !tls.session_tickets && !tls.session_ticket_keys.is_empty() {
+            err(
+                keys.clone(),
+                "lists keys for session tickets, which session_tickets = false turns off; remove one of the two"
+                    .into(),
+            );
+        }
+        for (i, path) in tls.session_ticket_keys.iter().enumerate() {
+            if path.as_os_str().is_empty() {
+                err(
+                    keys.clone().index(i),
+                    "must name a file of 48 or 80 random bytes, such as \"/etc/drover/ticket.key\""
+                        .into(),
+                );
+            }
+        }
     }
     for (field, value, least) in [
         ("max_header_count", l.max_header_count, 1),
@@ -576,7 +593,7 @@ pub fn check_host(host: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{EndpointSpec, ListenerSpec, RouteSpec, ServiceSpec};
+    use crate::{EndpointSpec, ListenerSpec, ListenerTls, RouteSpec, ServiceSpec};
 
     fn base() -> Config {
         Config::embedded_default("127.0.0.1:8080".parse().unwrap())
@@ -731,6 +748,34 @@ mod tests {
                 "routes[5].path_prefix: listener \"tls\" is a TCP listener, which sees no path"
             )),
             "{m:?}"
+        );
+    }
+
+    #[test]
+    fn session_ticket_key_files_need_paths_and_tickets_on() {
+        let mut c = base();
+        let tls = |keys: &[&str], session_tickets: bool| ListenerTls {
+            certificates: vec![crate::CertificateFiles {
+                cert: "/etc/drover/site.pem".into(),
+                key: "/etc/drover/site.key".into(),
+            }],
+            min_version: Default::default(),
+            http2: true,
+            session_tickets,
+            session_ticket_keys: keys.iter().map(Into::into).collect(),
+        };
+        c.listeners[0].tls = Some(tls(
+            &["/etc/drover/ticket.key", "/etc/drover/old.key"],
+            true,
+        ));
+        validate(&c).unwrap();
+        c.listeners[0].tls = Some(tls(&["/etc/drover/ticket.key", ""], false));
+        assert_eq!(
+            messages(&c),
+            [
+                "listeners[0].tls.session_ticket_keys: lists keys for session tickets, which session_tickets = false turns off; remove one of the two",
+                "listeners[0].tls.session_ticket_keys[1]: must name a file of 48 or 80 random bytes, such as \"/etc/drover/ticket.key\"",
+            ]
         );
     }
 

@@ -5,11 +5,17 @@
 //! keys are behind an `ArcSwap`: sealing or opening a ticket loads the pointer, so a handshake
 //! never waits for another.
 //!
-//! Keys live in memory only and are made at random. A key seals tickets for [`ROTATE_EVERY`]
-//! and opens them for one period more, then is dropped; so a ticket is good for one to two
-//! periods, and what a stolen key can decrypt is bounded by that (forward secrecy). The
-//! rotation happens on the first ticket sealed after the period, by whichever handshake gets
-//! there: a compare-and-swap, so two handshakes racing to rotate make one new key.
+//! By default keys live in memory only and are made at random. A key seals tickets for
+//! [`ROTATE_EVERY`] and opens them for one period more, then is dropped; so a ticket is good
+//! for one to two periods, and what a stolen key can decrypt is bounded by that (forward
+//! secrecy). The rotation happens on the first ticket sealed after the period, by whichever
+//! handshake gets there: a compare-and-swap, so two handshakes racing to rotate make one new
+//! key.
+//!
+//! Gateways that share their clients (behind one address, or one DNS name) share keys through
+//! files instead, as with nginx's `ssl_session_ticket_key`: the first file's key seals, every
+//! listed key opens, and rotating them is the operator's, by rewriting the files
+//! ([`read_key_files`]; `crate::tls` reloads them when they change).
 //!
 //! A ticket is the key's name (16 random bytes, to find the key), a 12-byte random nonce, then
 //! the state sealed with AES-256-GCM, the name as associated data. The nonce is random, not a
@@ -18,51 +24,110 @@
 //! key for 2^32 tickets (NIST SP 800-38D), some 200,000 a second for the key's 6 hours.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::hkdf::{HKDF_SHA256, Salt};
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls::server::ProducesTickets;
 
 /// How long a key seals tickets before a new one takes over; it opens them for as long again.
+/// Clients are told a ticket is good for this long, whether the keys rotate or come from
+/// files.
 const ROTATE_EVERY: Duration = Duration::from_secs(6 * 60 * 60);
 
 const NAME_LEN: usize = 16;
 
+/// The sizes of a key file: nginx's two (16 bytes of name, then 32 or 64 of secret).
+const FILE_SIZES: [usize; 2] = [48, 80];
+
 /// One listener's ticket keys.
 pub(crate) struct Tickets {
     keys: ArcSwap<Keys>,
-    rotate_every: Duration,
+    /// None when the keys come from files, which rotate when the operator rewrites them.
+    rotate_every: Option<Duration>,
 }
 
-/// The key that seals tickets now, and the one before it, which still opens its tickets.
+/// The key that seals tickets now, and the older ones, which still open theirs: the one
+/// before it when keys rotate, the other listed files' keys when they come from files.
 struct Keys {
     current: Arc<Key>,
-    previous: Option<Arc<Key>>,
+    older: Vec<Arc<Key>>,
     made: Instant,
 }
 
-struct Key {
+pub(crate) struct Key {
     name: [u8; NAME_LEN],
     aead: LessSafeKey,
+    /// A digest of the secret, to tell two keys with one name apart.
+    check: [u8; 32],
 }
 
 impl Key {
     fn random() -> Option<Self> {
-        let rng = SystemRandom::new();
-        let mut name = [0; NAME_LEN];
-        let mut secret = [0; 32];
-        rng.fill(&mut name).ok()?;
-        rng.fill(&mut secret).ok()?;
-        let aead = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &secret).ok()?);
-        Some(Self { name, aead })
+        let mut bytes = [0; 48];
+        SystemRandom::new().fill(&mut bytes).ok()?;
+        Self::from_bytes(&bytes).ok()
+    }
+
+    /// A key from a file's bytes: the first 16 name it, the rest (32 or 64 bytes) is the
+    /// secret from which the AES-256-GCM key is derived with HKDF-SHA256. Deriving gives
+    /// both sizes a full-strength key, and a file that nginx also reads a key of drover's
+    /// own.
+    fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        if !FILE_SIZES.contains(&bytes.len()) {
+            return Err(format!(
+                "it holds {} bytes; a session ticket key is 48 or 80 random bytes, such as `openssl rand 80` writes",
+                bytes.len()
+            ));
+        }
+        let (name, secret) = bytes.split_at(NAME_LEN);
+        let prk = Salt::new(HKDF_SHA256, b"drover session ticket key").extract(secret);
+        let okm = prk
+            .expand(&[b"aes-256-gcm"], &AES_256_GCM)
+            .map_err(|_| "cannot derive a key from it".to_string())?;
+        let mut check = [0; 32];
+        prk.expand(&[b"check"], HKDF_SHA256)
+            .and_then(|okm| okm.fill(&mut check))
+            .map_err(|_| "cannot derive a key from it".to_string())?;
+        Ok(Self {
+            name: name.try_into().expect("16 bytes"),
+            aead: LessSafeKey::new(UnboundKey::from(okm)),
+            check,
+        })
     }
 }
 
+/// Reads a listener's `tls.session_ticket_keys`; the first key seals. The error names the
+/// file and what is wrong with it.
+pub(crate) fn read_key_files(files: &[PathBuf]) -> Result<Vec<Key>, String> {
+    let mut keys: Vec<Key> = Vec::with_capacity(files.len());
+    for (i, path) in files.iter().enumerate() {
+        let at = || format!("tls.session_ticket_keys[{i}] {}", path.display());
+        let bytes = crate::tls::read(path).map_err(|e| format!("{}: {e}", at()))?;
+        let key = Key::from_bytes(&bytes).map_err(|e| format!("{}: {e}", at()))?;
+        // The same file twice is harmless (it happens half-way through a rotation); one name
+        // for two secrets would leave the second's tickets unopened.
+        if let Some(j) = keys
+            .iter()
+            .position(|k| k.name == key.name && k.check != key.check)
+        {
+            return Err(format!(
+                "{}: its first 16 bytes, which name the key, are those of tls.session_ticket_keys[{j}] with another secret; make each key afresh, such as with `openssl rand 80`",
+                at()
+            ));
+        }
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
 impl Tickets {
-    /// New keys for a listener; None if the system's random source failed.
+    /// New keys for a listener, made at random and rotated; None if the system's random
+    /// source failed.
     pub(crate) fn new() -> Option<Self> {
         Self::rotating_every(ROTATE_EVERY)
     }
@@ -71,30 +136,57 @@ impl Tickets {
         Some(Self {
             keys: ArcSwap::from_pointee(Keys {
                 current: Arc::new(Key::random()?),
-                previous: None,
+                older: Vec::new(),
                 made: Instant::now(),
             }),
-            rotate_every,
+            rotate_every: Some(rotate_every),
+        })
+    }
+
+    /// Keys read from files ([`read_key_files`], which gives at least one): the first
+    /// seals, all open, none rotates.
+    pub(crate) fn from_files(keys: Vec<Key>) -> Self {
+        Self {
+            keys: ArcSwap::new(Self::listed(keys)),
+            rotate_every: None,
+        }
+    }
+
+    /// Puts keys read again from their files in force, for the handshakes after this.
+    pub(crate) fn replace(&self, keys: Vec<Key>) {
+        self.keys.store(Self::listed(keys));
+    }
+
+    fn listed(keys: Vec<Key>) -> Arc<Keys> {
+        let mut keys = keys.into_iter().map(Arc::new);
+        let current = keys.next().expect("at least one key file");
+        Arc::new(Keys {
+            current,
+            older: keys.collect(),
+            made: Instant::now(),
         })
     }
 
     /// Makes a new current key if the one in use is due, keeping it as the previous one. If
     /// the random source fails, the current key goes on sealing until the next try.
     fn rotate_if_due(&self, now: Instant) {
+        let Some(every) = self.rotate_every else {
+            return;
+        };
         let seen = self.keys.load();
-        if let Some(next) = self.next_keys(&seen, now) {
+        if let Some(next) = Self::next_keys(every, &seen, now) {
             self.install(&seen, next);
         }
     }
 
     /// The keys after `seen` if its current key is due.
-    fn next_keys(&self, seen: &Keys, now: Instant) -> Option<Arc<Keys>> {
-        if now.duration_since(seen.made) < self.rotate_every {
+    fn next_keys(every: Duration, seen: &Keys, now: Instant) -> Option<Arc<Keys>> {
+        if now.duration_since(seen.made) < every {
             return None;
         }
         Some(Arc::new(Keys {
             current: Arc::new(Key::random()?),
-            previous: Some(seen.current.clone()),
+            older: vec![seen.current.clone()],
             made: now,
         }))
     }
@@ -121,7 +213,8 @@ impl ProducesTickets for Tickets {
 
     fn lifetime(&self) -> u32 {
         // A ticket is good for at least one period, whenever in its key's period it was made.
-        self.rotate_every.as_secs().try_into().unwrap_or(u32::MAX)
+        let every = self.rotate_every.unwrap_or(ROTATE_EVERY);
+        every.as_secs().try_into().unwrap_or(u32::MAX)
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
@@ -155,7 +248,7 @@ impl ProducesTickets for Tickets {
         let (nonce, sealed) = rest.split_at(NONCE_LEN);
         let keys = self.keys.load();
         let key = std::iter::once(&keys.current)
-            .chain(&keys.previous)
+            .chain(&keys.older)
             .find(|k| k.name == name)?;
         let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
         let mut plain = sealed.to_vec();
@@ -255,20 +348,98 @@ mod tests {
         assert_eq!(t.lifetime(), 3600);
     }
 
+    /// Key files in a fresh directory: name → contents.
+    fn key_files(files: &[(&str, &[u8])]) -> (tempfile::TempDir, Vec<PathBuf>) {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = files
+            .iter()
+            .map(|(name, bytes)| {
+                let path = dir.path().join(name);
+                std::fs::write(&path, bytes).unwrap();
+                path
+            })
+            .collect();
+        (dir, paths)
+    }
+
+    #[test]
+    fn gateways_reading_the_same_key_files_open_each_other_s_tickets() {
+        let (a, b) = ([7u8; 80], [9u8; 48]);
+        let (_dir, paths) = key_files(&[("new.key", &a), ("old.key", &b)]);
+        let here = Tickets::from_files(read_key_files(&paths).unwrap());
+        let there = Tickets::from_files(read_key_files(&paths).unwrap());
+        let ticket = sealed(&here, b"state");
+        assert_eq!(
+            ticket[..NAME_LEN],
+            a[..NAME_LEN],
+            "the first file's key seals"
+        );
+        assert_eq!(there.decrypt(&ticket).as_deref(), Some(&b"state"[..]));
+        assert_eq!(here.lifetime(), 6 * 3600);
+
+        // Rotated on one gateway: the old key moves to the second file, a new one comes first.
+        let (_dir, rotated) = key_files(&[("new.key", &[3u8; 80]), ("old.key", &a)]);
+        there.replace(read_key_files(&rotated).unwrap());
+        let newer = sealed(&there, b"newer");
+        assert_eq!(newer[..NAME_LEN], [3u8; NAME_LEN]);
+        assert_eq!(there.decrypt(&ticket).as_deref(), Some(&b"state"[..]));
+        assert_eq!(here.decrypt(&newer), None, "not rotated here yet");
+
+        // Keys from files never rotate by themselves.
+        let start = there.keys.load().made;
+        there.rotate_if_due(start + 3 * ROTATE_EVERY);
+        assert_eq!(sealed(&there, b"x")[..NAME_LEN], [3u8; NAME_LEN]);
+    }
+
+    #[test]
+    fn a_key_file_of_another_size_or_a_name_given_twice_is_refused() {
+        let (_dir, paths) = key_files(&[("short.key", &[1u8; 32])]);
+        let e = read_key_files(&paths).err().unwrap();
+        assert_eq!(
+            e,
+            format!(
+                "tls.session_ticket_keys[0] {}: it holds 32 bytes; a session ticket key is 48 or 80 random bytes, such as `openssl rand 80` writes",
+                paths[0].display()
+            )
+        );
+        let e = read_key_files(&[paths[0].with_file_name("missing.key")])
+            .err()
+            .unwrap();
+        assert!(e.ends_with("missing.key: no such file"), "{e}");
+
+        let mut other = [5u8; 80];
+        other[40] = 6;
+        let (_dir, paths) = key_files(&[("a", &[5u8; 80]), ("b", &[5u8; 80]), ("c", &other)]);
+        assert_eq!(
+            read_key_files(&paths[..2]).unwrap().len(),
+            2,
+            "the same key twice"
+        );
+        let e = read_key_files(&paths).err().unwrap();
+        assert!(
+            e.contains("[2]")
+                && e.contains("are those of tls.session_ticket_keys[0] with another secret"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn of_two_handshakes_racing_to_rotate_the_first_keys_stay() {
         let t = Tickets::rotating_every(HOUR).unwrap();
         let seen = t.keys.load_full();
         let due = seen.made + HOUR;
         let (a, b) = (
-            t.next_keys(&seen, due).unwrap(),
-            t.next_keys(&seen, due).unwrap(),
+            Tickets::next_keys(HOUR, &seen, due).unwrap(),
+            Tickets::next_keys(HOUR, &seen, due).unwrap(),
         );
         t.install(&seen, a);
         let ticket = sealed(&t, b"state");
         t.install(&seen, b);
         assert_eq!(t.decrypt(&ticket).as_deref(), Some(&b"state"[..]));
         assert_eq!(sealed(&t, b"x")[..NAME_LEN], ticket[..NAME_LEN]);
-        assert!(t.next_keys(&t.keys.load(), due).is_none(), "rotated once");
+        assert!(
+            Tickets::next_keys(HOUR, &t.keys.load(), due).is_none(),
+            "rotated once"
+        );
     }
 }

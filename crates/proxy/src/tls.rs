@@ -8,19 +8,20 @@
 //! ([`crate::tickets`], whose keys take no lock either); rustls' session cache, which would
 //! serve session IDs, takes a lock per use and stays off.
 //!
-//! Certificates are loaded when a configuration is applied, and a file that cannot be used
-//! rejects the configuration. After that a watcher polls the files' metadata every
-//! [`POLL_EVERY`] and loads a changed pair once it has stayed the same for one poll (so that a
-//! certificate and key written one after the other are not read half-way). A pair that fails
-//! to load is logged and the old one keeps serving. Polling rather than inotify: it sees every
-//! way a file is replaced (written in place, renamed over, a Kubernetes secret volume's
-//! symlink swap, network file systems where inotify stays silent) for two `stat` calls per
-//! certificate per second.
+//! Certificates (and ticket key files, when the listener lists some) are loaded when a
+//! configuration is applied, and a file that cannot be used rejects the configuration. After
+//! that a watcher polls the files' metadata every [`POLL_EVERY`] and loads a changed pair (or
+//! the changed set of key files) once it has stayed the same for one poll (so that a
+//! certificate and key written one after the other are not read half-way). What fails to
+//! load is logged and what was loaded before stays in use. Polling rather than inotify: it
+//! sees every way a file is replaced (written in place, renamed over, a Kubernetes secret
+//! volume's symlink swap, network file systems where inotify stays silent) for one `stat`
+//! call per file per second.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -35,7 +36,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::tickets::Tickets;
+use crate::tickets::{Tickets, read_key_files};
 
 /// How often the certificate files are checked for changes.
 pub(crate) const POLL_EVERY: Duration = Duration::from_secs(1);
@@ -50,6 +51,9 @@ pub(crate) struct Terminator {
     spec: ListenerTls,
     /// The files' metadata when they were loaded.
     stamps: Vec<PairStamp>,
+    /// The session ticket keys, when they come from files (`tls.session_ticket_keys`), and
+    /// those files' metadata when they were read.
+    key_files: Option<(Arc<Tickets>, Vec<Option<Stamp>>)>,
     /// Stops the watcher when the listener no longer uses this terminator.
     stop: CancellationToken,
 }
@@ -92,7 +96,10 @@ impl Terminator {
             (Protocol::Tcp, _) => Vec::new(),
         };
         config.session_storage = Arc::new(NoServerSessionStorage {});
-        if tls.session_tickets {
+        let mut key_files = None;
+        if !tls.session_tickets {
+            config.send_tls13_tickets = 0;
+        } else if tls.session_ticket_keys.is_empty() {
             let tickets = Tickets::new().ok_or_else(|| {
                 format!(
                     "listener {}: cannot make a session ticket key: the system's random source failed",
@@ -101,7 +108,16 @@ impl Terminator {
             })?;
             config.ticketer = Arc::new(tickets);
         } else {
-            config.send_tls13_tickets = 0;
+            let stamps = tls
+                .session_ticket_keys
+                .iter()
+                .map(|p| Stamp::of(p))
+                .collect();
+            let keys = read_key_files(&tls.session_ticket_keys)
+                .map_err(|e| format!("listener {}: {e}", spec.name))?;
+            let tickets = Arc::new(Tickets::from_files(keys));
+            config.ticketer = tickets.clone();
+            key_files = Some((tickets, stamps));
         }
         Ok(Self {
             acceptor: TlsAcceptor::from(Arc::new(config)),
@@ -110,6 +126,7 @@ impl Terminator {
             protocol: spec.protocol,
             spec: tls.clone(),
             stamps,
+            key_files,
             stop: CancellationToken::new(),
         })
     }
@@ -129,6 +146,11 @@ impl Terminator {
             listener: self.listener.clone(),
             files: self.spec.certificates.clone(),
             loaded: self.stamps.clone(),
+            keys: self.key_files.as_ref().map(|(tickets, stamps)| KeyFiles {
+                tickets: tickets.clone(),
+                files: self.spec.session_ticket_keys.clone(),
+                loaded: stamps.clone(),
+            }),
         };
         let (stop, shutdown) = (self.stop.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -257,7 +279,7 @@ pub(crate) fn load_pair(files: &CertificateFiles) -> Result<Entry, String> {
     })
 }
 
-fn read(path: &Path) -> io::Result<Vec<u8>> {
+pub(crate) fn read(path: &Path) -> io::Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => io::Error::new(e.kind(), "no such file"),
         _ => e,
@@ -346,31 +368,46 @@ struct Stamp {
     inode: u64,
 }
 
+impl Stamp {
+    /// None when the file cannot be read. Follows symbolic links, so a swapped link target
+    /// counts as a change.
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| Stamp {
+            modified: m.modified().ok(),
+            len: m.len(),
+            inode: m.ino(),
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct PairStamp([Option<Stamp>; 2]);
 
 impl PairStamp {
     fn of(files: &CertificateFiles) -> Self {
-        use std::os::unix::fs::MetadataExt;
-        // Follows symbolic links, so a swapped link target counts as a change.
-        let stamp = |p: &Path| {
-            std::fs::metadata(p).ok().map(|m| Stamp {
-                modified: m.modified().ok(),
-                len: m.len(),
-                inode: m.ino(),
-            })
-        };
-        Self([stamp(&files.cert), stamp(&files.key)])
+        Self([Stamp::of(&files.cert), Stamp::of(&files.key)])
     }
 }
 
-/// Reloads one listener's certificates when their files change.
+/// Reloads one listener's certificates, and its session ticket key files, when their files
+/// change.
 struct Watcher {
     resolver: Arc<Resolver>,
     listener: String,
     files: Vec<CertificateFiles>,
     /// The stamps of the pairs in force (or that last failed to load).
     loaded: Vec<PairStamp>,
+    keys: Option<KeyFiles>,
+}
+
+/// A listener's session ticket key files: read again together when any of them changes,
+/// since the first seals and the order matters.
+struct KeyFiles {
+    tickets: Arc<Tickets>,
+    files: Vec<PathBuf>,
+    /// The stamps of the files in force (or that last failed to load).
+    loaded: Vec<Option<Stamp>>,
 }
 
 impl Watcher {
@@ -378,12 +415,15 @@ impl Watcher {
         let mut every = tokio::time::interval(POLL_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         every.tick().await;
-        let mut previous = self.loaded.clone();
+        let mut previous = (self.loaded.clone(), self.key_stamps());
         loop {
             every.tick().await;
             let files = self.files.clone();
+            let key_files = self.keys.as_ref().map(|k| k.files.clone());
             let Ok(seen) = tokio::task::spawn_blocking(move || {
-                files.iter().map(PairStamp::of).collect::<Vec<_>>()
+                let pairs = files.iter().map(PairStamp::of).collect::<Vec<_>>();
+                let keys = key_files.map(|f| f.iter().map(|p| Stamp::of(p)).collect::<Vec<_>>());
+                (pairs, keys)
             })
             .await
             else {
@@ -391,13 +431,24 @@ impl Watcher {
             };
             for i in 0..self.files.len() {
                 // Changed since loaded, and the same as one poll ago: the writer is done.
-                if seen[i] != self.loaded[i] && seen[i] == previous[i] {
-                    self.loaded[i] = seen[i];
+                if seen.0[i] != self.loaded[i] && seen.0[i] == previous.0[i] {
+                    self.loaded[i] = seen.0[i];
                     self.reload(i).await;
                 }
             }
+            if let (Some(keys), Some(stamps)) = (self.keys.as_mut(), &seen.1)
+                && *stamps != keys.loaded
+                && seen.1 == previous.1
+            {
+                keys.loaded.clone_from(stamps);
+                keys.reload(&self.listener).await;
+            }
             previous = seen;
         }
+    }
+
+    fn key_stamps(&self) -> Option<Vec<Option<Stamp>>> {
+        self.keys.as_ref().map(|k| k.loaded.clone())
     }
 
     async fn reload(&self, i: usize) {
@@ -423,6 +474,29 @@ impl Watcher {
                 "cannot reload tls.certificates[{i}]: {e}; the certificate loaded before keeps serving"
             ),
             Err(e) => tracing::error!(listener = %self.listener, "certificate reload failed: {e}"),
+        }
+    }
+}
+
+impl KeyFiles {
+    async fn reload(&self, listener: &str) {
+        let files = self.files.clone();
+        match tokio::task::spawn_blocking(move || read_key_files(&files)).await {
+            Ok(Ok(keys)) => {
+                self.tickets.replace(keys);
+                let names: Vec<String> =
+                    self.files.iter().map(|f| f.display().to_string()).collect();
+                tracing::info!(
+                    listener,
+                    "reloaded session ticket keys {}; new tickets are sealed with the first",
+                    names.join(", ")
+                );
+            }
+            Ok(Err(e)) => tracing::error!(
+                listener,
+                "cannot reload {e}; the session ticket keys loaded before stay in use"
+            ),
+            Err(e) => tracing::error!(listener, "session ticket key reload failed: {e}"),
         }
     }
 }
