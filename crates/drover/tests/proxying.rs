@@ -80,6 +80,35 @@ async fn forwarding_headers_arrive_and_hop_by_hop_headers_do_not() {
     assert_ne!(seen.get("connection"), Some(&"keep-alive, x-private"));
 }
 
+/// The other way: an answer's hop-by-hop fields, and those its Connection names, stop at
+/// drover; `Trailer` and end-to-end fields pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_s_hop_by_hop_headers_do_not_reach_the_client() {
+    let origin = raw::scripted_origin(
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Private\r\nX-Private: secret\r\nKeep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nUpgrade: h2c\r\nTrailer: x-sum\r\nX-End-To-End: passes\r\ncontent-length: 2\r\n\r\nok",
+    )
+    .await;
+    let port = free_port();
+    let _d = Drover::start(&one_service(port, &[(origin, 1)])).await;
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let reply = raw::send_raw(
+        addr,
+        b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(reply.status(), 200, "{}", reply.text());
+    let head = reply.text().to_ascii_lowercase();
+    assert!(head.contains("\r\nx-end-to-end: passes\r\n"), "{head}");
+    assert!(head.contains("\r\ntrailer: x-sum\r\n"), "{head}");
+    for hop in ["x-private", "keep-alive", "proxy-authenticate", "upgrade"] {
+        assert!(
+            !head.contains(&format!("\r\n{hop}:")),
+            "{hop} reached the client:\n{head}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_by_host_and_longest_path_prefix() {
     let api = Origin::start("api").await;

@@ -444,7 +444,10 @@ pub(crate) async fn forward(
                     && idempotent
                     && payload.replayable()
                     && tries < attempts;
-                strip_hop_by_hop_but_trailer(response.headers_mut());
+                // drover's HTTP/1.1 client leaves them out as it reads the head.
+                if matches!(response.body(), Answer::H2(_)) {
+                    strip_hop_by_hop_but_trailer(response.headers_mut());
+                }
                 *response.version_mut() = Version::HTTP_11;
                 let response = response.map(|answer| {
                     let source = match answer {

@@ -18,6 +18,9 @@
 //!   (which do not come here) may switch protocols;
 //! - an answer's framing follows RFC 9112 section 6.3, with the ambiguous cases refused:
 //!   `Content-Length` beside `Transfer-Encoding`, a repeated or malformed `Content-Length`;
+//! - an answer's hop-by-hop fields (`Connection` and those it names, `Transfer-Encoding`,
+//!   `Keep-Alive`...) are read for what they say and left out of the head handed back, so
+//!   that the caller has none to remove;
 //! - a connection goes back to the pool only when its request was written whole, its answer
 //!   read to its end with nothing after it, and neither side asked to close.
 //!
@@ -49,6 +52,8 @@ use crate::upstream::Stream;
 const MAX_HEAD: usize = 64 * 1024;
 /// The most header fields in an answer head (hyper's default too).
 const MAX_HEADERS: usize = 100;
+// `parse_head` marks fields by place in a `u128`.
+const _: () = assert!(MAX_HEADERS <= 128);
 /// The longest chunk-size line, extensions included.
 const MAX_CHUNK_LINE: usize = 1024;
 /// The first read buffer of a connection; reads that fill it grow it, up to `MAX_READ`.
@@ -265,7 +270,8 @@ enum Framing {
     UntilClose,
 }
 
-/// A final answer's head, and what it says about what follows it.
+/// A final answer's head, without its hop-by-hop fields, and what it says about what
+/// follows it.
 struct Head {
     parts: http::response::Parts,
     framing: Framing,
@@ -355,8 +361,15 @@ fn parse_head(
         };
         let mut spans: [Span; MAX_HEADERS] = [[0; 4]; MAX_HEADERS];
         let count = res.headers.len();
-        for (field, span) in res.headers.iter().zip(spans.iter_mut()) {
+        // The fields left out of the answer handed back, by place: hop-by-hop ones.
+        let mut hop: u128 = 0;
+        // Connection names fields besides its options `close` and `keep-alive`.
+        let mut names_fields = false;
+        for (i, (field, span)) in res.headers.iter().zip(spans.iter_mut()).enumerate() {
             let name = field.name.as_bytes();
+            if hop_by_hop(name) {
+                hop |= 1 << i;
+            }
             if name.eq_ignore_ascii_case(b"content-length") {
                 if length.is_some() {
                     return invalid("it has more than one Content-Length");
@@ -368,9 +381,30 @@ fn parse_head(
                 chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
             } else if name.eq_ignore_ascii_case(b"connection") {
                 close |= has_token(field.value, b"close");
+                names_fields |= tokens(field.value).any(|t| {
+                    !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive")
+                });
             }
             let ([a, b], [c, d]) = (at(name), at(field.value));
             *span = [a, b, c, d];
+        }
+        if names_fields {
+            // Rare: the fields Connection names go too (RFC 9110 section 7.6.1), but Trailer,
+            // which says what trailers follow.
+            let named: Vec<&[u8]> = res
+                .headers
+                .iter()
+                .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+                .flat_map(|f| tokens(f.value))
+                .collect();
+            for (i, field) in res.headers.iter().enumerate() {
+                let name = field.name.as_bytes();
+                if !name.eq_ignore_ascii_case(b"trailer")
+                    && named.iter().any(|t| t.eq_ignore_ascii_case(name))
+                {
+                    hop |= 1 << i;
+                }
+            }
         }
         let framing = if head_only
             || status == StatusCode::NO_CONTENT
@@ -390,8 +424,11 @@ fn parse_head(
         };
         // The values stay slices of the head, kept as shared bytes: no copy of each.
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
+        let mut headers = HeaderMap::with_capacity(count - hop.count_ones() as usize);
         for (place, &[a, b, c, d]) in spans[..count].iter().enumerate() {
+            if hop & (1 << place) != 0 {
+                continue;
+            }
             let (Some(name), Ok(value)) = (
                 names.get(place, &head[a as usize..b as usize]),
                 HeaderValue::from_maybe_shared(head.slice(c as usize..d as usize)),
@@ -421,9 +458,32 @@ fn parse_length(value: &[u8]) -> Result<u64, Error> {
 }
 
 fn has_token(value: &[u8], token: &[u8]) -> bool {
+    tokens(value).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// The items of a comma-separated field value, trimmed, empty ones left out.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
         .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// Whether a field describes the connection rather than the message (RFC 9110 section
+/// 7.6.1, and the older `Keep-Alive` and `Proxy-Connection`): such fields are not handed on.
+/// `Trailer` is not among them: it names the trailers that follow.
+fn hop_by_hop(name: &[u8]) -> bool {
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    match name.len() {
+        2 => is(b"te"),
+        7 => is(b"upgrade"),
+        10 => is(b"connection") || is(b"keep-alive"),
+        16 => is(b"proxy-connection"),
+        17 => is(b"transfer-encoding"),
+        18 => is(b"proxy-authenticate"),
+        19 => is(b"proxy-authorization"),
+        _ => false,
+    }
 }
 
 /// The request on its way: bytes to write, then the rest of its body.
@@ -1081,6 +1141,22 @@ mod tests {
     }
 
     #[test]
+    fn hop_by_hop_fields_and_those_connection_names_are_left_out_but_trailer() {
+        let fields = |wire: &[u8]| -> Vec<String> {
+            let head = head_of(wire, false).unwrap().unwrap();
+            head.parts.headers.keys().map(|k| k.to_string()).collect()
+        };
+        assert_eq!(
+            fields(b"HTTP/1.1 200 OK\r\nServer: x\r\nConnection: Keep-Alive\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nUpgrade: h2c\r\nTE: trailers\r\nProxy-Connection: keep-alive\r\nProxy-Authenticate: Basic\r\nProxy-Authorization: x\r\nTrailer: x-sum\r\n\r\n"),
+            ["server", "trailer"]
+        );
+        assert_eq!(
+            fields(b"HTTP/1.1 200 OK\r\nX-Secret: 1\r\nConnection: close, , X-Secret\r\nx-kept: 1\r\nconnection: trailer, x-other\r\nX-Other: 2\r\ntrailer: x-sum\r\ncontent-length: 0\r\n\r\n"),
+            ["x-kept", "trailer", "content-length"]
+        );
+    }
+
+    #[test]
     fn interim_answers_are_skipped_and_close_is_heard() {
         let mut buf = BytesMut::from(
             &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 201 Created\r\nconnection: keep-alive, close\r\nx-empty:\r\ncontent-length: 2\r\n\r\nokNEXT"[..],
@@ -1090,7 +1166,6 @@ mod tests {
             .unwrap();
         assert_eq!(head.parts.status, StatusCode::CREATED);
         assert_eq!(head.parts.headers["x-empty"], "");
-        assert_eq!(head.parts.headers["connection"], "keep-alive, close");
         assert!(head.close);
         assert_eq!(&buf[..], b"okNEXT", "the body and what follows stay");
         let old = head_of(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\n", false)

@@ -767,7 +767,9 @@ fn strip(headers: &mut HeaderMap, keep_trailer: bool) {
         }
         present[i] = true;
         any = true;
-        if i == 0 {
+        // Connection, nearly always with one of its options alone, which names nothing.
+        let option = |o: &[u8]| value.as_bytes().eq_ignore_ascii_case(o);
+        if i == 0 && !option(b"keep-alive") && !option(b"close") {
             let tokens = value.to_str().unwrap_or("").split(',').map(str::trim);
             named.extend(
                 tokens
