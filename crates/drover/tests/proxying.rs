@@ -40,44 +40,94 @@ async fn round_robin_spreads_requests_by_weight() {
     assert_eq!(longest_run, 0, "three in a row: {:?}", &order[..12]);
 }
 
+/// drover writes the forwarding headers itself into an HTTP/1.1 request's head, unless the
+/// route has header rules, which see them in the header map: both ways give the origin the
+/// same fields.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_arrive_and_hop_by_hop_headers_do_not() {
     let a = Origin::start("a").await;
     let port = free_port();
-    let _d = Drover::start(&one_service(port, &[(a.addr, 1)])).await;
-    let req = Request::get(format!("http://127.0.0.1:{port}/headers"))
-        .header("host", "shop.example.com")
-        .header("x-forwarded-for", "203.0.113.7")
-        .header("connection", "keep-alive, x-private")
-        .header("x-private", "must not pass")
-        .header("keep-alive", "timeout=5")
-        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
-        .header("te", "trailers")
-        .header("x-end-to-end", "passes")
-        .body(empty())
-        .unwrap();
-    let (status, _, body) = send(&client(), req).await.unwrap();
-    assert_eq!(status, StatusCode::OK);
-    let text = String::from_utf8(body.to_vec()).unwrap();
-    let seen: HashMap<&str, &str> = text
-        .lines()
-        .skip(2)
-        .filter_map(|l| l.split_once(": "))
-        .collect();
-    assert_eq!(seen["x-forwarded-for"], "203.0.113.7, 127.0.0.1", "{text}");
-    assert_eq!(seen["x-forwarded-proto"], "http");
-    assert_eq!(seen["x-forwarded-host"], "shop.example.com");
-    assert_eq!(seen["x-original-to"], "127.0.0.1");
-    assert_eq!(
-        seen["host"], "shop.example.com",
-        "the Host header passes unchanged"
+    let config = one_service(port, &[(a.addr, 1)]).replace(
+        "[[routes]]",
+        "[[routes]]\nlistener = \"web\"\npath_prefix = \"/ruled\"\nservice = \"web\"\nrequest_headers = { add = { x-rule = \"1\" } }\n\n[[routes]]",
     );
-    assert_eq!(seen["x-end-to-end"], "passes");
-    for hop in ["x-private", "keep-alive", "proxy-authorization", "te"] {
-        assert!(!seen.contains_key(hop), "{hop} reached the origin:\n{text}");
+    let _d = Drover::start(&config).await;
+    for path in ["/headers", "/ruled"] {
+        let req = Request::get(format!("http://127.0.0.1:{port}{path}"))
+            .header("host", "shop.example.com")
+            .header("x-forwarded-for", "203.0.113.7")
+            .header("x-forwarded-for", "198.51.100.1, 192.0.2.9")
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "spoofed.example.com")
+            .header("x-original-to", "10.9.9.9")
+            .header("connection", "keep-alive, x-private")
+            .header("x-private", "must not pass")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+            .header("te", "trailers")
+            .header("x-end-to-end", "passes")
+            .body(empty())
+            .unwrap();
+        let (status, _, body) = send(&client(), req).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        let fields: Vec<(&str, &str)> = text
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split_once(": "))
+            .collect();
+        let all = |name: &str| -> Vec<&str> {
+            fields
+                .iter()
+                .filter(|(n, _)| *n == name)
+                .map(|(_, v)| *v)
+                .collect()
+        };
+        assert_eq!(
+            all("x-forwarded-for"),
+            ["203.0.113.7, 198.51.100.1, 192.0.2.9, 127.0.0.1"],
+            "{path}: {text}"
+        );
+        assert_eq!(all("x-forwarded-proto"), ["http"], "{path}: {text}");
+        assert_eq!(
+            all("x-forwarded-host"),
+            ["shop.example.com"],
+            "{path}: {text}"
+        );
+        assert_eq!(all("x-original-to"), ["127.0.0.1"], "{path}: {text}");
+        assert_eq!(
+            all("host"),
+            ["shop.example.com"],
+            "{path}: the Host header passes unchanged"
+        );
+        assert_eq!(all("x-end-to-end"), ["passes"], "{path}");
+        let ruled = if path == "/ruled" { vec!["1"] } else { vec![] };
+        assert_eq!(all("x-rule"), ruled, "{path}");
+        for hop in ["x-private", "keep-alive", "proxy-authorization", "te"] {
+            assert!(
+                all(hop).is_empty(),
+                "{path}: {hop} reached the origin:\n{text}"
+            );
+        }
+        // drover's own connection to the origin may say keep-alive; the client's words may not.
+        assert_ne!(all("connection"), ["keep-alive, x-private"], "{path}");
+
+        // An HTTP/1.0 request with no Host: no X-Forwarded-Host, not even the client's.
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        let wire = format!("GET {path} HTTP/1.0\r\nx-forwarded-host: spoofed.example.com\r\n\r\n");
+        let reply = raw::send_raw(addr, wire.as_bytes(), Duration::from_secs(2)).await;
+        assert_eq!(reply.status(), 200, "{path}: {}", reply.text());
+        assert!(
+            reply.text().contains("\nx-forwarded-for: 127.0.0.1\n"),
+            "{}",
+            reply.text()
+        );
+        assert!(
+            !reply.text().contains("x-forwarded-host"),
+            "{path}: {}",
+            reply.text()
+        );
     }
-    // drover's own connection to the origin may say keep-alive; the client's words may not.
-    assert_ne!(seen.get("connection"), Some(&"keep-alive, x-private"));
 }
 
 /// The other way: an answer's hop-by-hop fields, and those its Connection names, stop at

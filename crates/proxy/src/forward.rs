@@ -37,7 +37,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use crate::http::{Kind, Source, UpstreamBody, error, strip_hop_by_hop_but_trailer};
+use crate::http::{Forwarding, Kind, Source, UpstreamBody, error, strip_hop_by_hop_but_trailer};
 use crate::pool::{ConnectError, EndpointState};
 use crate::stats::{RouteStats, Stats};
 use crate::table::Service;
@@ -288,6 +288,7 @@ pub(crate) async fn forward(
     route: &Arc<RouteStats>,
     req: Request<Incoming>,
     affinity: &Affinity,
+    forwarding: Option<Forwarding<'_>>,
 ) -> Forwarded {
     let spec = &service.spec;
     let (mut parts, body) = req.into_parts();
@@ -409,8 +410,9 @@ pub(crate) async fn forward(
                 None => break,
             },
         };
-        // A request that cannot be sent twice needs no copy of its head.
-        let headers = if last_try || !payload.replayable() {
+        // A request that cannot be sent twice needs no copy of its head, and nor does one
+        // whose connection gives the head back.
+        let headers = if last_try || !payload.replayable() || conn.gives_head_back() {
             std::mem::take(&mut parts.headers)
         } else {
             parts.headers.clone()
@@ -423,7 +425,10 @@ pub(crate) async fn forward(
             &service.upstream,
             endpoint.address,
         );
-        let sent = conn.send(req, sent_at + per_try).await;
+        let (sent, head) = conn.send(req, sent_at + per_try, forwarding).await;
+        if let Some(head) = head {
+            parts.headers = head.headers;
+        }
         tried[tries] = index;
         tries += 1;
         match sent {
@@ -496,11 +501,7 @@ pub(crate) async fn forward(
             // nothing: it never began to answer, so an idempotent request that can be
             // replayed goes again on another connection, not counted as a try (nginx treats
             // its cached connections so).
-            Sent::Failed {
-                resend: Some(back), ..
-            } if idempotent && payload.replayable() => {
-                parts.headers = back.headers;
-                parts.uri = back.uri;
+            Sent::Failed { resend: true, .. } if idempotent && payload.replayable() => {
                 tries -= 1;
                 stale += 1;
                 if stale > MAX_STALE {

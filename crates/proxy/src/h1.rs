@@ -44,7 +44,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
 use crate::forward::ReqBody;
-use crate::http::BodyError;
+use crate::http::{BodyError, Forwarding};
 use crate::upstream::Stream;
 
 /// The largest answer head (status line and header fields) taken from an upstream; larger
@@ -118,13 +118,10 @@ impl std::fmt::Debug for H1Conn {
 pub(crate) enum Sent {
     /// The answer's head; its body follows in the `H1Body`, which holds the connection.
     Answer(Response<H1Body>),
-    /// No usable answer came. `resend` holds the request's head when the connection had
-    /// carried a request before and the upstream closed it with no byte of an answer: the
-    /// race between an upstream's idle close and a request (see `forward`).
-    Failed {
-        error: Error,
-        resend: Option<http::request::Parts>,
-    },
+    /// No usable answer came. `resend` when the connection had carried a request before and
+    /// the upstream closed it with no byte of an answer: the race between an upstream's idle
+    /// close and a request (see `forward`).
+    Failed { error: Error, resend: bool },
     /// The deadline passed before the answer's head.
     TimedOut,
 }
@@ -157,7 +154,8 @@ impl H1Conn {
             .is_pending()
     }
 
-    /// Sends `req` and waits until `until` at most for the answer's head.
+    /// Sends `req` and waits until `until` at most for the answer's head. The request's head
+    /// comes back with what became of it, for another try to send again without a copy.
     ///
     /// Not an `async fn`, which would keep `req` in the future beside its parts and the
     /// bytes being written: every request's future would be larger and more to copy.
@@ -165,7 +163,8 @@ impl H1Conn {
         mut self: Box<Self>,
         req: Request<ReqBody>,
         until: Instant,
-    ) -> impl Future<Output = Sent> {
+        forwarding: Option<Forwarding<'_>>,
+    ) -> impl Future<Output = (Sent, http::request::Parts)> {
         let at = tokio::time::Instant::from_std(until);
         match &mut self.deadline {
             Some(d) => d.as_mut().reset(at),
@@ -175,10 +174,10 @@ impl H1Conn {
         self.heard = false;
         let head_only = req.method() == Method::HEAD;
         let (parts, body) = req.into_parts();
-        let mut out = Outgoing::new(&parts, body, std::mem::take(&mut self.out_buf));
+        let mut out = Outgoing::new(&parts, body, std::mem::take(&mut self.out_buf), forwarding);
         async move {
             let got = poll_fn(|cx| self.poll_answer(cx, &mut out, head_only)).await;
-            match got {
+            let sent = match got {
                 Ok(Some(answer)) => {
                     if out.done {
                         self.out_buf = std::mem::take(&mut out.pending);
@@ -189,11 +188,11 @@ impl H1Conn {
                 Ok(None) => Sent::TimedOut,
                 Err(error) => {
                     let unanswered = reused && !self.heard;
-                    let resend = (unanswered && matches!(error, Error::Closed | Error::Io(_)))
-                        .then_some(parts);
+                    let resend = unanswered && matches!(error, Error::Closed | Error::Io(_));
                     Sent::Failed { error, resend }
                 }
-            }
+            };
+            (sent, parts)
         }
     }
 
@@ -500,8 +499,14 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    /// `pending` is the connection's buffer, empty: the head is written into it.
-    fn new(parts: &http::request::Parts, body: ReqBody, mut pending: BytesMut) -> Self {
+    /// `pending` is the connection's buffer, empty: the head is written into it, with the
+    /// forwarding headers if they are not in `parts`' map.
+    fn new(
+        parts: &http::request::Parts,
+        body: ReqBody,
+        mut pending: BytesMut,
+        forwarding: Option<Forwarding<'_>>,
+    ) -> Self {
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         // Written out, its room comes back to the front without an allocation.
         pending.clear();
@@ -516,9 +521,12 @@ impl Outgoing {
                 announced = true;
             } else if name == header::TRAILER {
                 trailer_named = true;
-            } else {
+            } else if forwarding.is_none() || !Forwarding::replaces(name) {
                 put_field(&mut pending, name, value);
             }
+        }
+        if let Some(forwarding) = forwarding {
+            forwarding.write(&mut pending, &parts.headers);
         }
         let trailers = body.trailers_follow(trailer_named);
         if trailers {
@@ -1225,8 +1233,8 @@ mod tests {
             got
         });
         let stream = Stream::Plain(TcpStream::connect(addr).await.unwrap());
-        let sent = H1Conn::new(stream)
-            .send(req, Instant::now() + Duration::from_secs(5))
+        let (sent, _) = H1Conn::new(stream)
+            .send(req, Instant::now() + Duration::from_secs(5), None)
             .await;
         (sent, peer)
     }

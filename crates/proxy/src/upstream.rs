@@ -33,7 +33,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::forward::ReqBody;
 use crate::h1::{self, H1Body, H1Conn};
-use crate::http::BodyError;
+use crate::http::{BodyError, Forwarding};
 
 /// Why a new upstream connection could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -97,12 +97,9 @@ pub(crate) enum Sent {
     /// Never written: the connection was closing. The request comes back whole.
     Unsent(Request<ReqBody>),
     /// Written, but no usable answer came: the connection broke, or the answer was invalid.
-    /// `resend`: the request's head, when the upstream closed a connection it had kept
-    /// alive as the request went out, with no byte of an answer (`h1::Sent::Failed`).
-    Failed {
-        error: BodyError,
-        resend: Option<http::request::Parts>,
-    },
+    /// `resend`: the upstream closed a connection it had kept alive as the request went
+    /// out, with no byte of an answer (`h1::Sent::Failed`).
+    Failed { error: BodyError, resend: bool },
     /// The deadline passed before the answer's head.
     TimedOut,
 }
@@ -124,37 +121,58 @@ impl Conn {
         }
     }
 
-    /// Sends a request and waits until `until` at most for the answer's head.
+    /// Whether [`send`](Self::send) gives the request's head back, whatever became of the
+    /// request: drover's HTTP/1.1 client does; hyper's HTTP/2 client keeps it unless the
+    /// request was never sent.
+    pub(crate) fn gives_head_back(&self) -> bool {
+        matches!(self, Conn::H1(_))
+    }
+
+    /// Sends a request and waits until `until` at most for the answer's head; with the
+    /// outcome, the request's head when the connection [gives it back](Self::gives_head_back).
+    /// `forwarding`: the forwarding headers, for drover's HTTP/1.1 client to write into the
+    /// head (None when they are in the request's header map already, as they must be for
+    /// HTTP/2).
     ///
     /// Not an `async fn`, which would keep room for `req` beside the send that took it:
     /// every request's future, and each one it is part of, would be larger and more to copy.
-    pub(crate) fn send(self, req: Request<ReqBody>, until: Instant) -> impl Future<Output = Sent> {
+    pub(crate) fn send(
+        self,
+        req: Request<ReqBody>,
+        until: Instant,
+        forwarding: Option<Forwarding<'_>>,
+    ) -> impl Future<Output = (Sent, Option<http::request::Parts>)> {
         match self {
-            Conn::H1(c) => Either::Left(c.send(req, until).map(|sent| match sent {
-                h1::Sent::Answer(r) => Sent::Answer(r.map(Answer::H1)),
-                h1::Sent::Failed { error, resend } => Sent::Failed {
-                    error: error.into(),
-                    resend,
-                },
-                h1::Sent::TimedOut => Sent::TimedOut,
+            Conn::H1(c) => Either::Left(c.send(req, until, forwarding).map(|(sent, head)| {
+                let sent = match sent {
+                    h1::Sent::Answer(r) => Sent::Answer(r.map(Answer::H1)),
+                    h1::Sent::Failed { error, resend } => Sent::Failed {
+                        error: error.into(),
+                        resend,
+                    },
+                    h1::Sent::TimedOut => Sent::TimedOut,
+                };
+                (sent, Some(head))
             })),
             // Requests share the connection: each has a timer of its own.
             Conn::H2(mut s) => {
+                debug_assert!(forwarding.is_none(), "an HTTP/2 request's map has them");
                 let answer = tokio::time::timeout_at(until.into(), s.try_send_request(req));
                 // `s` is kept until the answer, as it would be if the future borrowed it.
                 Either::Right(answer.map(move |answer| {
                     drop(s);
-                    match answer {
+                    let sent = match answer {
                         Ok(Ok(r)) => Sent::Answer(r.map(Answer::H2)),
                         Ok(Err(mut e)) => match e.take_message() {
                             Some(req) => Sent::Unsent(req),
                             None => Sent::Failed {
                                 error: e.into_error().into(),
-                                resend: None,
+                                resend: false,
                             },
                         },
                         Err(_) => Sent::TimedOut,
-                    }
+                    };
+                    (sent, None)
                 }))
             }
         }
