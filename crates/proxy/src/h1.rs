@@ -516,17 +516,27 @@ impl Outgoing {
         pending.put_slice(target.as_bytes());
         pending.put_slice(b" HTTP/1.1\r\n");
         let (mut announced, mut trailer_named) = (false, false);
+        let (mut host, mut prior_for) = (None, false);
         for (name, value) in &parts.headers {
             if name == header::CONTENT_LENGTH {
                 announced = true;
+                continue;
             } else if name == header::TRAILER {
                 trailer_named = true;
-            } else if forwarding.is_none() || !Forwarding::replaces(name) {
-                put_field(&mut pending, name, value);
+                continue;
+            } else if name == header::HOST {
+                // Kept, and its first value is X-Forwarded-Host's, as `get` would give.
+                host.get_or_insert(value);
+            } else if forwarding.is_some()
+                && let Some(is_for) = Forwarding::replaces(name)
+            {
+                prior_for |= is_for;
+                continue;
             }
+            put_field(&mut pending, name, value);
         }
         if let Some(forwarding) = forwarding {
-            forwarding.write(&mut pending, &parts.headers);
+            forwarding.write(&mut pending, &parts.headers, host, prior_for);
         }
         let trailers = body.trailers_follow(trailer_named);
         if trailers {

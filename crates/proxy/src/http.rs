@@ -774,27 +774,41 @@ impl<'a> Forwarding<'a> {
     }
 
     /// Whether a client's field is one of the four, which [`write`](Self::write) writes
-    /// afresh: a head written with them must leave the client's out.
-    pub(crate) fn replaces(name: &HeaderName) -> bool {
-        name == X_FORWARDED_FOR
-            || name == X_FORWARDED_PROTO
-            || name == X_FORWARDED_HOST
-            || name == X_ORIGINAL_TO
+    /// afresh: a head written with them must leave the client's out. `Some(true)` for
+    /// `X-Forwarded-For`, whose values `write` keeps.
+    pub(crate) fn replaces(name: &HeaderName) -> Option<bool> {
+        if name == X_FORWARDED_FOR {
+            Some(true)
+        } else if name == X_FORWARDED_PROTO || name == X_FORWARDED_HOST || name == X_ORIGINAL_TO {
+            Some(false)
+        } else {
+            None
+        }
     }
 
     /// Writes them, as [`add_to`](Self::add_to) would have made them, at the end of a
     /// request head written from `headers` without the fields that
-    /// [`replaces`](Self::replaces) names.
-    pub(crate) fn write(self, out: &mut BytesMut, headers: &HeaderMap) {
+    /// [`replaces`](Self::replaces) names. The writer found the request's `host` and
+    /// whether it has an `X-Forwarded-For` (`prior_for`) as it went: looking them up again
+    /// would hash their names.
+    pub(crate) fn write(
+        self,
+        out: &mut BytesMut,
+        headers: &HeaderMap,
+        host: Option<&HeaderValue>,
+        prior_for: bool,
+    ) {
         out.put_slice(b"x-forwarded-for: ");
-        for prior in headers.get_all(&X_FORWARDED_FOR) {
-            out.put_slice(prior.as_bytes());
-            out.put_slice(b", ");
+        if prior_for {
+            for prior in headers.get_all(&X_FORWARDED_FOR) {
+                out.put_slice(prior.as_bytes());
+                out.put_slice(b", ");
+            }
         }
         out.put_slice(self.client_ip.as_bytes());
         out.put_slice(b"\r\nx-forwarded-proto: ");
         out.put_slice(self.proto().as_bytes());
-        if let Some(host) = headers.get(header::HOST) {
+        if let Some(host) = host {
             out.put_slice(b"\r\nx-forwarded-host: ");
             out.put_slice(host.as_bytes());
         }
