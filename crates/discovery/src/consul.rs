@@ -25,9 +25,10 @@
 //!
 //! TLS: an `https://` address is reached over TLS 1.2 or 1.3 (rustls, with ring), the server's
 //! certificate verified for the address's host against the system's roots, or against a CA
-//! file's certificates only ([`ConsulTls::ca_file`]). A CA file that cannot be read or holds no
-//! usable certificate stops [`ConsulSource::new`]; a handshake that fails is an unreachable
-//! Consul, logged with the TLS error.
+//! file's certificates only ([`ConsulTls::ca_file`]); drover shows a client certificate if
+//! given one ([`ConsulTls::client`]). A CA file or client certificate that cannot be read or
+//! used stops [`ConsulSource::new`]; a handshake that fails is an unreachable Consul, logged
+//! with the TLS error.
 //!
 //! Health (`drover_source_*` in /metrics): every answer that parses is a sync of the source
 //! `consul`; a query that gets no answer, an error status, or an answer that does not parse is
@@ -51,8 +52,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::TokioExecutor;
-use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -158,6 +159,19 @@ pub struct ConsulTls {
     /// A PEM bundle of the CA certificates that Consul's certificate must chain to, instead
     /// of the system's roots. None: the system's roots.
     pub ca_file: Option<PathBuf>,
+    /// The certificate drover shows Consul, for an agent that verifies its clients
+    /// (`verify_incoming`). None: none.
+    pub client: Option<ClientCertificate>,
+}
+
+/// A client certificate chain and its private key, as PEM files (Consul's
+/// `-client-cert` and `-client-key`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientCertificate {
+    /// The leaf certificate first, then any intermediates.
+    pub cert: PathBuf,
+    /// PKCS#8, PKCS#1 or SEC1.
+    pub key: PathBuf,
 }
 
 /// Watches Consul and sends the snapshots of the mapped and published services.
@@ -900,14 +914,52 @@ fn tls_config(tls: &ConsulTls) -> Result<(rustls::ClientConfig, String), String>
             format!("system roots ({})", certificates(added))
         }
     };
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| format!("cannot set up TLS to Consul: {e}"))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let config = match &tls.client {
+        None => builder.with_no_client_auth(),
+        Some(client) => {
+            let (chain, key) = client_certificate(client)?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                format!(
+                    "the Consul client certificate {} and key {} cannot be used together: {e}",
+                    client.cert.display(),
+                    client.key.display()
+                )
+            })?
+        }
+    };
     Ok((config, described))
+}
+
+/// Reads a client certificate chain and its key; the error names the file and what would
+/// be right.
+fn client_certificate(
+    client: &ClientCertificate,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    let (cert, key) = (client.cert.display(), client.key.display());
+    let pem = std::fs::read(&client.cert)
+        .map_err(|e| format!("cannot read the Consul client certificate {cert}: {e}"))?;
+    let chain = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the Consul client certificate {cert} is not valid PEM: {e}"))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "the Consul client certificate {cert} holds no certificate: give a PEM file with the leaf certificate first (-----BEGIN CERTIFICATE-----)"
+        ));
+    }
+    let pem = std::fs::read(&client.key)
+        .map_err(|e| format!("cannot read the Consul client key {key}: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        format!(
+            "the Consul client key {key} holds no private key ({e}): give a PEM \"PRIVATE KEY\", \"RSA PRIVATE KEY\" or \"EC PRIVATE KEY\" block"
+        )
+    })?;
+    Ok((chain, key))
 }
 
 fn certificates(n: usize) -> String {
@@ -1428,7 +1480,10 @@ mod tests {
             vec!["80:webserver".parse().unwrap()],
             ConsulOptions {
                 address: address.into(),
-                tls: Some(ConsulTls { ca_file }),
+                tls: Some(ConsulTls {
+                    ca_file,
+                    client: None,
+                }),
                 ..ConsulOptions::default()
             },
         )
@@ -1490,6 +1545,45 @@ mod tests {
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_client_certificate_that_cannot_be_used_stops_start_up_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let with = |cert: &std::path::Path, key: &std::path::Path| {
+            let tls = ConsulTls {
+                ca_file: None,
+                client: Some(ClientCertificate {
+                    cert: cert.into(),
+                    key: key.into(),
+                }),
+            };
+            let options = ConsulOptions {
+                address: "https://127.0.0.1:8501".into(),
+                tls: Some(tls),
+                ..ConsulOptions::default()
+            };
+            ConsulSource::new(vec!["80:webserver".parse().unwrap()], options).unwrap_err()
+        };
+        let missing = dir.path().join("missing.pem");
+        let e = with(&missing, &empty);
+        assert!(
+            e.starts_with(&format!(
+                "cannot read the Consul client certificate {}: ",
+                missing.display()
+            )),
+            "{e}"
+        );
+        let e = with(&empty, &empty);
+        assert!(
+            e.starts_with(&format!(
+                "the Consul client certificate {} holds no certificate",
+                empty.display()
+            )),
+            "{e}"
+        );
     }
 
     #[test]

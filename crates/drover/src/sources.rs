@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure};
 use drover_control::SnapshotSender;
-use drover_discovery::consul::{ConsulOptions, ConsulSource, ConsulTls};
+use drover_discovery::consul::{ClientCertificate, ConsulOptions, ConsulSource, ConsulTls};
 use drover_discovery::dns::{DnsOptions, DnsSource};
 use drover_discovery::docker::{DockerOptions, DockerSource};
 use drover_discovery::mapping::{self, Mapping};
@@ -46,6 +46,13 @@ pub struct MappingArgs {
     /// system's roots (with --consul https://...).
     #[arg(long, value_name = "FILE")]
     consul_ca: Option<PathBuf>,
+    /// PEM certificate (then its intermediates) that drover shows Consul, for an agent with
+    /// `verify_incoming` (with --consul https://... and --consul-key).
+    #[arg(long, value_name = "FILE")]
+    consul_cert: Option<PathBuf>,
+    /// PEM private key of --consul-cert.
+    #[arg(long, value_name = "FILE")]
+    consul_key: Option<PathBuf>,
     /// Consul ACL token (from CONSUL_HTTP_TOKEN when not given here).
     #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
     consul_token: Option<String>,
@@ -117,13 +124,28 @@ impl MappingArgs {
             !self.consul_tags || self.consul.is_some(),
             "--consul-tags needs --consul HOST:PORT"
         );
-        if self.consul_ca.is_some() {
+        let https = self
+            .consul
+            .as_deref()
+            .is_some_and(|a| a.trim().starts_with("https://"));
+        for (flag, given) in [
+            ("--consul-ca", self.consul_ca.is_some()),
+            ("--consul-cert", self.consul_cert.is_some()),
+            ("--consul-key", self.consul_key.is_some()),
+        ] {
             ensure!(
-                self.consul
-                    .as_deref()
-                    .is_some_and(|a| a.trim().starts_with("https://")),
-                "--consul-ca needs --consul https://HOST:PORT (TLS to Consul)"
+                !given || https,
+                "{flag} needs --consul https://HOST:PORT (TLS to Consul)"
             );
+        }
+        match (&self.consul_cert, &self.consul_key) {
+            (Some(_), None) => {
+                bail!("--consul-cert needs --consul-key, the certificate's private key")
+            }
+            (None, Some(_)) => {
+                bail!("--consul-key needs --consul-cert, the certificate it belongs to")
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -162,7 +184,7 @@ impl MappingArgs {
         if let Some(address) = self.consul {
             let options = ConsulOptions {
                 address,
-                tls: self.consul_ca.map(|ca| ConsulTls { ca_file: Some(ca) }),
+                tls: tls_to_consul(self.consul_ca, self.consul_cert.zip(self.consul_key)),
                 token: self.consul_token.filter(|t| !t.is_empty()),
                 datacenter: self.consul_dc,
                 wait: self.consul_wait,
@@ -267,5 +289,59 @@ impl DockerArgs {
         DockerSource::new(options)
             .map(Some)
             .map_err(anyhow::Error::msg)
+    }
+}
+
+/// The TLS options to Consul, None when none was given.
+fn tls_to_consul(ca: Option<PathBuf>, client: Option<(PathBuf, PathBuf)>) -> Option<ConsulTls> {
+    let client = client.map(|(cert, key)| ClientCertificate { cert, key });
+    (ca.is_some() || client.is_some()).then_some(ConsulTls {
+        ca_file: ca,
+        client,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        mapping: MappingArgs,
+    }
+
+    fn check(args: &[&str]) -> Result<(), String> {
+        let argv = std::iter::once("drover").chain(args.iter().copied());
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        cli.mapping.check().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn tls_flags_to_consul_need_an_https_address_and_a_client_certificate_its_key() {
+        let https = ["--consul", "https://consul:8501", "80:web"];
+        let with = |more: &[&'static str]| [&https[..], more].concat();
+        check(&with(&["--consul-ca", "ca.pem"])).unwrap();
+        check(&with(&["--consul-cert", "c.pem", "--consul-key", "c.key"])).unwrap();
+        assert_eq!(
+            check(&with(&["--consul-cert", "c.pem"])).unwrap_err(),
+            "--consul-cert needs --consul-key, the certificate's private key"
+        );
+        assert_eq!(
+            check(&with(&["--consul-key", "c.key"])).unwrap_err(),
+            "--consul-key needs --consul-cert, the certificate it belongs to"
+        );
+        let plain = [
+            "--consul",
+            "consul:8500",
+            "80:web",
+            "--consul-cert",
+            "c.pem",
+        ];
+        assert_eq!(
+            check(&plain).unwrap_err(),
+            "--consul-cert needs --consul https://HOST:PORT (TLS to Consul)"
+        );
     }
 }

@@ -426,6 +426,49 @@ async fn over_tls_without_the_ca_file_the_certificate_is_refused() {
     assert_eq!(consul.health_queries(), 0, "no query got through");
 }
 
+/// A Consul agent with `verify_incoming` asks for a client certificate: drover shows the one
+/// given with --consul-cert and --consul-key, and is refused without one.
+#[tokio::test]
+async fn a_consul_that_verifies_clients_is_watched_with_the_client_certificate() {
+    let consul = ConsulDouble::start_tls_verifying_clients().await;
+    let a = Origin::start("a").await;
+    consul.register("web-a", "web", a.addr, &[]);
+    let (dir, ca) = write_ca(&consul);
+    let (cert_pem, key_pem) = consul.client_pem();
+    let (cert, key) = (dir.path().join("client.pem"), dir.path().join("client.key"));
+    std::fs::write(&cert, cert_pem).unwrap();
+    std::fs::write(&key, key_pem).unwrap();
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+
+    let args = [
+        "--consul-ca",
+        &ca,
+        "--consul-cert",
+        cert,
+        "--consul-key",
+        key,
+    ];
+    let (drover, port) = drover_for(&consul, "web", &args).await;
+    until_exactly(port, &["a"], Duration::from_secs(10)).await;
+    assert!(
+        !drover.log_text().contains("unreachable"),
+        "{}",
+        drover.log_text()
+    );
+    // Its queries are counted as they come in: none after it stops.
+    drop(drover);
+
+    let queries = consul.health_queries();
+    let (without, port) = drover_for(&consul, "web", &["--consul-ca", &ca]).await;
+    let log = without.wait_log("consul unreachable since", 1).await;
+    assert_eq!(names(&origins(port, 3).await), ["503"], "{log}");
+    assert_eq!(
+        consul.health_queries(),
+        queries,
+        "no query got through without a certificate"
+    );
+}
+
 #[tokio::test]
 async fn a_consul_ca_file_that_cannot_be_read_stops_start_up() {
     let consul = ConsulDouble::start_tls().await;
@@ -473,6 +516,7 @@ async fn the_tls_server_name_is_the_host_of_the_address() {
             address: format!("https://localhost:{}", consul.addr.port()),
             tls: Some(ConsulTls {
                 ca_file: Some(ca.into()),
+                client: None,
             }),
             ..ConsulOptions::default()
         },

@@ -69,17 +69,25 @@ pub struct ConsulDouble {
     server: Mutex<Option<JoinHandle<()>>>,
     /// With TLS: the CA that signed the server's certificate, PEM.
     ca_pem: Option<String>,
+    /// With TLS that verifies clients: a client certificate and key the server takes, PEM.
+    client: Option<(String, String)>,
 }
 
-/// A test CA and a server certificate for 127.0.0.1 and localhost that it signed.
+/// A test CA and a server certificate for 127.0.0.1 and localhost that it signed; with
+/// `verify_clients`, also a client certificate it signed, which the server asks for.
 struct TestPki {
     ca_pem: String,
     acceptor: TlsAcceptor,
+    /// The client certificate and its key, PEM.
+    client: Option<(String, String)>,
 }
 
 impl TestPki {
-    fn new() -> TestPki {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    fn new(verify_clients: bool) -> TestPki {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+            KeyUsagePurpose,
+        };
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params
@@ -102,17 +110,34 @@ impl TestPki {
         let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
 
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.der().clone(), ca.der().clone()], key)
-        .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let (builder, client) = if verify_clients {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.der().clone()).unwrap();
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .unwrap();
+            let client_key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name.push(DnType::CommonName, "drover");
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            let client_cert = params.signed_by(&client_key, &ca, &ca_key).unwrap();
+            let client = (client_cert.pem(), client_key.serialize_pem());
+            (builder.with_client_cert_verifier(verifier), Some(client))
+        } else {
+            (builder.with_no_client_auth(), None)
+        };
+        let config = builder
+            .with_single_cert(vec![cert.der().clone(), ca.der().clone()], key)
+            .unwrap();
         TestPki {
             ca_pem: ca.pem(),
             acceptor: TlsAcceptor::from(Arc::new(config)),
+            client,
         }
     }
 }
@@ -182,13 +207,20 @@ impl ConsulDouble {
     /// Starts a double that speaks TLS only, with a certificate for 127.0.0.1 and localhost
     /// signed by a CA of its own ([`ca_pem`](Self::ca_pem)).
     pub async fn start_tls() -> ConsulDouble {
-        Self::start_with(None, Some(TestPki::new())).await
+        Self::start_with(None, Some(TestPki::new(false))).await
+    }
+
+    /// As [`start_tls`](Self::start_tls), and the double also asks each client for a
+    /// certificate its CA signed (Consul's `verify_incoming`), such as
+    /// [`client_pem`](Self::client_pem).
+    pub async fn start_tls_verifying_clients() -> ConsulDouble {
+        Self::start_with(None, Some(TestPki::new(true))).await
     }
 
     async fn start_with(token: Option<String>, pki: Option<TestPki>) -> ConsulDouble {
-        let (ca_pem, tls) = match pki {
-            Some(p) => (Some(p.ca_pem), Some(p.acceptor)),
-            None => (None, None),
+        let (ca_pem, tls, client) = match pki {
+            Some(p) => (Some(p.ca_pem), Some(p.acceptor), p.client),
+            None => (None, None, None),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -210,6 +242,7 @@ impl ConsulDouble {
             shared,
             server: Mutex::new(Some(server)),
             ca_pem,
+            client,
         }
     }
 
@@ -226,6 +259,15 @@ impl ConsulDouble {
         self.ca_pem
             .as_deref()
             .expect("a double started with start_tls")
+    }
+
+    /// A client certificate and its key, PEM, that the double takes.
+    pub fn client_pem(&self) -> (&str, &str) {
+        let (cert, key) = self
+            .client
+            .as_ref()
+            .expect("a double started with start_tls_verifying_clients");
+        (cert, key)
     }
 
     /// Goes away as a crashed Consul would: the port refuses connections and every open one,
