@@ -85,6 +85,12 @@ async fn https_origin_asking(ca: &Ca, clients: Option<&Ca>) -> SocketAddr {
         .with_single_cert(vec![cert.der().clone()], key)
         .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if clients.is_some() {
+        // Every connection shows a client certificate: none resumes a session in which one
+        // was shown before.
+        config.send_tls13_tickets = 0;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    }
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -332,6 +338,16 @@ async fn http_health_checks_go_over_tls_and_http2_like_requests() {
     assert!(error.contains("its certificate did not verify"), "{bad}");
 }
 
+/// A client certificate signed by `ca`, for `name`: its PEM and its key's PEM.
+fn client_certificate(ca: &Ca, name: &str) -> (String, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
 /// nginx's `proxy_ssl_certificate`, HAProxy's `crt` on a server line: an origin that asks
 /// for a client certificate serves the service that shows one its CA signed, and refuses the
 /// service that shows none (a 502, as for any handshake that fails).
@@ -340,13 +356,7 @@ async fn a_service_with_a_client_certificate_is_served_by_an_origin_that_asks_fo
     let server_ca = ca("drover test CA");
     let client_ca = ca("drover test client CA");
     let origin = https_origin_asking(&server_ca, Some(&client_ca)).await;
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.distinguished_name.push(DnType::CommonName, "drover");
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let client_cert = params
-        .signed_by(&key, &client_ca.cert, &client_ca.key)
-        .unwrap();
+    let (client_cert, client_key) = client_certificate(&client_ca, "drover");
     let dir = tempfile::tempdir().unwrap();
     let (ca_pem, cert_pem, key_pem) = (
         dir.path().join("ca.pem"),
@@ -354,8 +364,8 @@ async fn a_service_with_a_client_certificate_is_served_by_an_origin_that_asks_fo
         dir.path().join("client.key"),
     );
     std::fs::write(&ca_pem, server_ca.cert.pem()).unwrap();
-    std::fs::write(&cert_pem, client_cert.pem()).unwrap();
-    std::fs::write(&key_pem, key.serialize_pem()).unwrap();
+    std::fs::write(&cert_pem, client_cert).unwrap();
+    std::fs::write(&key_pem, client_key).unwrap();
 
     let port = free_port();
     let mut text = config(
@@ -390,4 +400,85 @@ endpoints = [ {{ address = "{origin}" }} ]
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert!(failed(&drover, "anonymous", origin).await >= 1);
     assert_eq!(failed(&drover, "mutual", origin).await, 0);
+}
+
+/// A client certificate is reloaded when its files change, as a listener's certificate is,
+/// without a configuration change: connections opened after the change show the new one.
+/// Files that cannot be used are logged, and the certificate in force stays. The service
+/// keeps no idle connection and the origin resumes no session, so every request makes a
+/// handshake that shows the certificate.
+#[tokio::test]
+async fn a_service_s_client_certificate_is_reloaded_when_its_files_change() {
+    let server_ca = ca("drover test CA");
+    let client_ca = ca("drover test client CA");
+    let stranger = ca("a CA the origin does not know");
+    let origin = https_origin_asking(&server_ca, Some(&client_ca)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_pem, cert_pem, key_pem) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("client.pem"),
+        dir.path().join("client.key"),
+    );
+    std::fs::write(&ca_pem, server_ca.cert.pem()).unwrap();
+    let write_pair = |(cert, key): (String, String)| {
+        std::fs::write(&cert_pem, cert).unwrap();
+        std::fs::write(&key_pem, key).unwrap();
+    };
+    write_pair(client_certificate(&stranger, "drover"));
+
+    let port = free_port();
+    let drover = Drover::start(&format!(
+        r#"
+[[listeners]]
+name = "web"
+listen = "127.0.0.1:{port}"
+
+[[routes]]
+listener = "web"
+service = "mutual"
+
+[services.mutual]
+pool_max_idle = 0
+tls = {{ ca = "{}", server_name = "origin.test", cert = "{}", key = "{}" }}
+endpoints = [ {{ address = "{origin}" }} ]
+"#,
+        ca_pem.display(),
+        cert_pem.display(),
+        key_pem.display()
+    ))
+    .await;
+    let generation = drover.generation().await;
+    let client = client();
+    let url = format!("http://127.0.0.1:{port}/");
+    let (status, _, _) = get(&client, &url).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "a stranger's certificate");
+
+    // A certificate the origin's CA signed, in place of the stranger's.
+    write_pair(client_certificate(&client_ca, "drover"));
+    drover.wait_log("reloaded client certificate", 1).await;
+    for _ in 0..3 {
+        let (status, _, body) = get(&client, &url).await;
+        assert_eq!(status, StatusCode::OK, "{}", drover.log_text());
+        assert_eq!(body, "HTTP/1.1");
+    }
+
+    // A key cut short: logged with the file, and the certificate loaded before stays.
+    let (_, key) = client_certificate(&client_ca, "drover");
+    std::fs::write(&key_pem, &key[..60]).unwrap();
+    let log = drover
+        .wait_log("cannot reload service mutual: its client certificate", 1)
+        .await;
+    assert!(
+        log.contains(&format!("tls.key {}", key_pem.display())),
+        "the error names the file:\n{log}"
+    );
+    for _ in 0..3 {
+        let (status, _, _) = get(&client, &url).await;
+        assert_eq!(status, StatusCode::OK, "{}", drover.log_text());
+    }
+    assert_eq!(
+        drover.generation().await,
+        generation,
+        "no configuration change"
+    );
 }

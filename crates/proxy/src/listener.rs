@@ -271,6 +271,9 @@ impl Applier for Proxy {
         let table = Arc::new(self.builder.commit(built));
         self.handle.tables.store(table.clone());
         self.checker.reconcile(&table, &self.handle.shutdown);
+        for service in table.services() {
+            service.upstream.watch(&self.handle.shutdown);
+        }
 
         for (frontend, fresh) in frontends.values() {
             if let (true, Some(t)) = (fresh, &frontend.tls) {

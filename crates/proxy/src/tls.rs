@@ -1,6 +1,7 @@
 //! TLS on listeners: termination with rustls, certificates chosen by SNI and reloaded when
 //! their files change, and the SNI of a ClientHello read without terminating (passthrough on
-//! TCP listeners).
+//! TCP listeners). Also the client certificates that services show their endpoints
+//! ([`ClientCert`]), reloaded the same way.
 //!
 //! A [`Terminator`] is one listener's TLS: its rustls settings (versions, ALPN) and a
 //! [`Resolver`] that holds the loaded certificates in an `ArcSwap`. A handshake reads that
@@ -23,15 +24,17 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use drover_model::{CertificateFiles, ListenerSpec, ListenerTls, Protocol, TlsVersion};
+use rustls::client::ResolvesClientCert;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{ServerConfig, SupportedProtocolVersion};
+use rustls::{ServerConfig, SignatureScheme, SupportedProtocolVersion};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -145,21 +148,14 @@ impl Terminator {
             resolver: self.resolver.clone(),
             listener: self.listener.clone(),
             files: self.spec.certificates.clone(),
-            loaded: self.stamps.clone(),
+            pairs: self.stamps.iter().copied().map(Settling::new).collect(),
             keys: self.key_files.as_ref().map(|(tickets, stamps)| KeyFiles {
                 tickets: tickets.clone(),
                 files: self.spec.session_ticket_keys.clone(),
-                loaded: stamps.clone(),
+                stamps: Settling::new(stamps.clone()),
             }),
         };
-        let (stop, shutdown) = (self.stop.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = watcher.run() => {}
-                _ = stop.cancelled() => {}
-                _ = shutdown.cancelled() => {}
-            }
-        });
+        spawn_until(watcher.run(), &self.stop, shutdown);
     }
 }
 
@@ -390,14 +386,51 @@ impl PairStamp {
     }
 }
 
+/// Tells when watched files have changed and then stayed the same for one poll, so that files
+/// written one after the other (a certificate, then its key) are not read half-way.
+struct Settling<T> {
+    /// The stamps of the files in force (or that last failed to load).
+    loaded: T,
+    /// The stamps seen at the poll before.
+    previous: T,
+}
+
+impl<T: Clone + PartialEq> Settling<T> {
+    fn new(loaded: T) -> Self {
+        Self {
+            previous: loaded.clone(),
+            loaded,
+        }
+    }
+
+    /// Takes one poll's stamps. True when they differ from those loaded and are the same as
+    /// one poll ago: the writer is done, and the files are to be loaded (they count as loaded
+    /// from here, so that a load that fails is not tried again until they change again).
+    fn settled(&mut self, seen: T) -> bool {
+        let settled = seen != self.loaded && seen == self.previous;
+        if settled {
+            self.loaded = seen.clone();
+        }
+        self.previous = seen;
+        settled
+    }
+}
+
+/// Ticks every [`POLL_EVERY`], the first tick one poll from now.
+async fn polls() -> tokio::time::Interval {
+    let mut every = tokio::time::interval(POLL_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    every
+}
+
 /// Reloads one listener's certificates, and its session ticket key files, when their files
 /// change.
 struct Watcher {
     resolver: Arc<Resolver>,
     listener: String,
     files: Vec<CertificateFiles>,
-    /// The stamps of the pairs in force (or that last failed to load).
-    loaded: Vec<PairStamp>,
+    pairs: Vec<Settling<PairStamp>>,
     keys: Option<KeyFiles>,
 }
 
@@ -406,21 +439,17 @@ struct Watcher {
 struct KeyFiles {
     tickets: Arc<Tickets>,
     files: Vec<PathBuf>,
-    /// The stamps of the files in force (or that last failed to load).
-    loaded: Vec<Option<Stamp>>,
+    stamps: Settling<Vec<Option<Stamp>>>,
 }
 
 impl Watcher {
     async fn run(mut self) {
-        let mut every = tokio::time::interval(POLL_EVERY);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        every.tick().await;
-        let mut previous = (self.loaded.clone(), self.key_stamps());
+        let mut every = polls().await;
         loop {
             every.tick().await;
             let files = self.files.clone();
             let key_files = self.keys.as_ref().map(|k| k.files.clone());
-            let Ok(seen) = tokio::task::spawn_blocking(move || {
+            let Ok((pairs, keys)) = tokio::task::spawn_blocking(move || {
                 let pairs = files.iter().map(PairStamp::of).collect::<Vec<_>>();
                 let keys = key_files.map(|f| f.iter().map(|p| Stamp::of(p)).collect::<Vec<_>>());
                 (pairs, keys)
@@ -429,26 +458,17 @@ impl Watcher {
             else {
                 continue;
             };
-            for i in 0..self.files.len() {
-                // Changed since loaded, and the same as one poll ago: the writer is done.
-                if seen.0[i] != self.loaded[i] && seen.0[i] == previous.0[i] {
-                    self.loaded[i] = seen.0[i];
+            for (i, seen) in pairs.into_iter().enumerate() {
+                if self.pairs[i].settled(seen) {
                     self.reload(i).await;
                 }
             }
-            if let (Some(keys), Some(stamps)) = (self.keys.as_mut(), &seen.1)
-                && *stamps != keys.loaded
-                && seen.1 == previous.1
+            if let (Some(k), Some(seen)) = (self.keys.as_mut(), keys)
+                && k.stamps.settled(seen)
             {
-                keys.loaded.clone_from(stamps);
-                keys.reload(&self.listener).await;
+                k.reload(&self.listener).await;
             }
-            previous = seen;
         }
-    }
-
-    fn key_stamps(&self) -> Option<Vec<Option<Stamp>>> {
-        self.keys.as_ref().map(|k| k.loaded.clone())
     }
 
     async fn reload(&self, i: usize) {
@@ -498,6 +518,145 @@ impl KeyFiles {
             ),
             Err(e) => tracing::error!(listener, "session ticket key reload failed: {e}"),
         }
+    }
+}
+
+/// Runs `task` until it ends or `stop` or `shutdown` is cancelled.
+fn spawn_until(
+    task: impl Future<Output = ()> + Send + 'static,
+    stop: &CancellationToken,
+    shutdown: &CancellationToken,
+) {
+    let (stop, shutdown) = (stop.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = task => {}
+            _ = stop.cancelled() => {}
+            _ = shutdown.cancelled() => {}
+        }
+    });
+}
+
+/// drover's client certificate for a service's endpoints (the service's `tls.cert` and
+/// `tls.key`), shown to those that ask for one. Its files are polled as a listener's
+/// certificates are, and a changed pair is loaded for the connections opened after it;
+/// connections already open keep the certificate they were opened with.
+pub(crate) struct ClientCert {
+    resolver: Arc<ClientCertResolver>,
+    service: String,
+    files: CertificateFiles,
+    /// The files' metadata when they were loaded.
+    stamp: PairStamp,
+    /// Whether its watcher runs: a service keeps its connector, and so this, across
+    /// configurations that do not change its TLS settings.
+    watched: AtomicBool,
+    /// Stops the watcher when no service uses this certificate any more.
+    stop: CancellationToken,
+}
+
+impl Drop for ClientCert {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl ClientCert {
+    /// Loads a service's client certificate. The error names the service and the file and
+    /// says what is wrong with it.
+    pub(crate) fn load(service: &str, files: &CertificateFiles) -> Result<Self, String> {
+        let stamp = PairStamp::of(files);
+        let entry = load_pair(files).map_err(|e| client_cert_error(service, &e))?;
+        Ok(Self {
+            resolver: Arc::new(ClientCertResolver(ArcSwap::new(entry.key))),
+            service: service.to_string(),
+            files: files.clone(),
+            stamp,
+            watched: AtomicBool::new(false),
+            stop: CancellationToken::new(),
+        })
+    }
+
+    /// What a rustls client config shows the endpoints.
+    pub(crate) fn resolver(&self) -> Arc<dyn ResolvesClientCert> {
+        self.resolver.clone()
+    }
+
+    /// Starts reloading the certificate when its files change, unless that has started
+    /// already; until this is dropped or `shutdown` is cancelled.
+    pub(crate) fn watch(&self, shutdown: &CancellationToken) {
+        if self.watched.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let task = keep_current(
+            self.resolver.clone(),
+            self.service.clone(),
+            self.files.clone(),
+            Settling::new(self.stamp),
+        );
+        spawn_until(task, &self.stop, shutdown);
+    }
+}
+
+fn client_cert_error(service: &str, e: &str) -> String {
+    format!("service {service}: its client certificate, tls.{e}")
+}
+
+/// Polls a client certificate's files and loads them into `resolver` when they have changed.
+async fn keep_current(
+    resolver: Arc<ClientCertResolver>,
+    service: String,
+    files: CertificateFiles,
+    mut stamps: Settling<PairStamp>,
+) {
+    let mut every = polls().await;
+    loop {
+        every.tick().await;
+        let watched = files.clone();
+        let Ok(seen) = tokio::task::spawn_blocking(move || PairStamp::of(&watched)).await else {
+            continue;
+        };
+        if !stamps.settled(seen) {
+            continue;
+        }
+        let watched = files.clone();
+        match tokio::task::spawn_blocking(move || load_pair(&watched)).await {
+            Ok(Ok(entry)) => {
+                resolver.0.store(entry.key);
+                tracing::info!(
+                    service = %service,
+                    "reloaded client certificate {} and key {}; new connections to the endpoints show it",
+                    files.cert.display(),
+                    files.key.display()
+                );
+            }
+            Ok(Err(e)) => tracing::error!(
+                service = %service,
+                "cannot reload {}; the client certificate loaded before stays in use",
+                client_cert_error(&service, &e)
+            ),
+            Err(e) => tracing::error!(service = %service, "client certificate reload failed: {e}"),
+        }
+    }
+}
+
+/// Hands rustls the client certificate in force.
+#[derive(Debug)]
+struct ClientCertResolver(ArcSwap<CertifiedKey>);
+
+impl ResolvesClientCert for ClientCertResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        // As rustls' own single-certificate resolver: none if the endpoint takes none of the
+        // key's signature schemes.
+        let key = self.0.load_full();
+        key.key.choose_scheme(sigschemes).is_some().then_some(key)
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
@@ -624,6 +783,21 @@ fn hello_server_name(body: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_are_loaded_once_they_have_stayed_the_same_for_one_poll() {
+        let mut stamps = Settling::new(1);
+        assert!(!stamps.settled(1), "unchanged");
+        assert!(
+            !stamps.settled(2),
+            "changed at this poll: maybe still being written"
+        );
+        assert!(!stamps.settled(3), "changed again");
+        assert!(stamps.settled(3), "the same as one poll ago");
+        assert!(!stamps.settled(3), "loaded (or failed to load): not again");
+        assert!(!stamps.settled(1), "changed back");
+        assert!(stamps.settled(1));
+    }
 
     /// A ClientHello as rustls writes it, for `name`.
     fn hello(name: Option<&str>) -> Vec<u8> {

@@ -4,7 +4,9 @@
 //!
 //! A service's [`Upstream`] is made when its table entry is built, off the hot path: the CA
 //! bundle is read and the rustls `ClientConfig` built there, once, and a bundle that cannot be
-//! read rejects the configuration. Connections share that config; a new connection costs a
+//! read rejects the configuration. A client certificate is loaded there too, and then
+//! reloaded when its files change (`crate::tls::ClientCert`), once the table that holds the
+//! `Upstream` is published. Connections share that config; a new connection costs a
 //! TCP connect, a TLS handshake (resumed when rustls has a session ticket for the server) and
 //! the HTTP/2 handshake, all within the service's `connect_timeout`.
 
@@ -25,15 +27,16 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::sign::SingleCertAndKey;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::forward::ReqBody;
 use crate::h1::{self, H1Body, H1Conn};
 use crate::http::{BodyError, Forwarding};
+use crate::tls::ClientCert;
 
 /// Why a new upstream connection could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +84,8 @@ struct Tls {
     connector: TlsConnector,
     /// The SNI and verification name; None: each endpoint's IP address.
     name: Option<ServerName<'static>>,
+    /// The client certificate the connector shows, if the service has one.
+    client_cert: Option<ClientCert>,
 }
 
 /// A connection ready for requests.
@@ -201,6 +206,14 @@ impl Upstream {
         self.settings.0 == spec.upstream_protocol && self.settings.1 == spec.tls
     }
 
+    /// Starts reloading its client certificate when the files change, if it has one and
+    /// that has not started yet; until it is dropped or `shutdown` is cancelled.
+    pub(crate) fn watch(&self, shutdown: &CancellationToken) {
+        if let Some(cert) = self.tls.as_ref().and_then(|t| t.client_cert.as_ref()) {
+            cert.watch(shutdown);
+        }
+    }
+
     /// Whether it connects over TLS.
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
@@ -292,18 +305,20 @@ impl Tls {
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("service {service}: cannot set up TLS to its endpoints: {e}"))?
         .with_root_certificates(roots);
-        let mut config = match (&spec.cert, &spec.key) {
+        let client_cert = match (&spec.cert, &spec.key) {
             (Some(cert), Some(key)) => {
                 let files = CertificateFiles {
                     cert: cert.clone(),
                     key: key.clone(),
                 };
-                let pair = crate::tls::load_pair(&files)
-                    .map_err(|e| format!("service {service}: its client certificate, tls.{e}"))?;
-                config.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(pair.key)))
+                Some(ClientCert::load(service, &files)?)
             }
             // Validation allows neither alone.
-            _ => config.with_no_client_auth(),
+            _ => None,
+        };
+        let mut config = match &client_cert {
+            Some(c) => config.with_client_cert_resolver(c.resolver()),
+            None => config.with_no_client_auth(),
         };
         config.alpn_protocols = vec![match protocol {
             UpstreamProtocol::Http1 => b"http/1.1".to_vec(),
@@ -320,6 +335,7 @@ impl Tls {
         Ok(Tls {
             connector: TlsConnector::from(Arc::new(config)),
             name,
+            client_cert,
         })
     }
 }
