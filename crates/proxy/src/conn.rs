@@ -23,6 +23,7 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -551,7 +552,11 @@ impl hyper::service::Service<Request<Incoming>> for Requests {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        Box::pin(crate::http::handle(self.0.clone(), req))
+        // Made in its box: `Box::pin(handle(..))` makes the future on the stack and then
+        // copies all of it, its largest state's size and not just the arguments, into the box.
+        let slot: Box<MaybeUninit<_>> = Box::new_uninit();
+        let made: Box<_> = Box::write(slot, crate::http::handle(self.0.clone(), req));
+        Box::into_pin(made)
     }
 }
 
