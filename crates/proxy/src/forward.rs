@@ -29,7 +29,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use drover_model::UpstreamProtocol;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -304,6 +303,10 @@ pub(crate) async fn forward(
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     );
+    // The request's head between tries. drover's HTTP/1.1 client takes it whole and gives it
+    // back after the try; an HTTP/2 try takes a copy, or the headers alone when no other try
+    // needs them.
+    let mut head = Some(parts);
     let attempts = (spec.retries.attempts as usize).clamp(1, MAX_ATTEMPTS);
     let per_try = spec
         .retries
@@ -410,24 +413,30 @@ pub(crate) async fn forward(
                 None => break,
             },
         };
-        // A request that cannot be sent twice needs no copy of its head, and nor does one
-        // whose connection gives the head back.
-        let headers = if last_try || !payload.replayable() || conn.gives_head_back() {
-            std::mem::take(&mut parts.headers)
+        let req = if conn.gives_head_back() {
+            let mut whole = head.take().expect("given back after each try");
+            whole.version = Version::HTTP_11;
+            Request::from_parts(whole, body)
         } else {
-            parts.headers.clone()
+            let parts = head.as_mut().expect("kept by HTTP/2 tries");
+            // A request that cannot be sent twice needs no copy of its headers.
+            let headers = if last_try || !payload.replayable() {
+                std::mem::take(&mut parts.headers)
+            } else {
+                parts.headers.clone()
+            };
+            http2_request(
+                &parts.method,
+                &parts.uri,
+                headers,
+                body,
+                &service.upstream,
+                endpoint.address,
+            )
         };
-        let req = upstream_request(
-            &parts.method,
-            &parts.uri,
-            headers,
-            body,
-            &service.upstream,
-            endpoint.address,
-        );
-        let (sent, head) = conn.send(req, sent_at + per_try, forwarding).await;
-        if let Some(head) = head {
-            parts.headers = head.headers;
+        let (sent, back) = conn.send(req, sent_at + per_try, forwarding).await;
+        if back.is_some() {
+            head = back;
         }
         tried[tries] = index;
         tries += 1;
@@ -486,6 +495,7 @@ pub(crate) async fn forward(
             // Never written: the connection was closing. Send it on another one.
             Sent::Unsent(back) => {
                 let (back_parts, back_body) = back.into_parts();
+                let parts = head.as_mut().expect("kept by HTTP/2 tries");
                 parts.headers = back_parts.headers;
                 parts.uri = back_parts.uri;
                 if let ReqBody::Stream(s) = back_body {
@@ -554,12 +564,13 @@ pub(crate) async fn forward(
     }
 }
 
-/// The request as sent to an endpoint. HTTP/1.1: origin-form target and `Host`. HTTP/2:
-/// `:scheme` from the service's TLS, `:authority` from `Host` (which is then left out, as
-/// RFC 9113 section 8.3.1 asks of intermediaries), and `te: trailers`, which gRPC servers
-/// require and which says drover takes trailers on this hop (nginx's `grpc_pass` sends it
-/// too). hyper removes any other connection-specific header from HTTP/2 messages.
-fn upstream_request(
+/// The request as sent to an endpoint over HTTP/2: `:scheme` from the service's TLS,
+/// `:authority` from `Host` (which is then left out, as RFC 9113 section 8.3.1 asks of
+/// intermediaries), and `te: trailers`, which gRPC servers require and which says drover
+/// takes trailers on this hop (nginx's `grpc_pass` sends it too). hyper removes any other
+/// connection-specific header from HTTP/2 messages. (HTTP/1.1 requests go as they came from
+/// `crate::http`: origin-form target, `Host`.)
+fn http2_request(
     method: &Method,
     uri: &Uri,
     mut headers: HeaderMap,
@@ -567,33 +578,25 @@ fn upstream_request(
     upstream: &Upstream,
     address: SocketAddr,
 ) -> Request<ReqBody> {
+    // A request handed back unsent already has its authority in its URI.
+    let authority = headers
+        .remove(header::HOST)
+        .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+        .or_else(|| uri.authority().cloned())
+        .or_else(|| Authority::try_from(address.to_string()).ok());
+    let mut target = Uri::builder().scheme(upstream.scheme()).path_and_query(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    if let Some(a) = authority {
+        target = target.authority(a);
+    }
+    headers.insert(header::TE, HeaderValue::from_static("trailers"));
     let mut req = Request::new(body);
     *req.method_mut() = method.clone();
-    match upstream.protocol {
-        UpstreamProtocol::Http1 => {
-            *req.uri_mut() = uri.clone();
-            *req.version_mut() = Version::HTTP_11;
-        }
-        UpstreamProtocol::Http2 => {
-            // A request handed back unsent already has its authority in its URI.
-            let authority = headers
-                .remove(header::HOST)
-                .and_then(|h| Authority::try_from(h.as_bytes()).ok())
-                .or_else(|| uri.authority().cloned())
-                .or_else(|| Authority::try_from(address.to_string()).ok());
-            let mut target = Uri::builder().scheme(upstream.scheme()).path_and_query(
-                uri.path_and_query()
-                    .cloned()
-                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
-            );
-            if let Some(a) = authority {
-                target = target.authority(a);
-            }
-            *req.uri_mut() = target.build().unwrap_or_else(|_| uri.clone());
-            *req.version_mut() = Version::HTTP_2;
-            headers.insert(header::TE, HeaderValue::from_static("trailers"));
-        }
-    }
+    *req.uri_mut() = target.build().unwrap_or_else(|_| uri.clone());
+    *req.version_mut() = Version::HTTP_2;
     *req.headers_mut() = headers;
     req
 }
