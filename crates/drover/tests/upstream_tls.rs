@@ -85,12 +85,6 @@ async fn https_origin_asking(ca: &Ca, clients: Option<&Ca>) -> SocketAddr {
         .with_single_cert(vec![cert.der().clone()], key)
         .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    if clients.is_some() {
-        // Every connection shows a client certificate: none resumes a session in which one
-        // was shown before.
-        config.send_tls13_tickets = 0;
-        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    }
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -102,18 +96,23 @@ async fn https_origin_asking(ca: &Ca, clients: Option<&Ca>) -> SocketAddr {
                 let Ok(tls) = acceptor.accept(stream).await else {
                     return;
                 };
-                let alpn = tls
-                    .get_ref()
-                    .1
+                let session = tls.get_ref().1;
+                let alpn = session
                     .alpn_protocol()
                     .map(|p| String::from_utf8_lossy(p).to_string())
                     .unwrap_or_else(|| "none".into());
+                // That of a resumed session's first handshake, when it resumes one.
+                let client = session
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .map_or_else(|| "none".into(), |leaf| fingerprint(leaf));
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let alpn = alpn.clone();
+                    let (alpn, client) = (alpn.clone(), client.clone());
                     async move {
                         Ok::<_, Infallible>(
                             Response::builder()
                                 .header("x-alpn", alpn)
+                                .header("x-client-cert", client)
                                 .body(Full::new(Bytes::from(format!("{:?}", req.version()))))
                                 .unwrap(),
                         )
@@ -338,14 +337,23 @@ async fn http_health_checks_go_over_tls_and_http2_like_requests() {
     assert!(error.contains("its certificate did not verify"), "{bad}");
 }
 
-/// A client certificate signed by `ca`, for `name`: its PEM and its key's PEM.
-fn client_certificate(ca: &Ca, name: &str) -> (String, String) {
+/// Tells certificates apart: the last bytes of the DER, which are of the signature.
+fn fingerprint(der: &[u8]) -> String {
+    der[der.len() - 8..]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A client certificate signed by `ca`, for `name`: its PEM, its key's PEM and its
+/// [`fingerprint`].
+fn client_certificate(ca: &Ca, name: &str) -> (String, String, String) {
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.distinguished_name.push(DnType::CommonName, name);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
-    (cert.pem(), key.serialize_pem())
+    (cert.pem(), key.serialize_pem(), fingerprint(cert.der()))
 }
 
 /// nginx's `proxy_ssl_certificate`, HAProxy's `crt` on a server line: an origin that asks
@@ -356,7 +364,7 @@ async fn a_service_with_a_client_certificate_is_served_by_an_origin_that_asks_fo
     let server_ca = ca("drover test CA");
     let client_ca = ca("drover test client CA");
     let origin = https_origin_asking(&server_ca, Some(&client_ca)).await;
-    let (client_cert, client_key) = client_certificate(&client_ca, "drover");
+    let (client_cert, client_key, _) = client_certificate(&client_ca, "drover");
     let dir = tempfile::tempdir().unwrap();
     let (ca_pem, cert_pem, key_pem) = (
         dir.path().join("ca.pem"),
@@ -403,10 +411,10 @@ endpoints = [ {{ address = "{origin}" }} ]
 }
 
 /// A client certificate is reloaded when its files change, as a listener's certificate is,
-/// without a configuration change: connections opened after the change show the new one.
-/// Files that cannot be used are logged, and the certificate in force stays. The service
-/// keeps no idle connection and the origin resumes no session, so every request makes a
-/// handshake that shows the certificate.
+/// without a configuration change: connections opened after the change show the new one,
+/// and none resumes a TLS session made with the old one. Files that cannot be used are
+/// logged, and the certificate in force stays. The service keeps no idle connection, so
+/// that every request opens one; the origin says which certificate it got.
 #[tokio::test]
 async fn a_service_s_client_certificate_is_reloaded_when_its_files_change() {
     let server_ca = ca("drover test CA");
@@ -420,9 +428,10 @@ async fn a_service_s_client_certificate_is_reloaded_when_its_files_change() {
         dir.path().join("client.key"),
     );
     std::fs::write(&ca_pem, server_ca.cert.pem()).unwrap();
-    let write_pair = |(cert, key): (String, String)| {
+    let write_pair = |(cert, key, id): (String, String, String)| {
         std::fs::write(&cert_pem, cert).unwrap();
         std::fs::write(&key_pem, key).unwrap();
+        id
     };
     write_pair(client_certificate(&stranger, "drover"));
 
@@ -453,17 +462,28 @@ endpoints = [ {{ address = "{origin}" }} ]
     let (status, _, _) = get(&client, &url).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "a stranger's certificate");
 
+    // Each request on a new connection; the origin names the certificate it got.
+    let shown = || async {
+        let (status, headers, _) = get(&client, &url).await;
+        assert_eq!(status, StatusCode::OK, "{}", drover.log_text());
+        headers["x-client-cert"].to_str().unwrap().to_string()
+    };
     // A certificate the origin's CA signed, in place of the stranger's.
-    write_pair(client_certificate(&client_ca, "drover"));
+    let first = write_pair(client_certificate(&client_ca, "drover"));
     drover.wait_log("reloaded client certificate", 1).await;
     for _ in 0..3 {
-        let (status, _, body) = get(&client, &url).await;
-        assert_eq!(status, StatusCode::OK, "{}", drover.log_text());
-        assert_eq!(body, "HTTP/1.1");
+        assert_eq!(shown().await, first);
+    }
+
+    // Renewed: the sessions made with the first are not resumed.
+    let renewed = write_pair(client_certificate(&client_ca, "drover"));
+    drover.wait_log("reloaded client certificate", 2).await;
+    for _ in 0..3 {
+        assert_eq!(shown().await, renewed);
     }
 
     // A key cut short: logged with the file, and the certificate loaded before stays.
-    let (_, key) = client_certificate(&client_ca, "drover");
+    let (_, key, _) = client_certificate(&client_ca, "drover");
     std::fs::write(&key_pem, &key[..60]).unwrap();
     let log = drover
         .wait_log("cannot reload service mutual: its client certificate", 1)
@@ -473,8 +493,7 @@ endpoints = [ {{ address = "{origin}" }} ]
         "the error names the file:\n{log}"
     );
     for _ in 0..3 {
-        let (status, _, _) = get(&client, &url).await;
-        assert_eq!(status, StatusCode::OK, "{}", drover.log_text());
+        assert_eq!(shown().await, renewed);
     }
     assert_eq!(
         drover.generation().await,

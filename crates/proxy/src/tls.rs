@@ -29,12 +29,15 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use drover_model::{CertificateFiles, ListenerSpec, ListenerTls, Protocol, TlsVersion};
-use rustls::client::ResolvesClientCert;
+use rustls::client::{
+    ClientSessionMemoryCache, ClientSessionStore, ResolvesClientCert, Tls12ClientSessionValue,
+    Tls13ClientSessionValue,
+};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{ServerConfig, SignatureScheme, SupportedProtocolVersion};
+use rustls::{NamedGroup, ServerConfig, SignatureScheme, SupportedProtocolVersion};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -539,10 +542,12 @@ fn spawn_until(
 
 /// drover's client certificate for a service's endpoints (the service's `tls.cert` and
 /// `tls.key`), shown to those that ask for one. Its files are polled as a listener's
-/// certificates are, and a changed pair is loaded for the connections opened after it;
-/// connections already open keep the certificate they were opened with.
+/// certificates are, and a changed pair is loaded for the connections opened after it (with
+/// the sessions to resume forgotten); connections already open keep the certificate they
+/// were opened with.
 pub(crate) struct ClientCert {
     resolver: Arc<ClientCertResolver>,
+    sessions: Arc<Sessions>,
     service: String,
     files: CertificateFiles,
     /// The files' metadata when they were loaded.
@@ -568,6 +573,7 @@ impl ClientCert {
         let entry = load_pair(files).map_err(|e| client_cert_error(service, &e))?;
         Ok(Self {
             resolver: Arc::new(ClientCertResolver(ArcSwap::new(entry.key))),
+            sessions: Arc::new(Sessions::new()),
             service: service.to_string(),
             files: files.clone(),
             stamp,
@@ -581,6 +587,12 @@ impl ClientCert {
         self.resolver.clone()
     }
 
+    /// Where a rustls client config keeps the sessions it may resume: forgotten when the
+    /// certificate is reloaded.
+    pub(crate) fn sessions(&self) -> Arc<dyn ClientSessionStore> {
+        self.sessions.clone()
+    }
+
     /// Starts reloading the certificate when its files change, unless that has started
     /// already; until this is dropped or `shutdown` is cancelled.
     pub(crate) fn watch(&self, shutdown: &CancellationToken) {
@@ -589,6 +601,7 @@ impl ClientCert {
         }
         let task = keep_current(
             self.resolver.clone(),
+            self.sessions.clone(),
             self.service.clone(),
             self.files.clone(),
             Settling::new(self.stamp),
@@ -604,6 +617,7 @@ fn client_cert_error(service: &str, e: &str) -> String {
 /// Polls a client certificate's files and loads them into `resolver` when they have changed.
 async fn keep_current(
     resolver: Arc<ClientCertResolver>,
+    sessions: Arc<Sessions>,
     service: String,
     files: CertificateFiles,
     mut stamps: Settling<PairStamp>,
@@ -622,6 +636,7 @@ async fn keep_current(
         match tokio::task::spawn_blocking(move || load_pair(&watched)).await {
             Ok(Ok(entry)) => {
                 resolver.0.store(entry.key);
+                sessions.forget();
                 tracing::info!(
                     service = %service,
                     "reloaded client certificate {} and key {}; new connections to the endpoints show it",
@@ -636,6 +651,65 @@ async fn keep_current(
             ),
             Err(e) => tracing::error!(service = %service, "client certificate reload failed: {e}"),
         }
+    }
+}
+
+/// The TLS sessions that a service's connections may resume. A resumed session keeps the
+/// client identity of the handshake it came from, so once the client certificate is
+/// reloaded they are forgotten: resuming one would show the endpoint the old certificate.
+#[derive(Debug)]
+struct Sessions(ArcSwap<ClientSessionMemoryCache>);
+
+/// How many endpoints' sessions a service keeps (rustls' default).
+const SESSIONS: usize = 256;
+
+impl Sessions {
+    fn new() -> Self {
+        Self(ArcSwap::from_pointee(ClientSessionMemoryCache::new(
+            SESSIONS,
+        )))
+    }
+
+    fn forget(&self) {
+        self.0
+            .store(Arc::new(ClientSessionMemoryCache::new(SESSIONS)));
+    }
+}
+
+impl ClientSessionStore for Sessions {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: NamedGroup) {
+        self.0.load().set_kx_hint(server_name, group);
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<NamedGroup> {
+        self.0.load().kx_hint(server_name)
+    }
+
+    fn set_tls12_session(&self, server_name: ServerName<'static>, value: Tls12ClientSessionValue) {
+        self.0.load().set_tls12_session(server_name, value);
+    }
+
+    fn tls12_session(&self, server_name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        self.0.load().tls12_session(server_name)
+    }
+
+    fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
+        self.0.load().remove_tls12_session(server_name);
+    }
+
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: Tls13ClientSessionValue,
+    ) {
+        self.0.load().insert_tls13_ticket(server_name, value);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        server_name: &ServerName<'static>,
+    ) -> Option<Tls13ClientSessionValue> {
+        self.0.load().take_tls13_ticket(server_name)
     }
 }
 

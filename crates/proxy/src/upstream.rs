@@ -317,7 +317,11 @@ impl Tls {
             _ => None,
         };
         let mut config = match &client_cert {
-            Some(c) => config.with_client_cert_resolver(c.resolver()),
+            Some(c) => {
+                let mut config = config.with_client_cert_resolver(c.resolver());
+                config.resumption = rustls::client::Resumption::store(c.sessions());
+                config
+            }
             None => config.with_no_client_auth(),
         };
         config.alpn_protocols = vec![match protocol {
