@@ -614,7 +614,8 @@ fn client_cert_error(service: &str, e: &str) -> String {
     format!("service {service}: its client certificate, tls.{e}")
 }
 
-/// Polls a client certificate's files and loads them into `resolver` when they have changed.
+/// Polls a client certificate's files; when they have changed, loads them into `resolver`
+/// and forgets the `sessions` made with the certificate before.
 async fn keep_current(
     resolver: Arc<ClientCertResolver>,
     sessions: Arc<Sessions>,
@@ -657,6 +658,7 @@ async fn keep_current(
 /// The TLS sessions that a service's connections may resume. A resumed session keeps the
 /// client identity of the handshake it came from, so once the client certificate is
 /// reloaded they are forgotten: resuming one would show the endpoint the old certificate.
+/// (A handshake under way at the reload may still leave one from the old certificate.)
 #[derive(Debug)]
 struct Sessions(ArcSwap<ClientSessionMemoryCache>);
 
