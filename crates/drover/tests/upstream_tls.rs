@@ -9,7 +9,7 @@ mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -356,6 +356,47 @@ fn client_certificate(ca: &Ca, name: &str) -> (String, String, String) {
     (cert.pem(), key.serialize_pem(), fingerprint(cert.der()))
 }
 
+/// The files of a service with mutual TLS, in a directory of their own: the CA that signed
+/// the origin's certificate, and drover's client certificate and key.
+struct MutualFiles {
+    _dir: tempfile::TempDir,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl MutualFiles {
+    fn new(server_ca: &Ca) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name| dir.path().join(name);
+        let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client.key"));
+        std::fs::write(&ca, server_ca.cert.pem()).unwrap();
+        Self {
+            _dir: dir,
+            ca,
+            cert,
+            key,
+        }
+    }
+
+    /// Writes a [`client_certificate`] and its key; returns its fingerprint.
+    fn write(&self, (cert, key, id): (String, String, String)) -> String {
+        std::fs::write(&self.cert, cert).unwrap();
+        std::fs::write(&self.key, key).unwrap();
+        id
+    }
+
+    /// The service's `tls` setting, for endpoints with a certificate for `origin.test`.
+    fn tls(&self) -> String {
+        format!(
+            r#"tls = {{ ca = "{}", server_name = "origin.test", cert = "{}", key = "{}" }}"#,
+            self.ca.display(),
+            self.cert.display(),
+            self.key.display()
+        )
+    }
+}
+
 /// nginx's `proxy_ssl_certificate`, HAProxy's `crt` on a server line: an origin that asks
 /// for a client certificate serves the service that shows one its CA signed, and refuses the
 /// service that shows none (a 502, as for any handshake that fails).
@@ -364,22 +405,14 @@ async fn a_service_with_a_client_certificate_is_served_by_an_origin_that_asks_fo
     let server_ca = ca("drover test CA");
     let client_ca = ca("drover test client CA");
     let origin = https_origin_asking(&server_ca, Some(&client_ca)).await;
-    let (client_cert, client_key, _) = client_certificate(&client_ca, "drover");
-    let dir = tempfile::tempdir().unwrap();
-    let (ca_pem, cert_pem, key_pem) = (
-        dir.path().join("ca.pem"),
-        dir.path().join("client.pem"),
-        dir.path().join("client.key"),
-    );
-    std::fs::write(&ca_pem, server_ca.cert.pem()).unwrap();
-    std::fs::write(&cert_pem, client_cert).unwrap();
-    std::fs::write(&key_pem, client_key).unwrap();
+    let files = MutualFiles::new(&server_ca);
+    files.write(client_certificate(&client_ca, "drover"));
 
     let port = free_port();
     let mut text = config(
         port,
         origin,
-        &[("anonymous", &ca_pem, "origin.test", "http1")],
+        &[("anonymous", &files.ca, "origin.test", "http1")],
     );
     text.push_str(&format!(
         r#"
@@ -389,12 +422,10 @@ path_prefix = "/mutual"
 service = "mutual"
 
 [services.mutual]
-tls = {{ ca = "{}", server_name = "origin.test", cert = "{}", key = "{}" }}
+{}
 endpoints = [ {{ address = "{origin}" }} ]
 "#,
-        ca_pem.display(),
-        cert_pem.display(),
-        key_pem.display()
+        files.tls()
     ));
     let drover = Drover::start(&text).await;
     let client = client();
@@ -421,19 +452,8 @@ async fn a_service_s_client_certificate_is_reloaded_when_its_files_change() {
     let client_ca = ca("drover test client CA");
     let stranger = ca("a CA the origin does not know");
     let origin = https_origin_asking(&server_ca, Some(&client_ca)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (ca_pem, cert_pem, key_pem) = (
-        dir.path().join("ca.pem"),
-        dir.path().join("client.pem"),
-        dir.path().join("client.key"),
-    );
-    std::fs::write(&ca_pem, server_ca.cert.pem()).unwrap();
-    let write_pair = |(cert, key, id): (String, String, String)| {
-        std::fs::write(&cert_pem, cert).unwrap();
-        std::fs::write(&key_pem, key).unwrap();
-        id
-    };
-    write_pair(client_certificate(&stranger, "drover"));
+    let files = MutualFiles::new(&server_ca);
+    files.write(client_certificate(&stranger, "drover"));
 
     let port = free_port();
     let drover = Drover::start(&format!(
@@ -448,12 +468,10 @@ service = "mutual"
 
 [services.mutual]
 pool_max_idle = 0
-tls = {{ ca = "{}", server_name = "origin.test", cert = "{}", key = "{}" }}
+{}
 endpoints = [ {{ address = "{origin}" }} ]
 "#,
-        ca_pem.display(),
-        cert_pem.display(),
-        key_pem.display()
+        files.tls()
     ))
     .await;
     let generation = drover.generation().await;
@@ -469,14 +487,14 @@ endpoints = [ {{ address = "{origin}" }} ]
         headers["x-client-cert"].to_str().unwrap().to_string()
     };
     // A certificate the origin's CA signed, in place of the stranger's.
-    let first = write_pair(client_certificate(&client_ca, "drover"));
+    let first = files.write(client_certificate(&client_ca, "drover"));
     drover.wait_log("reloaded client certificate", 1).await;
     for _ in 0..3 {
         assert_eq!(shown().await, first);
     }
 
     // Renewed: the sessions made with the first are not resumed.
-    let renewed = write_pair(client_certificate(&client_ca, "drover"));
+    let renewed = files.write(client_certificate(&client_ca, "drover"));
     drover.wait_log("reloaded client certificate", 2).await;
     for _ in 0..3 {
         assert_eq!(shown().await, renewed);
@@ -484,12 +502,12 @@ endpoints = [ {{ address = "{origin}" }} ]
 
     // A key cut short: logged with the file, and the certificate loaded before stays.
     let (_, key, _) = client_certificate(&client_ca, "drover");
-    std::fs::write(&key_pem, &key[..60]).unwrap();
+    std::fs::write(&files.key, &key[..60]).unwrap();
     let log = drover
         .wait_log("cannot reload service mutual: its client certificate", 1)
         .await;
     assert!(
-        log.contains(&format!("tls.key {}", key_pem.display())),
+        log.contains(&format!("tls.key {}", files.key.display())),
         "the error names the file:\n{log}"
     );
     for _ in 0..3 {
