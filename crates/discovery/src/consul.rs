@@ -28,7 +28,10 @@
 //! file's certificates only ([`ConsulTls::ca_file`]); drover shows a client certificate if
 //! given one ([`ConsulTls::client`]). A CA file or client certificate that cannot be read or
 //! used stops [`ConsulSource::new`]; a handshake that fails is an unreachable Consul, logged
-//! with the TLS error.
+//! with the TLS error. While the source runs, the client certificate's files are polled and
+//! a renewed pair is shown on the connections opened after it (`drover_certs::ClientCert`);
+//! the connections already open, blocking queries included, keep the one they were opened
+//! with.
 //!
 //! Health (`drover_source_*` in /metrics): every answer that parses is a sync of the source
 //! `consul`; a query that gets no answer, an error status, or an answer that does not parse is
@@ -42,9 +45,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use drover_certs::{ClientCert, Holder};
 use drover_control::sources::SourceHealth;
 use drover_control::{Snapshot, SnapshotSender};
-use drover_model::{Config, ListenerSpec, Policy, Protocol, RouteSpec, ServiceSpec, SourceId};
+use drover_model::{
+    CertificateFiles, Config, ListenerSpec, Policy, Protocol, RouteSpec, ServiceSpec, SourceId,
+};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::header::HeaderValue;
 use hyper::{Request, StatusCode, Uri};
@@ -52,8 +58,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -226,17 +232,18 @@ impl ConsulSource {
         connector.set_nodelay(true);
         let mut builder = Client::builder(TokioExecutor::new());
         builder.pool_idle_timeout(Duration::from_secs(90));
-        let (client, roots) = if https {
-            let (config, roots) = tls_config(&options.tls.unwrap_or_default())?;
+        let (client, roots, client_cert) = if https {
+            let (config, roots, client_cert) = tls_config(&options.tls.unwrap_or_default())?;
             connector.enforce_http(false);
             let connector = hyper_rustls::HttpsConnectorBuilder::new()
                 .with_tls_config(config)
                 .https_only()
                 .enable_http1()
                 .wrap_connector(connector);
-            (HttpClient::Tls(builder.build(connector)), Some(roots))
+            let client = HttpClient::Tls(builder.build(connector));
+            (client, Some(roots), client_cert)
         } else {
-            (HttpClient::Plain(builder.build(connector)), None)
+            (HttpClient::Plain(builder.build(connector)), None, None)
         };
         Ok(Self {
             mappings,
@@ -245,6 +252,7 @@ impl ConsulSource {
                 client,
                 base,
                 roots,
+                client_cert,
                 token,
                 datacenter,
                 wait: options.wait,
@@ -278,6 +286,9 @@ impl ConsulSource {
             tokio::spawn(async move { watch_catalog(api, tx, stop).await });
         }
         drop(tx);
+        if let Some(cert) = &self.api.client_cert {
+            cert.watch(&stop);
+        }
         tracing::info!(
             consul = %self.api.base,
             tls = self.api.roots.as_deref().unwrap_or("off"),
@@ -873,9 +884,11 @@ impl HttpClient {
     }
 }
 
-/// The client configuration of TLS to Consul (TLS 1.2 and 1.3, ring), and what its
-/// certificates are verified against, to be logged.
-fn tls_config(tls: &ConsulTls) -> Result<(rustls::ClientConfig, String), String> {
+/// The client configuration of TLS to Consul (TLS 1.2 and 1.3, ring), what Consul's
+/// certificate is verified against (to be logged), and the client certificate it shows.
+fn tls_config(
+    tls: &ConsulTls,
+) -> Result<(rustls::ClientConfig, String, Option<ClientCert>), String> {
     let mut roots = rustls::RootCertStore::empty();
     let described = match &tls.ca_file {
         Some(path) => {
@@ -920,46 +933,22 @@ fn tls_config(tls: &ConsulTls) -> Result<(rustls::ClientConfig, String), String>
     .with_safe_default_protocol_versions()
     .map_err(|e| format!("cannot set up TLS to Consul: {e}"))?
     .with_root_certificates(roots);
-    let config = match &tls.client {
-        None => builder.with_no_client_auth(),
-        Some(client) => {
-            let (chain, key) = client_certificate(client)?;
-            builder.with_client_auth_cert(chain, key).map_err(|e| {
-                format!(
-                    "the Consul client certificate {} and key {} cannot be used together: {e}",
-                    client.cert.display(),
-                    client.key.display()
-                )
-            })?
-        }
+    let Some(client) = &tls.client else {
+        return Ok((builder.with_no_client_auth(), described, None));
     };
-    Ok((config, described))
-}
-
-/// Reads a client certificate chain and its key; the error names the file and what would
-/// be right.
-fn client_certificate(
-    client: &ClientCertificate,
-) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
-    let (cert, key) = (client.cert.display(), client.key.display());
-    let pem = std::fs::read(&client.cert)
-        .map_err(|e| format!("cannot read the Consul client certificate {cert}: {e}"))?;
-    let chain = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("the Consul client certificate {cert} is not valid PEM: {e}"))?;
-    if chain.is_empty() {
-        return Err(format!(
-            "the Consul client certificate {cert} holds no certificate: give a PEM file with the leaf certificate first (-----BEGIN CERTIFICATE-----)"
-        ));
-    }
-    let pem = std::fs::read(&client.key)
-        .map_err(|e| format!("cannot read the Consul client key {key}: {e}"))?;
-    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
-        format!(
-            "the Consul client key {key} holds no private key ({e}): give a PEM \"PRIVATE KEY\", \"RSA PRIVATE KEY\" or \"EC PRIVATE KEY\" block"
-        )
-    })?;
-    Ok((chain, key))
+    let holder = Holder {
+        name: "Consul".into(),
+        settings: "--consul-",
+        peer: "Consul",
+    };
+    let files = CertificateFiles {
+        cert: client.cert.clone(),
+        key: client.key.clone(),
+    };
+    let cert = ClientCert::load(holder, &files)?;
+    let mut config = builder.with_client_cert_resolver(cert.resolver());
+    config.resumption = rustls::client::Resumption::store(cert.sessions());
+    Ok((config, described, Some(cert)))
 }
 
 fn certificates(n: usize) -> String {
@@ -976,6 +965,8 @@ struct Api {
     base: String,
     /// With TLS, what Consul's certificate is verified against.
     roots: Option<String>,
+    /// With TLS, the certificate drover shows Consul, if it was given one.
+    client_cert: Option<ClientCert>,
     token: Option<HeaderValue>,
     datacenter: Option<String>,
     wait: Duration,
@@ -1569,17 +1560,17 @@ mod tests {
         };
         let missing = dir.path().join("missing.pem");
         let e = with(&missing, &empty);
-        assert!(
-            e.starts_with(&format!(
-                "cannot read the Consul client certificate {}: ",
+        assert_eq!(
+            e,
+            format!(
+                "Consul: its client certificate, --consul-cert {}: no such file",
                 missing.display()
-            )),
-            "{e}"
+            )
         );
         let e = with(&empty, &empty);
         assert!(
             e.starts_with(&format!(
-                "the Consul client certificate {} holds no certificate",
+                "Consul: its client certificate, --consul-cert {}: no certificate in it",
                 empty.display()
             )),
             "{e}"

@@ -469,6 +469,71 @@ async fn a_consul_that_verifies_clients_is_watched_with_the_client_certificate()
     );
 }
 
+/// A client certificate renewed in place (by Vault, consul-template or cert-manager) is shown
+/// on the connections drover opens after it, with no restart. Files that cannot be used are
+/// logged, and the certificate loaded before stays in use.
+#[tokio::test]
+async fn a_renewed_consul_client_certificate_is_shown_without_a_restart() {
+    let consul = ConsulDouble::start_tls_verifying_clients().await;
+    let a = Origin::start("a").await;
+    consul.register("web-a", "web", a.addr, &[]);
+    let (dir, ca) = write_ca(&consul);
+    // First a certificate that the double's CA did not sign.
+    let stranger = rcgen::generate_simple_self_signed(vec!["drover".to_string()]).unwrap();
+    let (cert, key) = (dir.path().join("client.pem"), dir.path().join("client.key"));
+    std::fs::write(&cert, stranger.cert.pem()).unwrap();
+    std::fs::write(&key, stranger.key_pair.serialize_pem()).unwrap();
+    let args = [
+        "--consul-ca",
+        &ca,
+        "--consul-cert",
+        cert.to_str().unwrap(),
+        "--consul-key",
+        key.to_str().unwrap(),
+    ];
+    let (drover, port) = drover_for(&consul, "web", &args).await;
+    let log = drover.wait_log("consul unreachable since", 1).await;
+    assert_eq!(names(&origins(port, 3).await), ["503"], "{log}");
+    assert_eq!(consul.health_queries(), 0, "the stranger was refused");
+
+    // Renewed in place with one the CA signed: drover's next try shows it.
+    let (cert_pem, key_pem) = consul.client_pem();
+    std::fs::write(&cert, cert_pem).unwrap();
+    std::fs::write(&key, key_pem).unwrap();
+    drover
+        .wait_log("Consul: reloaded client certificate", 1)
+        .await;
+    until_exactly(port, &["a"], Duration::from_secs(15)).await;
+
+    // A key cut short is logged and not used: once Consul has restarted, closing every
+    // connection, drover connects again with the certificate that works.
+    std::fs::write(&key, &key_pem[..key_pem.len() / 2]).unwrap();
+    let log = drover
+        .wait_log(
+            "cannot reload Consul: its client certificate, --consul-key",
+            1,
+        )
+        .await;
+    assert!(
+        log.contains("the client certificate loaded before stays in use"),
+        "{log}"
+    );
+    consul.stop();
+    consul.start_again().await;
+    let b = Origin::start("b").await;
+    consul.register("web-b", "web", b.addr, &[]);
+    until_exactly(port, &["a", "b"], Duration::from_secs(15)).await;
+    assert_eq!(
+        drover
+            .log_text()
+            .matches("reloaded client certificate")
+            .count(),
+        1,
+        "{}",
+        drover.log_text()
+    );
+}
+
 #[tokio::test]
 async fn a_consul_ca_file_that_cannot_be_read_stops_start_up() {
     let consul = ConsulDouble::start_tls().await;

@@ -107,7 +107,7 @@ pub(crate) fn read_key_files(files: &[PathBuf]) -> Result<Vec<Key>, String> {
     let mut keys: Vec<Key> = Vec::with_capacity(files.len());
     for (i, path) in files.iter().enumerate() {
         let at = || format!("tls.session_ticket_keys[{i}] {}", path.display());
-        let bytes = crate::tls::read(path).map_err(|e| format!("{}: {e}", at()))?;
+        let bytes = drover_certs::read(path).map_err(|e| format!("{}: {e}", at()))?;
         let key = Key::from_bytes(&bytes).map_err(|e| format!("{}: {e}", at()))?;
         // The same file twice is harmless (it happens half-way through a rotation); one name
         // for two secrets would leave the second's tickets unopened.

@@ -1,7 +1,6 @@
 //! TLS on listeners: termination with rustls, certificates chosen by SNI and reloaded when
 //! their files change, and the SNI of a ClientHello read without terminating (passthrough on
-//! TCP listeners). Also the client certificates that services show their endpoints
-//! ([`ClientCert`]), reloaded the same way.
+//! TCP listeners).
 //!
 //! A [`Terminator`] is one listener's TLS: its rustls settings (versions, ALPN) and a
 //! [`Resolver`] that holds the loaded certificates in an `ArcSwap`. A handshake reads that
@@ -11,41 +10,29 @@
 //!
 //! Certificates (and ticket key files, when the listener lists some) are loaded when a
 //! configuration is applied, and a file that cannot be used rejects the configuration. After
-//! that a watcher polls the files' metadata every [`POLL_EVERY`] and loads a changed pair (or
-//! the changed set of key files) once it has stayed the same for one poll (so that a
-//! certificate and key written one after the other are not read half-way). What fails to
-//! load is logged and what was loaded before stays in use. Polling rather than inotify: it
-//! sees every way a file is replaced (written in place, renamed over, a Kubernetes secret
-//! volume's symlink swap, network file systems where inotify stays silent) for one `stat`
-//! call per file per second.
+//! that a watcher polls the files as `drover_certs` describes, every
+//! [`POLL_EVERY`](drover_certs::POLL_EVERY), and loads a changed pair (or the changed set of
+//! key files) once it has stayed the same for one poll. What fails to load is logged and what
+//! was loaded before stays in use. The client certificates that services show their
+//! endpoints are `drover_certs::ClientCert`s, reloaded the same way.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use drover_certs::{Entry, PairStamp, Settling, Stamp, load_pair, polls, spawn_until};
 use drover_model::{CertificateFiles, ListenerSpec, ListenerTls, Protocol, TlsVersion};
-use rustls::client::{
-    ClientSessionMemoryCache, ClientSessionStore, ResolvesClientCert, Tls12ClientSessionValue,
-    Tls13ClientSessionValue,
-};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{NamedGroup, ServerConfig, SignatureScheme, SupportedProtocolVersion};
+use rustls::{ServerConfig, SupportedProtocolVersion};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::tickets::{Tickets, read_key_files};
-
-/// How often the certificate files are checked for changes.
-pub(crate) const POLL_EVERY: Duration = Duration::from_secs(1);
 
 /// One listener's TLS termination.
 pub(crate) struct Terminator {
@@ -193,13 +180,6 @@ impl fmt::Debug for CertSet {
     }
 }
 
-/// One certificate chain with its key, and the DNS names of its leaf.
-#[derive(Clone)]
-pub(crate) struct Entry {
-    pub(crate) key: Arc<CertifiedKey>,
-    names: Vec<String>,
-}
-
 impl CertSet {
     fn new(entries: Vec<Entry>) -> Self {
         let (mut exact, mut wildcard) = (HashMap::new(), HashMap::new());
@@ -235,196 +215,6 @@ impl CertSet {
         let (_, parent) = name.split_once('.')?;
         self.wildcard.get(parent).copied()
     }
-}
-
-/// Reads and checks one certificate chain and its key.
-pub(crate) fn load_pair(files: &CertificateFiles) -> Result<Entry, String> {
-    let cert_path = files.cert.display();
-    let key_path = files.key.display();
-    let cert_pem = read(&files.cert).map_err(|e| format!("cert {cert_path}: {e}"))?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("cert {cert_path}: not a valid PEM file: {e}"))?;
-    let Some(leaf) = chain.first() else {
-        return Err(format!(
-            "cert {cert_path}: no certificate in it; expected PEM blocks \"-----BEGIN CERTIFICATE-----\", the leaf first, then its intermediates"
-        ));
-    };
-    let names = dns_names(leaf).ok_or_else(|| {
-        format!("cert {cert_path}: the first certificate is not a valid X.509 certificate")
-    })?;
-    let key_pem = read(&files.key).map_err(|e| format!("key {key_path}: {e}"))?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-        format!(
-            "key {key_path}: no private key in it ({e}); expected a PEM \"PRIVATE KEY\" (PKCS#8), \"RSA PRIVATE KEY\" (PKCS#1) or \"EC PRIVATE KEY\" (SEC1) block"
-        )
-    })?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
-        .map_err(|e| format!("key {key_path}: not a usable private key: {e}"))?;
-    let key = CertifiedKey::new(chain, signer);
-    match key.keys_match() {
-        Ok(()) => {}
-        // The key cannot tell its public half; the handshake will show.
-        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
-        Err(_) => {
-            return Err(format!(
-                "key {key_path} does not match the certificate in {cert_path}"
-            ));
-        }
-    }
-    Ok(Entry {
-        key: Arc::new(key),
-        names,
-    })
-}
-
-pub(crate) fn read(path: &Path) -> io::Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => io::Error::new(e.kind(), "no such file"),
-        _ => e,
-    })
-}
-
-/// The DNS names in a certificate's subject alternative names, lowercase; None when the DER
-/// does not parse as a certificate.
-fn dns_names(cert: &CertificateDer<'_>) -> Option<Vec<String>> {
-    let (tag, certificate, _) = der(cert.as_ref())?;
-    if tag != 0x30 {
-        return None;
-    }
-    let (tag, mut tbs, _) = der(certificate)?;
-    if tag != 0x30 {
-        return None;
-    }
-    let mut names = Vec::new();
-    while !tbs.is_empty() {
-        let (tag, value, rest) = der(tbs)?;
-        tbs = rest;
-        // [3] EXPLICIT Extensions.
-        if tag != 0xa3 {
-            continue;
-        }
-        let (_, mut extensions, _) = der(value)?;
-        while !extensions.is_empty() {
-            let (_, mut extension, rest) = der(extensions)?;
-            extensions = rest;
-            let (_, oid, rest) = der(extension)?;
-            extension = rest;
-            // 2.5.29.17, subjectAltName.
-            if oid != [0x55, 0x1d, 0x11] {
-                continue;
-            }
-            let (mut tag, mut value, rest) = der(extension)?;
-            if tag == 0x01 {
-                // The critical flag.
-                (tag, value, _) = der(rest)?;
-            }
-            if tag != 0x04 {
-                return None;
-            }
-            let (_, mut general_names, _) = der(value)?;
-            while !general_names.is_empty() {
-                let (tag, name, rest) = der(general_names)?;
-                general_names = rest;
-                // [2] IMPLICIT IA5String dNSName.
-                if tag == 0x82
-                    && let Ok(name) = std::str::from_utf8(name)
-                {
-                    names.push(name.to_ascii_lowercase());
-                }
-            }
-        }
-    }
-    Some(names)
-}
-
-/// One DER element: its tag, its contents and what follows it.
-fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, mut rest) = rest.split_first()?;
-    let len = if first < 0x80 {
-        usize::from(first)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |l, b| (l << 8) | usize::from(*b));
-        rest = &rest[n..];
-        len
-    };
-    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-}
-
-/// What a file's metadata says about its contents: when it was written, its size and its
-/// inode (which a rename over it changes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stamp {
-    modified: Option<SystemTime>,
-    len: u64,
-    inode: u64,
-}
-
-impl Stamp {
-    /// None when the file cannot be read. Follows symbolic links, so a swapped link target
-    /// counts as a change.
-    fn of(path: &Path) -> Option<Self> {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(path).ok().map(|m| Stamp {
-            modified: m.modified().ok(),
-            len: m.len(),
-            inode: m.ino(),
-        })
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct PairStamp([Option<Stamp>; 2]);
-
-impl PairStamp {
-    fn of(files: &CertificateFiles) -> Self {
-        Self([Stamp::of(&files.cert), Stamp::of(&files.key)])
-    }
-}
-
-/// Tells when watched files have changed and then stayed the same for one poll, so that files
-/// written one after the other (a certificate, then its key) are not read half-way.
-struct Settling<T> {
-    /// The stamps of the files in force (or that last failed to load).
-    loaded: T,
-    /// The stamps seen at the poll before.
-    previous: T,
-}
-
-impl<T: Clone + PartialEq> Settling<T> {
-    fn new(loaded: T) -> Self {
-        Self {
-            previous: loaded.clone(),
-            loaded,
-        }
-    }
-
-    /// Takes one poll's stamps. True when they differ from those loaded and are the same as
-    /// one poll ago: the writer is done, and the files are to be loaded (they count as loaded
-    /// from here, so that a load that fails is not tried again until they change again).
-    fn settled(&mut self, seen: T) -> bool {
-        let settled = seen != self.loaded && seen == self.previous;
-        if settled {
-            self.loaded = seen.clone();
-        }
-        self.previous = seen;
-        settled
-    }
-}
-
-/// Ticks every [`POLL_EVERY`], the first tick one poll from now.
-async fn polls() -> tokio::time::Interval {
-    let mut every = tokio::time::interval(POLL_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    every.tick().await;
-    every
 }
 
 /// Reloads one listener's certificates, and its session ticket key files, when their files
@@ -521,218 +311,6 @@ impl KeyFiles {
             ),
             Err(e) => tracing::error!(listener, "session ticket key reload failed: {e}"),
         }
-    }
-}
-
-/// Runs `task` until it ends or `stop` or `shutdown` is cancelled.
-fn spawn_until(
-    task: impl Future<Output = ()> + Send + 'static,
-    stop: &CancellationToken,
-    shutdown: &CancellationToken,
-) {
-    let (stop, shutdown) = (stop.clone(), shutdown.clone());
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = task => {}
-            _ = stop.cancelled() => {}
-            _ = shutdown.cancelled() => {}
-        }
-    });
-}
-
-/// drover's client certificate for a service's endpoints (the service's `tls.cert` and
-/// `tls.key`), shown to those that ask for one. Its files are polled as a listener's
-/// certificates are, and a changed pair is loaded for the connections opened after it (with
-/// the sessions to resume forgotten); connections already open keep the certificate they
-/// were opened with.
-pub(crate) struct ClientCert {
-    resolver: Arc<ClientCertResolver>,
-    sessions: Arc<Sessions>,
-    service: String,
-    files: CertificateFiles,
-    /// The files' metadata when they were loaded.
-    stamp: PairStamp,
-    /// Whether its watcher runs: a service keeps its connector, and so this, across
-    /// configurations that do not change its TLS settings.
-    watched: AtomicBool,
-    /// Stops the watcher when no service uses this certificate any more.
-    stop: CancellationToken,
-}
-
-impl Drop for ClientCert {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-impl ClientCert {
-    /// Loads a service's client certificate. The error names the service and the file and
-    /// says what is wrong with it.
-    pub(crate) fn load(service: &str, files: &CertificateFiles) -> Result<Self, String> {
-        let stamp = PairStamp::of(files);
-        let entry = load_pair(files).map_err(|e| client_cert_error(service, &e))?;
-        Ok(Self {
-            resolver: Arc::new(ClientCertResolver(ArcSwap::new(entry.key))),
-            sessions: Arc::new(Sessions::new()),
-            service: service.to_string(),
-            files: files.clone(),
-            stamp,
-            watched: AtomicBool::new(false),
-            stop: CancellationToken::new(),
-        })
-    }
-
-    /// What a rustls client config shows the endpoints.
-    pub(crate) fn resolver(&self) -> Arc<dyn ResolvesClientCert> {
-        self.resolver.clone()
-    }
-
-    /// Where a rustls client config keeps the sessions it may resume: forgotten when the
-    /// certificate is reloaded.
-    pub(crate) fn sessions(&self) -> Arc<dyn ClientSessionStore> {
-        self.sessions.clone()
-    }
-
-    /// Starts reloading the certificate when its files change, unless that has started
-    /// already; until this is dropped or `shutdown` is cancelled.
-    pub(crate) fn watch(&self, shutdown: &CancellationToken) {
-        if self.watched.swap(true, Ordering::Relaxed) {
-            return;
-        }
-        let task = keep_current(
-            self.resolver.clone(),
-            self.sessions.clone(),
-            self.service.clone(),
-            self.files.clone(),
-            Settling::new(self.stamp),
-        );
-        spawn_until(task, &self.stop, shutdown);
-    }
-}
-
-fn client_cert_error(service: &str, e: &str) -> String {
-    format!("service {service}: its client certificate, tls.{e}")
-}
-
-/// Polls a client certificate's files; when they have changed, loads them into `resolver`
-/// and forgets the `sessions` made with the certificate before.
-async fn keep_current(
-    resolver: Arc<ClientCertResolver>,
-    sessions: Arc<Sessions>,
-    service: String,
-    files: CertificateFiles,
-    mut stamps: Settling<PairStamp>,
-) {
-    let mut every = polls().await;
-    loop {
-        every.tick().await;
-        let watched = files.clone();
-        let Ok(seen) = tokio::task::spawn_blocking(move || PairStamp::of(&watched)).await else {
-            continue;
-        };
-        if !stamps.settled(seen) {
-            continue;
-        }
-        let watched = files.clone();
-        match tokio::task::spawn_blocking(move || load_pair(&watched)).await {
-            Ok(Ok(entry)) => {
-                resolver.0.store(entry.key);
-                sessions.forget();
-                tracing::info!(
-                    service = %service,
-                    "reloaded client certificate {} and key {}; new connections to the endpoints show it",
-                    files.cert.display(),
-                    files.key.display()
-                );
-            }
-            Ok(Err(e)) => tracing::error!(
-                service = %service,
-                "cannot reload {}; the client certificate loaded before stays in use",
-                client_cert_error(&service, &e)
-            ),
-            Err(e) => tracing::error!(service = %service, "client certificate reload failed: {e}"),
-        }
-    }
-}
-
-/// The TLS sessions that a service's connections may resume. A resumed session keeps the
-/// client identity of the handshake it came from, so once the client certificate is
-/// reloaded they are forgotten: resuming one would show the endpoint the old certificate.
-/// (A handshake under way at the reload may still leave one from the old certificate.)
-#[derive(Debug)]
-struct Sessions(ArcSwap<ClientSessionMemoryCache>);
-
-/// How many endpoints' sessions a service keeps (rustls' default).
-const SESSIONS: usize = 256;
-
-impl Sessions {
-    fn new() -> Self {
-        Self(ArcSwap::from_pointee(ClientSessionMemoryCache::new(
-            SESSIONS,
-        )))
-    }
-
-    fn forget(&self) {
-        self.0
-            .store(Arc::new(ClientSessionMemoryCache::new(SESSIONS)));
-    }
-}
-
-impl ClientSessionStore for Sessions {
-    fn set_kx_hint(&self, server_name: ServerName<'static>, group: NamedGroup) {
-        self.0.load().set_kx_hint(server_name, group);
-    }
-
-    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<NamedGroup> {
-        self.0.load().kx_hint(server_name)
-    }
-
-    fn set_tls12_session(&self, server_name: ServerName<'static>, value: Tls12ClientSessionValue) {
-        self.0.load().set_tls12_session(server_name, value);
-    }
-
-    fn tls12_session(&self, server_name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
-        self.0.load().tls12_session(server_name)
-    }
-
-    fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
-        self.0.load().remove_tls12_session(server_name);
-    }
-
-    fn insert_tls13_ticket(
-        &self,
-        server_name: ServerName<'static>,
-        value: Tls13ClientSessionValue,
-    ) {
-        self.0.load().insert_tls13_ticket(server_name, value);
-    }
-
-    fn take_tls13_ticket(
-        &self,
-        server_name: &ServerName<'static>,
-    ) -> Option<Tls13ClientSessionValue> {
-        self.0.load().take_tls13_ticket(server_name)
-    }
-}
-
-/// Hands rustls the client certificate in force.
-#[derive(Debug)]
-struct ClientCertResolver(ArcSwap<CertifiedKey>);
-
-impl ResolvesClientCert for ClientCertResolver {
-    fn resolve(
-        &self,
-        _root_hint_subjects: &[&[u8]],
-        sigschemes: &[SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
-        // As rustls' own single-certificate resolver: none if the endpoint takes none of the
-        // key's signature schemes.
-        let key = self.0.load_full();
-        key.key.choose_scheme(sigschemes).is_some().then_some(key)
-    }
-
-    fn has_certs(&self) -> bool {
-        true
     }
 }
 
@@ -859,21 +437,7 @@ fn hello_server_name(body: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn files_are_loaded_once_they_have_stayed_the_same_for_one_poll() {
-        let mut stamps = Settling::new(1);
-        assert!(!stamps.settled(1), "unchanged");
-        assert!(
-            !stamps.settled(2),
-            "changed at this poll: maybe still being written"
-        );
-        assert!(!stamps.settled(3), "changed again");
-        assert!(stamps.settled(3), "the same as one poll ago");
-        assert!(!stamps.settled(3), "loaded (or failed to load): not again");
-        assert!(!stamps.settled(1), "changed back");
-        assert!(stamps.settled(1));
-    }
+    use rustls::pki_types::CertificateDer;
 
     /// A ClientHello as rustls writes it, for `name`.
     fn hello(name: Option<&str>) -> Vec<u8> {
@@ -1003,20 +567,5 @@ mod tests {
             }
         }
         Arc::new(CertifiedKey::new(Vec::new(), Arc::new(NoKey)))
-    }
-
-    #[test]
-    fn der_lengths_are_read_in_short_and_long_form() {
-        assert_eq!(
-            der(&[0x04, 2, 9, 9, 1]),
-            Some((4, &[9u8, 9][..], &[1u8][..]))
-        );
-        let mut long = vec![0x30, 0x81, 200];
-        long.extend_from_slice(&[0; 200]);
-        assert_eq!(
-            der(&long).map(|(t, v, r)| (t, v.len(), r.len())),
-            Some((0x30, 200, 0))
-        );
-        assert_eq!(der(&[0x30, 5, 1]), None);
     }
 }

@@ -5,7 +5,7 @@
 //! A service's [`Upstream`] is made when its table entry is built, off the hot path: the CA
 //! bundle is read and the rustls `ClientConfig` built there, once, and a bundle that cannot be
 //! read rejects the configuration. A client certificate is loaded there too, and then
-//! reloaded when its files change (`crate::tls::ClientCert`), once the table that holds the
+//! reloaded when its files change (`drover_certs::ClientCert`), once the table that holds the
 //! `Upstream` is published. Connections share that config; a new connection costs a
 //! TCP connect, a TLS handshake (resumed when rustls has a session ticket for the server) and
 //! the HTTP/2 handshake, all within the service's `connect_timeout`.
@@ -18,6 +18,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use drover_certs::{ClientCert, Holder};
 use drover_model::{CertificateFiles, ServiceSpec, UpstreamProtocol, UpstreamTls};
 use futures_util::FutureExt as _;
 use futures_util::future::Either;
@@ -36,7 +37,6 @@ use tokio_util::sync::CancellationToken;
 use crate::forward::ReqBody;
 use crate::h1::{self, H1Body, H1Conn};
 use crate::http::{BodyError, Forwarding};
-use crate::tls::ClientCert;
 
 /// Why a new upstream connection could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -311,7 +311,12 @@ impl Tls {
                     cert: cert.clone(),
                     key: key.clone(),
                 };
-                Some(ClientCert::load(service, &files)?)
+                let holder = Holder {
+                    name: format!("service {service}"),
+                    settings: "tls.",
+                    peer: "its endpoints",
+                };
+                Some(ClientCert::load(holder, &files)?)
             }
             // Validation allows neither alone.
             _ => None,
