@@ -1,9 +1,10 @@
 //! Certificate files that drover reads and keeps current: a certificate chain with its key
-//! ([`load_pair`]), files noticed to have changed by polling their metadata ([`Stamp`],
-//! [`Settling`]), and client certificates that reload themselves ([`ClientCert`]).
+//! ([`load_pair`]), a CA bundle ([`load_roots`]), files noticed to have changed by polling
+//! their metadata ([`Stamp`], [`Settling`]), and the TLS settings of a client whose CA bundle
+//! and client certificate reload themselves ([`ClientTls`]).
 //!
-//! Listeners (their certificates), services (the certificate they show their endpoints) and
-//! the Consul source (the one it shows Consul) share this: each polls its files every
+//! Listeners (their certificates), services (what they trust and show their endpoints) and
+//! the Consul source (what it trusts and shows Consul) share this: each polls its files every
 //! [`POLL_EVERY`] and loads a changed set once it has stayed the same for one poll, so that a
 //! certificate and a key written one after the other are not read half-way. What fails to
 //! load is logged, and what was loaded before stays in use. Polling rather than inotify sees
@@ -14,20 +15,18 @@
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
 use drover_model::CertificateFiles;
-use rustls::client::{
-    ClientSessionMemoryCache, ClientSessionStore, ResolvesClientCert, Tls12ClientSessionValue,
-    Tls13ClientSessionValue,
-};
+use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
-use rustls::{NamedGroup, SignatureScheme};
 use tokio_util::sync::CancellationToken;
+
+mod client;
+
+pub use client::{ClientTls, Holder, Roots};
 
 /// How often the certificate files are checked for changes.
 pub const POLL_EVERY: Duration = Duration::from_secs(1);
@@ -78,6 +77,38 @@ pub fn load_pair(files: &CertificateFiles) -> Result<Entry, String> {
         key: Arc::new(key),
         names,
     })
+}
+
+/// Reads a PEM bundle of CA certificates. The error starts `ca FILE: ` and says what is
+/// wrong.
+pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
+    let file = path.display();
+    let pem = read(path)
+        .map_err(|e| format!("ca {file}: {e}; give the path of a PEM bundle of CA certificates"))?;
+    let mut roots = RootCertStore::empty();
+    for (i, cert) in CertificateDer::pem_slice_iter(&pem).enumerate() {
+        let cert = cert.map_err(|e| format!("ca {file}: not a valid PEM bundle: {e}"))?;
+        roots.add(cert).map_err(|e| {
+            format!(
+                "ca {file}: certificate {} cannot be used as a CA: {e}",
+                i + 1
+            )
+        })?;
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "ca {file}: no certificate in it; expected a PEM bundle of CA certificates (-----BEGIN CERTIFICATE-----)"
+        ));
+    }
+    Ok(roots)
+}
+
+/// `1 certificate`, `2 certificates`.
+pub fn certificates(n: usize) -> String {
+    match n {
+        1 => "1 certificate".into(),
+        n => format!("{n} certificates"),
+    }
 }
 
 /// Reads a whole file; a missing one is "no such file".
@@ -195,6 +226,7 @@ impl PairStamp {
 
 /// Tells when watched files have changed and then stayed the same for one poll, so that files
 /// written one after the other (a certificate, then its key) are not read half-way.
+#[derive(Clone)]
 pub struct Settling<T> {
     /// The stamps of the files in force (or that last failed to load).
     loaded: T,
@@ -245,221 +277,6 @@ pub fn spawn_until(
             _ = shutdown.cancelled() => {}
         }
     });
-}
-
-/// A client certificate that drover shows a peer that asks for one: a service's endpoints
-/// (the service's `tls.cert` and `tls.key`) or Consul (`--consul-cert`, `--consul-key`). Its
-/// files are polled as a listener's certificates are, and a changed pair is loaded for the
-/// connections opened after it (with the sessions to resume forgotten); connections already
-/// open keep the certificate they were opened with.
-pub struct ClientCert {
-    resolver: Arc<ClientCertResolver>,
-    sessions: Arc<Sessions>,
-    holder: Holder,
-    files: CertificateFiles,
-    /// The files' metadata when they were loaded.
-    stamp: PairStamp,
-    /// Whether its watcher runs: a service keeps its connector, and so this, across
-    /// configurations that do not change its TLS settings.
-    watched: AtomicBool,
-    /// Stops the watcher when nothing uses this certificate any more.
-    stop: CancellationToken,
-}
-
-/// Who shows a client certificate, for the messages about it.
-#[derive(Clone, Debug)]
-pub struct Holder {
-    /// What messages start with: `service web`, `Consul`.
-    pub name: String,
-    /// What precedes `cert` and `key` in the names of the settings that give the files:
-    /// `tls.` for a service (`tls.cert`), `--consul-` for the Consul source.
-    pub settings: &'static str,
-    /// Whom it is shown to: `its endpoints`, `Consul`.
-    pub peer: &'static str,
-}
-
-impl Holder {
-    /// What is wrong with its files, as [`load_pair`] said it.
-    fn error(&self, e: &str) -> String {
-        format!(
-            "{}: its client certificate, {}{e}",
-            self.name, self.settings
-        )
-    }
-}
-
-impl Drop for ClientCert {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-impl ClientCert {
-    /// Loads a client certificate. The error names the holder, the setting and the file, and
-    /// says what is wrong with it.
-    pub fn load(holder: Holder, files: &CertificateFiles) -> Result<Self, String> {
-        let stamp = PairStamp::of(files);
-        let entry = load_pair(files).map_err(|e| holder.error(&e))?;
-        Ok(Self {
-            resolver: Arc::new(ClientCertResolver(ArcSwap::new(entry.key))),
-            sessions: Arc::new(Sessions::new()),
-            holder,
-            files: files.clone(),
-            stamp,
-            watched: AtomicBool::new(false),
-            stop: CancellationToken::new(),
-        })
-    }
-
-    /// What a rustls client config shows the peer.
-    pub fn resolver(&self) -> Arc<dyn ResolvesClientCert> {
-        self.resolver.clone()
-    }
-
-    /// Where a rustls client config keeps the sessions it may resume: forgotten when the
-    /// certificate is reloaded.
-    pub fn sessions(&self) -> Arc<dyn ClientSessionStore> {
-        self.sessions.clone()
-    }
-
-    /// Starts reloading the certificate when its files change, unless that has started
-    /// already; until this is dropped or `shutdown` is cancelled.
-    pub fn watch(&self, shutdown: &CancellationToken) {
-        if self.watched.swap(true, Ordering::Relaxed) {
-            return;
-        }
-        let task = keep_current(
-            self.resolver.clone(),
-            self.sessions.clone(),
-            self.holder.clone(),
-            self.files.clone(),
-            Settling::new(self.stamp),
-        );
-        spawn_until(task, &self.stop, shutdown);
-    }
-}
-
-/// Polls a client certificate's files; when they have changed, loads them into `resolver`
-/// and forgets the `sessions` made with the certificate before.
-async fn keep_current(
-    resolver: Arc<ClientCertResolver>,
-    sessions: Arc<Sessions>,
-    holder: Holder,
-    files: CertificateFiles,
-    mut stamps: Settling<PairStamp>,
-) {
-    let mut every = polls().await;
-    loop {
-        every.tick().await;
-        let watched = files.clone();
-        let Ok(seen) = tokio::task::spawn_blocking(move || PairStamp::of(&watched)).await else {
-            continue;
-        };
-        if !stamps.settled(seen) {
-            continue;
-        }
-        let watched = files.clone();
-        match tokio::task::spawn_blocking(move || load_pair(&watched)).await {
-            Ok(Ok(entry)) => {
-                resolver.0.store(entry.key);
-                sessions.forget();
-                tracing::info!(
-                    "{}: reloaded client certificate {} and key {}; new connections to {} show it",
-                    holder.name,
-                    files.cert.display(),
-                    files.key.display(),
-                    holder.peer
-                );
-            }
-            Ok(Err(e)) => tracing::error!(
-                "cannot reload {}; the client certificate loaded before stays in use",
-                holder.error(&e)
-            ),
-            Err(e) => tracing::error!("{}: client certificate reload failed: {e}", holder.name),
-        }
-    }
-}
-
-/// The TLS sessions that connections showing a client certificate may resume. A resumed
-/// session keeps the client identity of the handshake it came from, so once the client
-/// certificate is reloaded they are forgotten: resuming one would show the peer the old
-/// certificate. (A handshake under way at the reload may still leave one from the old
-/// certificate.)
-#[derive(Debug)]
-struct Sessions(ArcSwap<ClientSessionMemoryCache>);
-
-/// How many servers' sessions are kept (rustls' default).
-const SESSIONS: usize = 256;
-
-impl Sessions {
-    fn new() -> Self {
-        Self(ArcSwap::from_pointee(ClientSessionMemoryCache::new(
-            SESSIONS,
-        )))
-    }
-
-    fn forget(&self) {
-        self.0
-            .store(Arc::new(ClientSessionMemoryCache::new(SESSIONS)));
-    }
-}
-
-impl ClientSessionStore for Sessions {
-    fn set_kx_hint(&self, server_name: ServerName<'static>, group: NamedGroup) {
-        self.0.load().set_kx_hint(server_name, group);
-    }
-
-    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<NamedGroup> {
-        self.0.load().kx_hint(server_name)
-    }
-
-    fn set_tls12_session(&self, server_name: ServerName<'static>, value: Tls12ClientSessionValue) {
-        self.0.load().set_tls12_session(server_name, value);
-    }
-
-    fn tls12_session(&self, server_name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
-        self.0.load().tls12_session(server_name)
-    }
-
-    fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
-        self.0.load().remove_tls12_session(server_name);
-    }
-
-    fn insert_tls13_ticket(
-        &self,
-        server_name: ServerName<'static>,
-        value: Tls13ClientSessionValue,
-    ) {
-        self.0.load().insert_tls13_ticket(server_name, value);
-    }
-
-    fn take_tls13_ticket(
-        &self,
-        server_name: &ServerName<'static>,
-    ) -> Option<Tls13ClientSessionValue> {
-        self.0.load().take_tls13_ticket(server_name)
-    }
-}
-
-/// Hands rustls the client certificate in force.
-#[derive(Debug)]
-struct ClientCertResolver(ArcSwap<CertifiedKey>);
-
-impl ResolvesClientCert for ClientCertResolver {
-    fn resolve(
-        &self,
-        _root_hint_subjects: &[&[u8]],
-        sigschemes: &[SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
-        // As rustls' own single-certificate resolver: none if the endpoint takes none of the
-        // key's signature schemes.
-        let key = self.0.load_full();
-        key.key.choose_scheme(sigschemes).is_some().then_some(key)
-    }
-
-    fn has_certs(&self) -> bool {
-        true
-    }
 }
 
 #[cfg(test)]

@@ -45,7 +45,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use drover_certs::{ClientCert, Holder};
+use drover_certs::{ClientTls, Holder, Roots, certificates};
 use drover_control::sources::SourceHealth;
 use drover_control::{Snapshot, SnapshotSender};
 use drover_model::{
@@ -58,8 +58,6 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::TokioExecutor;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -232,8 +230,8 @@ impl ConsulSource {
         connector.set_nodelay(true);
         let mut builder = Client::builder(TokioExecutor::new());
         builder.pool_idle_timeout(Duration::from_secs(90));
-        let (client, roots, client_cert) = if https {
-            let (config, roots, client_cert) = tls_config(&options.tls.unwrap_or_default())?;
+        let (client, roots, files) = if https {
+            let (config, roots, files) = tls_config(&options.tls.unwrap_or_default())?;
             connector.enforce_http(false);
             let connector = hyper_rustls::HttpsConnectorBuilder::new()
                 .with_tls_config(config)
@@ -241,7 +239,7 @@ impl ConsulSource {
                 .enable_http1()
                 .wrap_connector(connector);
             let client = HttpClient::Tls(builder.build(connector));
-            (client, Some(roots), client_cert)
+            (client, Some(roots), Some(files))
         } else {
             (HttpClient::Plain(builder.build(connector)), None, None)
         };
@@ -252,7 +250,7 @@ impl ConsulSource {
                 client,
                 base,
                 roots,
-                client_cert,
+                files,
                 token,
                 datacenter,
                 wait: options.wait,
@@ -286,8 +284,8 @@ impl ConsulSource {
             tokio::spawn(async move { watch_catalog(api, tx, stop).await });
         }
         drop(tx);
-        if let Some(cert) = &self.api.client_cert {
-            cert.watch(&stop);
+        if let Some(files) = &self.api.files {
+            files.watch(&stop);
         }
         tracing::info!(
             consul = %self.api.base,
@@ -885,35 +883,22 @@ impl HttpClient {
 }
 
 /// The client configuration of TLS to Consul (TLS 1.2 and 1.3, ring), what Consul's
-/// certificate is verified against (to be logged), and the client certificate it shows.
-fn tls_config(
-    tls: &ConsulTls,
-) -> Result<(rustls::ClientConfig, String, Option<ClientCert>), String> {
-    let mut roots = rustls::RootCertStore::empty();
-    let described = match &tls.ca_file {
-        Some(path) => {
-            let file = path.display();
-            let pem = std::fs::read(path)
-                .map_err(|e| format!("cannot read the Consul CA file {file}: {e}"))?;
-            for (i, cert) in CertificateDer::pem_slice_iter(&pem).enumerate() {
-                let cert = cert.map_err(|e| {
-                    format!("the Consul CA file {file} is not a valid PEM bundle: {e}")
-                })?;
-                roots.add(cert).map_err(|e| {
-                    format!(
-                        "the Consul CA file {file}: certificate {} cannot be used as a root: {e}",
-                        i + 1
-                    )
-                })?;
-            }
-            if roots.is_empty() {
-                return Err(format!(
-                    "the Consul CA file {file} holds no certificate: give a PEM bundle of CA certificates (-----BEGIN CERTIFICATE-----)"
-                ));
-            }
-            format!("CA file {file} ({})", certificates(roots.len()))
-        }
+/// certificate is verified against (to be logged), and what keeps the CA file and the client
+/// certificate current.
+fn tls_config(tls: &ConsulTls) -> Result<(rustls::ClientConfig, String, ClientTls), String> {
+    let holder = Holder {
+        name: "Consul".into(),
+        settings: "--consul-",
+        peer: "Consul",
+    };
+    let client = tls.client.as_ref().map(|c| CertificateFiles {
+        cert: c.cert.clone(),
+        key: c.key.clone(),
+    });
+    let (roots, system) = match &tls.ca_file {
+        Some(path) => (Roots::File(path.clone()), None),
         None => {
+            let mut roots = rustls::RootCertStore::empty();
             let found = rustls_native_certs::load_native_certs();
             let (added, _unusable) = roots.add_parsable_certificates(found.certs);
             if added == 0 {
@@ -924,38 +909,16 @@ fn tls_config(
                     why.join("; ")
                 );
             }
-            format!("system roots ({})", certificates(added))
+            let described = format!("system roots ({})", certificates(added));
+            (Roots::Fixed(Arc::new(roots)), Some(described))
         }
     };
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| format!("cannot set up TLS to Consul: {e}"))?
-    .with_root_certificates(roots);
-    let Some(client) = &tls.client else {
-        return Ok((builder.with_no_client_auth(), described, None));
+    let (files, config) = ClientTls::new(holder, roots, client.as_ref())?;
+    let described = match (&tls.ca_file, files.cas()) {
+        (Some(path), Some(cas)) => format!("CA file {} ({})", path.display(), certificates(cas)),
+        _ => system.unwrap_or_default(),
     };
-    let holder = Holder {
-        name: "Consul".into(),
-        settings: "--consul-",
-        peer: "Consul",
-    };
-    let files = CertificateFiles {
-        cert: client.cert.clone(),
-        key: client.key.clone(),
-    };
-    let cert = ClientCert::load(holder, &files)?;
-    let mut config = builder.with_client_cert_resolver(cert.resolver());
-    config.resumption = rustls::client::Resumption::store(cert.sessions());
-    Ok((config, described, Some(cert)))
-}
-
-fn certificates(n: usize) -> String {
-    match n {
-        1 => "1 certificate".into(),
-        n => format!("{n} certificates"),
-    }
+    Ok((config, described, files))
 }
 
 /// The HTTP side: one client for every watcher.
@@ -965,8 +928,8 @@ struct Api {
     base: String,
     /// With TLS, what Consul's certificate is verified against.
     roots: Option<String>,
-    /// With TLS, the certificate drover shows Consul, if it was given one.
-    client_cert: Option<ClientCert>,
+    /// With TLS, what keeps the CA file and the client certificate current.
+    files: Option<ClientTls>,
     token: Option<HeaderValue>,
     datacenter: Option<String>,
     wait: Duration,
@@ -1503,7 +1466,7 @@ mod tests {
         assert!(e.contains("https://HOST:PORT"), "{e}");
         let e = with_ca("https://127.0.0.1:8501", Some("/nonexistent/ca.pem".into())).unwrap_err();
         assert!(
-            e.contains("cannot read the Consul CA file /nonexistent/ca.pem"),
+            e.starts_with("Consul: its CA bundle, --consul-ca /nonexistent/ca.pem: no such file"),
             "{e}"
         );
 
@@ -1513,7 +1476,10 @@ mod tests {
         std::fs::write(&not_pem, "hello\n").unwrap();
         let e = with_ca("https://127.0.0.1:8501", Some(not_pem.clone())).unwrap_err();
         assert!(
-            e.contains("holds no certificate") && e.contains(&not_pem.display().to_string()),
+            e.contains(&format!(
+                "--consul-ca {}: no certificate in it",
+                not_pem.display()
+            )),
             "{e}"
         );
         let broken = dir.join("broken.pem");

@@ -564,7 +564,7 @@ async fn a_consul_ca_file_that_cannot_be_read_stops_start_up() {
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("cannot read the Consul CA file /nonexistent/ca.pem"),
+        stderr.contains("Consul: its CA bundle, --consul-ca /nonexistent/ca.pem: no such file"),
         "{stderr}"
     );
 }

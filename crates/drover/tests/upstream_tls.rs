@@ -269,7 +269,7 @@ async fn a_ca_file_that_cannot_be_read_rejects_the_config_and_the_old_one_serves
     ));
     let log = drover.wait_log("configuration rejected", 1).await;
     let expected = format!(
-        "service good: cannot read its tls.ca file {}",
+        "service good: its CA bundle, tls.ca {}: no such file",
         missing.display()
     );
     assert!(log.contains(&expected), "{log}");
@@ -513,6 +513,104 @@ endpoints = [ {{ address = "{origin}" }} ]
     for _ in 0..3 {
         assert_eq!(shown().await, renewed);
     }
+    assert_eq!(
+        drover.generation().await,
+        generation,
+        "no configuration change"
+    );
+}
+
+/// A service's CA bundle is reloaded when its file changes, without a configuration change:
+/// connections opened after it are verified against the new bundle, and none resumes a TLS
+/// session verified against the old one. A bundle that cannot be used is logged, and the
+/// one in force stays. The service keeps no idle connection, so that every request opens
+/// one.
+#[tokio::test]
+async fn a_service_s_ca_bundle_is_reloaded_when_its_file_changes() {
+    let (origin, dir, good_pem, other_pem) = origin_and_two_cas().await;
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::copy(&other_pem, &bundle).unwrap();
+    let port = free_port();
+    let drover = Drover::start(&format!(
+        r#"
+[[listeners]]
+name = "web"
+listen = "127.0.0.1:{port}"
+
+[[routes]]
+listener = "web"
+service = "rotating"
+
+[services.rotating]
+pool_max_idle = 0
+tls = {{ ca = "{}", server_name = "origin.test" }}
+endpoints = [ {{ address = "{origin}" }} ]
+"#,
+        bundle.display()
+    ))
+    .await;
+    let generation = drover.generation().await;
+    let client = client();
+    let url = format!("http://127.0.0.1:{port}/");
+    let statuses = || async {
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            seen.push(get(&client, &url).await.0);
+        }
+        seen
+    };
+    assert_eq!(
+        statuses().await,
+        [StatusCode::BAD_GATEWAY; 3],
+        "not trusted yet"
+    );
+
+    // The CA that signed the origin joins the bundle.
+    let both =
+        std::fs::read_to_string(&other_pem).unwrap() + &std::fs::read_to_string(&good_pem).unwrap();
+    std::fs::write(&bundle, both).unwrap();
+    let log = drover
+        .wait_log("service rotating: reloaded CA bundle", 1)
+        .await;
+    assert!(
+        log.contains(&format!("{} (2 certificates)", bundle.display())),
+        "{log}"
+    );
+    assert_eq!(
+        statuses().await,
+        [StatusCode::OK; 3],
+        "{}",
+        drover.log_text()
+    );
+
+    // A bundle written half-way: logged with the file, and the one in force stays.
+    std::fs::write(&bundle, "-----BEGIN CERTIFICATE-----\nMIIB\n").unwrap();
+    let log = drover
+        .wait_log("cannot reload service rotating: its CA bundle", 1)
+        .await;
+    assert!(
+        log.contains(&format!("tls.ca {}", bundle.display())),
+        "the error names the file:\n{log}"
+    );
+    assert_eq!(
+        statuses().await,
+        [StatusCode::OK; 3],
+        "{}",
+        drover.log_text()
+    );
+
+    // The origin's CA leaves the bundle: new connections refuse the origin, and the sessions
+    // verified before are not resumed.
+    std::fs::copy(&other_pem, &bundle).unwrap();
+    drover
+        .wait_log("service rotating: reloaded CA bundle", 2)
+        .await;
+    assert_eq!(
+        statuses().await,
+        [StatusCode::BAD_GATEWAY; 3],
+        "{}",
+        drover.log_text()
+    );
     assert_eq!(
         drover.generation().await,
         generation,

@@ -3,10 +3,10 @@
 //! client (`crate::h1`) as it is.
 //!
 //! A service's [`Upstream`] is made when its table entry is built, off the hot path: the CA
-//! bundle is read and the rustls `ClientConfig` built there, once, and a bundle that cannot be
-//! read rejects the configuration. A client certificate is loaded there too, and then
-//! reloaded when its files change (`drover_certs::ClientCert`), once the table that holds the
-//! `Upstream` is published. Connections share that config; a new connection costs a
+//! bundle and the client certificate are read and the rustls `ClientConfig` built there,
+//! once, and a file that cannot be used rejects the configuration. Once the table that holds
+//! the `Upstream` is published, the bundle and the certificate are reloaded when their files
+//! change (`drover_certs::ClientTls`). Connections share that config; a new connection costs a
 //! TCP connect, a TLS handshake (resumed when rustls has a session ticket for the server) and
 //! the HTTP/2 handshake, all within the service's `connect_timeout`.
 
@@ -18,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use drover_certs::{ClientCert, Holder};
+use drover_certs::{ClientTls, Holder, Roots};
 use drover_model::{CertificateFiles, ServiceSpec, UpstreamProtocol, UpstreamTls};
 use futures_util::FutureExt as _;
 use futures_util::future::Either;
@@ -26,8 +26,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -84,8 +83,8 @@ struct Tls {
     connector: TlsConnector,
     /// The SNI and verification name; None: each endpoint's IP address.
     name: Option<ServerName<'static>>,
-    /// The client certificate the connector shows, if the service has one.
-    client_cert: Option<ClientCert>,
+    /// Keeps the CA bundle and the client certificate current.
+    files: ClientTls,
 }
 
 /// A connection ready for requests.
@@ -206,11 +205,11 @@ impl Upstream {
         self.settings.0 == spec.upstream_protocol && self.settings.1 == spec.tls
     }
 
-    /// Starts reloading its client certificate when the files change, if it has one and
-    /// that has not started yet; until it is dropped or `shutdown` is cancelled.
+    /// Starts reloading its CA bundle and client certificate when their files change, if it
+    /// has them and that has not started yet; until it is dropped or `shutdown` is cancelled.
     pub(crate) fn watch(&self, shutdown: &CancellationToken) {
-        if let Some(cert) = self.tls.as_ref().and_then(|t| t.client_cert.as_ref()) {
-            cert.watch(shutdown);
+        if let Some(tls) = &self.tls {
+            tls.files.watch(shutdown);
         }
     }
 
@@ -296,39 +295,23 @@ impl Upstream {
 impl Tls {
     fn new(service: &str, spec: &UpstreamTls, protocol: UpstreamProtocol) -> Result<Tls, String> {
         let roots = match &spec.ca {
-            Some(path) => Arc::new(read_ca(service, path)?),
-            None => system_roots(),
+            Some(path) => Roots::File(path.clone()),
+            None => Roots::Fixed(system_roots()),
         };
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("service {service}: cannot set up TLS to its endpoints: {e}"))?
-        .with_root_certificates(roots);
-        let client_cert = match (&spec.cert, &spec.key) {
-            (Some(cert), Some(key)) => {
-                let files = CertificateFiles {
-                    cert: cert.clone(),
-                    key: key.clone(),
-                };
-                let holder = Holder {
-                    name: format!("service {service}"),
-                    settings: "tls.",
-                    peer: "its endpoints",
-                };
-                Some(ClientCert::load(holder, &files)?)
-            }
+        let client = match (&spec.cert, &spec.key) {
+            (Some(cert), Some(key)) => Some(CertificateFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
             // Validation allows neither alone.
             _ => None,
         };
-        let mut config = match &client_cert {
-            Some(c) => {
-                let mut config = config.with_client_cert_resolver(c.resolver());
-                config.resumption = rustls::client::Resumption::store(c.sessions());
-                config
-            }
-            None => config.with_no_client_auth(),
+        let holder = Holder {
+            name: format!("service {service}"),
+            settings: "tls.",
+            peer: "its endpoints",
         };
+        let (files, mut config) = ClientTls::new(holder, roots, client.as_ref())?;
         config.alpn_protocols = vec![match protocol {
             UpstreamProtocol::Http1 => b"http/1.1".to_vec(),
             UpstreamProtocol::Http2 => b"h2".to_vec(),
@@ -344,37 +327,9 @@ impl Tls {
         Ok(Tls {
             connector: TlsConnector::from(Arc::new(config)),
             name,
-            client_cert,
+            files,
         })
     }
-}
-
-/// The CAs of a PEM bundle.
-fn read_ca(service: &str, path: &std::path::Path) -> Result<rustls::RootCertStore, String> {
-    let file = path.display();
-    let pem = std::fs::read(path).map_err(|e| {
-        format!(
-            "service {service}: cannot read its tls.ca file {file}: {e}; give the path of a PEM bundle of CA certificates"
-        )
-    })?;
-    let mut roots = rustls::RootCertStore::empty();
-    for (i, cert) in CertificateDer::pem_slice_iter(&pem).enumerate() {
-        let cert = cert.map_err(|e| {
-            format!("service {service}: its tls.ca file {file} is not a valid PEM bundle: {e}")
-        })?;
-        roots.add(cert).map_err(|e| {
-            format!(
-                "service {service}: its tls.ca file {file}: certificate {} cannot be used as a CA: {e}",
-                i + 1
-            )
-        })?;
-    }
-    if roots.is_empty() {
-        return Err(format!(
-            "service {service}: its tls.ca file {file} holds no certificate: give a PEM bundle of CA certificates (-----BEGIN CERTIFICATE-----)"
-        ));
-    }
-    Ok(roots)
 }
 
 /// The system's trusted roots, read once per process.
@@ -524,7 +479,13 @@ mod tests {
             }),
         )
         .unwrap_err();
-        assert!(e.contains("holds no certificate"), "{e}");
+        assert_eq!(
+            e,
+            format!(
+                "service api: its CA bundle, tls.ca {}: no certificate in it; expected a PEM bundle of CA certificates (-----BEGIN CERTIFICATE-----)",
+                path.display()
+            )
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 
