@@ -604,10 +604,9 @@ impl EtcdSession<'_> {
             ),
         };
         let ttl = self.ttl.as_secs() as i64;
-        let id = c
-            .lease_grant(ttl, None)
-            .await
-            .map_err(|e| format!("cannot grant a lease: {e}"))?
+        let id = self
+            .answer("grant a lease", c.lease_grant(ttl, None))
+            .await?
             .id();
         *lease = Some(id);
         let current = slices.borrow_and_update().clone();
@@ -615,13 +614,12 @@ impl EtcdSession<'_> {
             return Err("nothing to register yet".into());
         };
         let mut value = registration.encode();
-        c.put(
+        let put = c.put(
             self.key,
             value.clone(),
             Some(PutOptions::new().with_lease(id)),
-        )
-        .await
-        .map_err(|e| format!("cannot put {}: {e}", self.key))?;
+        );
+        self.answer(&format!("put {}", self.key), put).await?;
         let recovered = outage.ok();
         tracing::info!(
             "agent: {} {} with {} endpoints, lease {id:x} (TTL {ttl} s){}",
@@ -634,10 +632,9 @@ impl EtcdSession<'_> {
             registration.endpoints(),
             if recovered { " after the outage" } else { "" }
         );
-        let (mut keeper, mut answers) = c
-            .lease_keep_alive(id)
-            .await
-            .map_err(|e| format!("cannot keep lease {id:x} alive: {e}"))?;
+        let (mut keeper, mut answers) = self
+            .answer(&format!("keep lease {id:x} alive"), c.lease_keep_alive(id))
+            .await?;
         let mut tick = tokio::time::interval(self.ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -682,9 +679,8 @@ impl EtcdSession<'_> {
                     if next == value {
                         continue;
                     }
-                    c.put(self.key, next.clone(), Some(PutOptions::new().with_lease(id)))
-                        .await
-                        .map_err(|e| format!("cannot put {}: {e}", self.key))?;
+                    let put = c.put(self.key, next.clone(), Some(PutOptions::new().with_lease(id)));
+                    self.answer(&format!("put {}", self.key), put).await?;
                     value = next;
                     tracing::info!(
                         "agent: updated {} ({} endpoints)",
@@ -693,6 +689,27 @@ impl EtcdSession<'_> {
                     );
                 }
             }
+        }
+    }
+}
+
+impl EtcdSession<'_> {
+    /// The answer to one request, which must come within half the lease's TTL. A member
+    /// that has lost its leader holds a request until etcd's own timeout (5 s or more),
+    /// longer than a short lease lives; tried again, the request finds the new leader.
+    async fn answer<T>(
+        &self,
+        what: &str,
+        request: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, String> {
+        let within = (self.ttl / 2).max(Duration::from_millis(500));
+        match tokio::time::timeout(within, request).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(e)) => Err(format!("cannot {what}: {e}")),
+            Err(_) => Err(format!(
+                "cannot {what}: no answer within {} ms",
+                within.as_millis()
+            )),
         }
     }
 }
