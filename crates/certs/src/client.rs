@@ -2,7 +2,7 @@
 //! Consul source's to Consul) whose CA bundle and client certificate are reloaded when their
 //! files change.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -96,7 +96,7 @@ impl ClientTls {
                 let roots = load_roots(&path).map_err(|e| holder.error("CA bundle", &e))?;
                 let cas = roots.len();
                 let verifier = Arc::new(Trust(ArcSwap::new(
-                    verifier(roots, &provider).map_err(|e| holder.error("CA bundle", &e))?,
+                    verifier(roots, &provider, &path).map_err(|e| holder.error("CA bundle", &e))?,
                 )));
                 let builder = builder
                     .dangerous()
@@ -157,14 +157,16 @@ impl ClientTls {
     }
 }
 
-/// A WebPKI verifier over `roots`.
+/// A WebPKI verifier over `roots`, read from `path`. Its error starts as those of
+/// [`load_roots`] do (`ca FILE: `).
 fn verifier(
     roots: RootCertStore,
     provider: &Arc<CryptoProvider>,
+    path: &Path,
 ) -> Result<Arc<WebPkiServerVerifier>, String> {
     WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
-        .map_err(|e| format!("cannot verify with it: {e}"))
+        .map_err(|e| format!("ca {}: cannot verify with it: {e}", path.display()))
 }
 
 /// What a client's watcher keeps current.
@@ -199,63 +201,75 @@ impl Watch {
             else {
                 continue;
             };
-            if let (Some((trust, path, stamps)), Some(seen)) = (self.trust.as_mut(), ca)
+            if let (Some((_, _, stamps)), Some(seen)) = (self.trust.as_mut(), ca)
                 && stamps.settled(seen)
             {
-                let (file, provider) = (path.clone(), self.provider.clone());
-                let loaded = tokio::task::spawn_blocking(move || {
-                    let roots = load_roots(&file)?;
-                    let cas = roots.len();
-                    Ok::<_, String>((verifier(roots, &provider)?, cas))
-                })
-                .await;
-                let holder = &self.holder;
-                match loaded {
-                    Ok(Ok((verifier, cas))) => {
-                        trust.0.store(verifier);
-                        self.sessions.forget();
-                        tracing::info!(
-                            "{}: reloaded CA bundle {} ({}); new connections to {} are verified against it",
-                            holder.name,
-                            path.display(),
-                            certificates(cas),
-                            holder.peer
-                        );
-                    }
-                    Ok(Err(e)) => tracing::error!(
-                        "cannot reload {}; the CA bundle loaded before stays in use",
-                        holder.error("CA bundle", &e)
-                    ),
-                    Err(e) => tracing::error!("{}: CA bundle reload failed: {e}", holder.name),
-                }
+                self.reload_ca().await;
             }
-            if let (Some((resolver, files, stamps)), Some(seen)) = (self.cert.as_mut(), pair)
+            if let (Some((_, _, stamps)), Some(seen)) = (self.cert.as_mut(), pair)
                 && stamps.settled(seen)
             {
-                let watched = files.clone();
-                let loaded = tokio::task::spawn_blocking(move || load_pair(&watched)).await;
-                let holder = &self.holder;
-                match loaded {
-                    Ok(Ok(entry)) => {
-                        resolver.0.store(entry.key);
-                        self.sessions.forget();
-                        tracing::info!(
-                            "{}: reloaded client certificate {} and key {}; new connections to {} show it",
-                            holder.name,
-                            files.cert.display(),
-                            files.key.display(),
-                            holder.peer
-                        );
-                    }
-                    Ok(Err(e)) => tracing::error!(
-                        "cannot reload {}; the client certificate loaded before stays in use",
-                        holder.error("client certificate", &e)
-                    ),
-                    Err(e) => {
-                        tracing::error!("{}: client certificate reload failed: {e}", holder.name)
-                    }
-                }
+                self.reload_cert().await;
             }
+        }
+    }
+
+    async fn reload_ca(&self) {
+        let Some((trust, path, _)) = &self.trust else {
+            return;
+        };
+        let (file, provider) = (path.clone(), self.provider.clone());
+        let loaded = tokio::task::spawn_blocking(move || {
+            let roots = load_roots(&file)?;
+            let cas = roots.len();
+            Ok::<_, String>((verifier(roots, &provider, &file)?, cas))
+        })
+        .await;
+        let holder = &self.holder;
+        match loaded {
+            Ok(Ok((verifier, cas))) => {
+                trust.0.store(verifier);
+                self.sessions.forget();
+                tracing::info!(
+                    "{}: reloaded CA bundle {} ({}); new connections to {} are verified against it",
+                    holder.name,
+                    path.display(),
+                    certificates(cas),
+                    holder.peer
+                );
+            }
+            Ok(Err(e)) => tracing::error!(
+                "cannot reload {}; the CA bundle loaded before stays in use",
+                holder.error("CA bundle", &e)
+            ),
+            Err(e) => tracing::error!("{}: CA bundle reload failed: {e}", holder.name),
+        }
+    }
+
+    async fn reload_cert(&self) {
+        let Some((resolver, files, _)) = &self.cert else {
+            return;
+        };
+        let watched = files.clone();
+        let loaded = tokio::task::spawn_blocking(move || load_pair(&watched)).await;
+        let holder = &self.holder;
+        match loaded {
+            Ok(Ok(entry)) => {
+                resolver.0.store(entry.key);
+                self.sessions.forget();
+                tracing::info!(
+                    "{}: reloaded client certificate {} and key {}; new connections to {} show it",
+                    holder.name,
+                    files.cert.display(),
+                    files.key.display(),
+                    holder.peer
+                );
+            }
+            Ok(Err(e)) => tracing::error!(
+                "cannot reload {}; the client certificate loaded before stays in use",
+                holder.error("client certificate", &e)
+            ),
+            Err(e) => tracing::error!("{}: client certificate reload failed: {e}", holder.name),
         }
     }
 }

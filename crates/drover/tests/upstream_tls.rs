@@ -552,18 +552,17 @@ endpoints = [ {{ address = "{origin}" }} ]
     let generation = drover.generation().await;
     let client = client();
     let url = format!("http://127.0.0.1:{port}/");
-    let statuses = || async {
-        let mut seen = Vec::new();
-        for _ in 0..3 {
-            seen.push(get(&client, &url).await.0);
+    // Three requests, each on a new connection, all answered with `want`.
+    let all = |want: StatusCode| {
+        let (client, url, drover) = (&client, &url, &drover);
+        async move {
+            for _ in 0..3 {
+                let (status, _, _) = get(client, url).await;
+                assert_eq!(status, want, "{}", drover.log_text());
+            }
         }
-        seen
     };
-    assert_eq!(
-        statuses().await,
-        [StatusCode::BAD_GATEWAY; 3],
-        "not trusted yet"
-    );
+    all(StatusCode::BAD_GATEWAY).await; // not trusted yet
 
     // The CA that signed the origin joins the bundle.
     let both =
@@ -576,12 +575,7 @@ endpoints = [ {{ address = "{origin}" }} ]
         log.contains(&format!("{} (2 certificates)", bundle.display())),
         "{log}"
     );
-    assert_eq!(
-        statuses().await,
-        [StatusCode::OK; 3],
-        "{}",
-        drover.log_text()
-    );
+    all(StatusCode::OK).await;
 
     // A bundle written half-way: logged with the file, and the one in force stays.
     std::fs::write(&bundle, "-----BEGIN CERTIFICATE-----\nMIIB\n").unwrap();
@@ -592,12 +586,7 @@ endpoints = [ {{ address = "{origin}" }} ]
         log.contains(&format!("tls.ca {}", bundle.display())),
         "the error names the file:\n{log}"
     );
-    assert_eq!(
-        statuses().await,
-        [StatusCode::OK; 3],
-        "{}",
-        drover.log_text()
-    );
+    all(StatusCode::OK).await;
 
     // The origin's CA leaves the bundle: new connections refuse the origin, and the sessions
     // verified before are not resumed.
@@ -605,12 +594,7 @@ endpoints = [ {{ address = "{origin}" }} ]
     drover
         .wait_log("service rotating: reloaded CA bundle", 2)
         .await;
-    assert_eq!(
-        statuses().await,
-        [StatusCode::BAD_GATEWAY; 3],
-        "{}",
-        drover.log_text()
-    );
+    all(StatusCode::BAD_GATEWAY).await;
     assert_eq!(
         drover.generation().await,
         generation,
