@@ -28,10 +28,10 @@
 //! file's certificates only ([`ConsulTls::ca_file`]); drover shows a client certificate if
 //! given one ([`ConsulTls::client`]). A CA file or client certificate that cannot be read or
 //! used stops [`ConsulSource::new`]; a handshake that fails is an unreachable Consul, logged
-//! with the TLS error. While the source runs, the client certificate's files are polled and
-//! a renewed pair is shown on the connections opened after it (`drover_certs::ClientCert`);
-//! the connections already open, blocking queries included, keep the one they were opened
-//! with.
+//! with the TLS error. While the source runs, the CA file and the client certificate's files
+//! are polled, and what changed is used by the connections opened after it
+//! (`drover_certs::ClientTls`); the connections already open, blocking queries included,
+//! keep what they were opened with.
 //!
 //! Health (`drover_source_*` in /metrics): every answer that parses is a sync of the source
 //! `consul`; a query that gets no answer, an error status, or an answer that does not parse is

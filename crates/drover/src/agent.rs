@@ -581,6 +581,25 @@ struct EtcdSession<'a> {
 }
 
 impl EtcdSession<'_> {
+    /// The answer to one request, which must come within half the lease's TTL. A member
+    /// that has lost its leader holds a request until etcd's own timeout (5 s or more),
+    /// longer than a short lease lives; tried again, the request finds the new leader.
+    async fn answer<T>(
+        &self,
+        what: &str,
+        request: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, String> {
+        let within = (self.ttl / 2).max(Duration::from_millis(500));
+        match tokio::time::timeout(within, request).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(e)) => Err(format!("cannot {what}: {e}")),
+            Err(_) => Err(format!(
+                "cannot {what}: no answer within {} ms",
+                within.as_millis()
+            )),
+        }
+    }
+
     /// Runs until something fails (the error says what); returns Ok only when the slices'
     /// sender is gone.
     async fn run(
@@ -689,27 +708,6 @@ impl EtcdSession<'_> {
                     );
                 }
             }
-        }
-    }
-}
-
-impl EtcdSession<'_> {
-    /// The answer to one request, which must come within half the lease's TTL. A member
-    /// that has lost its leader holds a request until etcd's own timeout (5 s or more),
-    /// longer than a short lease lives; tried again, the request finds the new leader.
-    async fn answer<T>(
-        &self,
-        what: &str,
-        request: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, String> {
-        let within = (self.ttl / 2).max(Duration::from_millis(500));
-        match tokio::time::timeout(within, request).await {
-            Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(e)) => Err(format!("cannot {what}: {e}")),
-            Err(_) => Err(format!(
-                "cannot {what}: no answer within {} ms",
-                within.as_millis()
-            )),
         }
     }
 }
