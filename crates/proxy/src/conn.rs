@@ -1,9 +1,11 @@
-//! One client connection: serving it with hyper (HTTP/1.1, or HTTP/2 with prior knowledge),
-//! enforcing its deadlines, and draining it.
+//! One client connection: serving it (HTTP/1.1 with drover's own server, `crate::front`, and
+//! hyper for the requests that one leaves; HTTP/2 with prior knowledge with hyper), enforcing
+//! its deadlines, and draining it.
 //!
 //! An HTTP/1 connection that has waited a little for its next request ([`release_next`]) gives
-//! up hyper's state (its two 8 KiB buffers and its dispatcher): drover waits for the next request
-//! with nothing but the socket, and builds hyper's connection again when it comes. One that
+//! up its server's state (drover's read buffer, or hyper's two 8 KiB buffers and dispatcher):
+//! drover waits for the next request with nothing but the socket, and serves it afresh when it
+//! comes. One that
 //! came over plain TCP then leaves its task for its listener's lot ([`crate::park`]), which
 //! keeps it as a socket and a few addresses until the request comes.
 //!
@@ -17,7 +19,7 @@
 //! at any time: `send_timeout`, how long a write to the client may stay blocked because the
 //! client reads nothing (nginx's `send_timeout`), so that a client that stops reading does not
 //! hold its connection, its upstream request and their buffers for ever. On drain
-//! (listener removed, or shutdown) hyper is told to finish: HTTP/1.1 completes the request in
+//! (listener removed, or shutdown) the server is told to finish: HTTP/1.1 completes the request in
 //! progress and closes, HTTP/2 sends GOAWAY. Whatever is still running when the grace period
 //! ends is cut.
 
@@ -26,7 +28,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -42,7 +44,8 @@ use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::access::AccessLog;
-use crate::http::ResponseBody;
+use crate::front::{self, Outcome};
+use crate::http::{RequestBody, ResponseBody};
 use crate::park::{Lot, Park, Parked};
 use crate::proxy_protocol::Prefixed;
 use crate::stats::{ListenerStats, Stats};
@@ -161,7 +164,8 @@ impl ConnCtx {
         slot.take().filter(|tx| !tx.is_closed())
     }
 
-    fn on_read(&self) {
+    /// Bytes of a request head arrived: on an idle connection, the header deadline starts.
+    pub(crate) fn on_read(&self) {
         let c = &self.clock;
         if c.in_flight.load(Ordering::Relaxed) == 0
             && c.head_since.load(Ordering::Relaxed) == NOT_READING
@@ -295,14 +299,20 @@ pub(crate) fn server_builder(spec: &ListenerSpec) -> ServerSettings {
         .max_header_list_size(spec.max_header_bytes)
         .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
         .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS);
-    ServerSettings { h1, h2 }
+    let limits = front::Limits {
+        head_bytes: header_bytes,
+        fields: spec.max_header_count as usize,
+    };
+    ServerSettings { h1, h2, limits }
 }
 
-/// A listener's hyper server settings, one for each HTTP version.
+/// A listener's server settings: hyper's, one for each HTTP version, and the limits of
+/// drover's own HTTP/1.1 server.
 #[derive(Clone, Debug)]
 pub struct ServerSettings {
     pub h1: http1::Builder,
     pub h2: http2::Builder<TokioExecutor>,
+    pub(crate) limits: front::Limits,
 }
 
 /// The HTTP version a connection speaks.
@@ -555,6 +565,7 @@ impl hyper::service::Service<Request<Incoming>> for Requests {
         // Made in its box: `Box::pin(handle(..))` makes the future on the stack and then
         // copies all of it, its largest state's size and not just the arguments, into the box.
         let slot: Box<MaybeUninit<_>> = Box::new_uninit();
+        let req = req.map(RequestBody::Hyper);
         let made: Box<_> = Box::write(slot, crate::http::handle(self.0.clone(), req));
         Box::into_pin(made)
     }
@@ -622,26 +633,72 @@ where
     // future is what an idle connection holds.
     async move {
         let (builder, drain) = (&server.h1, &ctx.drain);
+        // drover's own server left a request to hyper, which then serves the connection until
+        // it has waited `release_after` for the next.
+        let mut hyper_turn = false;
         loop {
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            let mut conn = Http1(Box::new(conn));
-            let shutdown = |c: &mut Http1<S>| Pin::new(&mut *c.0).graceful_shutdown();
-            let ended = watch(
-                &mut conn,
-                shutdown,
-                Some(release_after),
-                &ctx,
-                &deadlines,
-                drain,
-            );
-            let released = match Box::pin(ended).await {
-                Ended::Finished {
-                    output: Ok(()),
-                    released,
-                } => released,
-                Ended::Finished { output: Err(_), .. } | Ended::Cut => return,
+            let released = if hyper_turn {
+                hyper_turn = false;
+                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                let mut conn = Http1(Box::new(conn));
+                let shutdown = |c: &mut Http1<S>| Pin::new(&mut *c.0).graceful_shutdown();
+                let ended = watch(
+                    &mut conn,
+                    shutdown,
+                    Some(release_after),
+                    &ctx,
+                    &deadlines,
+                    drain,
+                );
+                let released = match Box::pin(ended).await {
+                    Ended::Finished {
+                        output: Ok(()),
+                        released,
+                    } => released,
+                    Ended::Finished { output: Err(_), .. } | Ended::Cut => return,
+                };
+                (stream, service) = conn.take_back();
+                if !released && let Some(tunnel) = ctx.switched_to() {
+                    // The 101 is written; the tunnel takes the connection from here. (A
+                    // release needs an idle connection, so it never comes with a switch.)
+                    let _ = tunnel.send(Box::new(stream.stream));
+                    return;
+                }
+                released
+            } else {
+                let finish = AtomicBool::new(false);
+                let mut served = Box::pin(front::serve(&mut stream, &ctx, &finish, server.limits));
+                let shutdown = |_: &mut _| finish.store(true, Ordering::Relaxed);
+                let ended = watch(
+                    &mut served,
+                    shutdown,
+                    Some(release_after),
+                    &ctx,
+                    &deadlines,
+                    drain,
+                );
+                let ended = Box::pin(ended).await;
+                drop(served);
+                match ended {
+                    Ended::Finished {
+                        output: Outcome::Handover(unread),
+                        ..
+                    } => {
+                        stream.stream.unread(unread.to_vec());
+                        hyper_turn = true;
+                        continue;
+                    }
+                    Ended::Finished {
+                        output: Outcome::Idle,
+                        released,
+                    } => released,
+                    Ended::Finished {
+                        output: Outcome::Closed,
+                        ..
+                    } => false,
+                    Ended::Cut => return,
+                }
             };
-            (stream, service) = conn.take_back();
             if released {
                 let until = ctx.clock.idle_deadline(deadlines.idle);
                 if let Some(lot) = &ctx.lot {
@@ -667,15 +724,10 @@ where
                     release_after = release_next(release_after, waiting.elapsed());
                     continue;
                 }
-            } else if let Some(tunnel) = ctx.switched_to() {
-                // The 101 is written; the tunnel takes the connection from here. (A release
-                // needs an idle connection, so it never comes with a switch.)
-                let _ = tunnel.send(Box::new(stream.stream));
-                return;
             }
-            // hyper is done with the connection (the client closed it, or a request or
-            // response asked to close), or it idled out, or drover drains: say so to the
-            // client, as hyper would have.
+            // The connection is done (the client closed it, or a request or response asked
+            // to close), or it idled out, or drover drains: say so to the client, as hyper
+            // would have.
             let _ = tokio::time::timeout(deadlines.send, stream.shutdown()).await;
             return;
         }

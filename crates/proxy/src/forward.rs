@@ -34,9 +34,10 @@ use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 
-use crate::http::{Forwarding, Kind, Source, UpstreamBody, error, strip_hop_by_hop_but_trailer};
+use crate::http::{
+    Forwarding, Kind, RequestBody, Source, UpstreamBody, error, strip_hop_by_hop_but_trailer,
+};
 use crate::pool::{ConnectError, EndpointState};
 use crate::stats::{RouteStats, Stats};
 use crate::table::Service;
@@ -94,14 +95,14 @@ impl Body for KeptBody {
 
 /// The client's request body on its way upstream, counted into its route's bytes as it goes.
 pub struct Upload {
-    body: Incoming,
+    body: RequestBody,
     route: Arc<RouteStats>,
     /// The route's body limit and the client's framing errors (`crate::http::BodyWatch`).
     watch: Option<Arc<crate::http::BodyWatch>>,
 }
 
 impl Upload {
-    pub(crate) fn new(body: Incoming, route: Arc<RouteStats>) -> Self {
+    pub(crate) fn new(body: RequestBody, route: Arc<RouteStats>) -> Self {
         Self {
             body,
             route,
@@ -201,7 +202,7 @@ impl Payload {
 
 /// Keeps the body when it is empty or announced small enough; streams it otherwise.
 async fn take_payload(
-    body: Incoming,
+    body: RequestBody,
     headers: &HeaderMap,
     limit: u32,
     route: &Arc<RouteStats>,
@@ -285,7 +286,7 @@ pub(crate) async fn forward(
     stats: &Stats,
     service: &Arc<Service>,
     route: &Arc<RouteStats>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     affinity: &Affinity,
     forwarding: Option<Forwarding<'_>>,
 ) -> Forwarded {

@@ -287,11 +287,11 @@ type Span = [u32; 4];
 /// a comparison of bytes instead of a parse (about 150 instructions each, with an
 /// allocation for a name the `http` crate does not know).
 #[derive(Default)]
-struct Names(Vec<(Box<[u8]>, HeaderName)>);
+pub(crate) struct Names(Vec<(Box<[u8]>, HeaderName)>);
 
 impl Names {
     /// The name written `raw`, the `place`th of its head; `None` if it is not a valid name.
-    fn get(&mut self, place: usize, raw: &[u8]) -> Option<HeaderName> {
+    pub(crate) fn get(&mut self, place: usize, raw: &[u8]) -> Option<HeaderName> {
         if let Some((seen, name)) = self.0.get(place)
             && **seen == *raw
         {

@@ -74,7 +74,7 @@ const CLIENT_CLOSED: u16 = 499;
 #[allow(clippy::manual_async_fn)]
 pub(crate) fn handle(
     ctx: Arc<ConnCtx>,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
 ) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send {
     async move {
         let active = ctx.begin();
@@ -146,7 +146,7 @@ struct LogFields {
 }
 
 impl Exchange {
-    fn start(ctx: &Arc<ConnCtx>, req: &Request<Incoming>) -> Self {
+    fn start(ctx: &Arc<ConnCtx>, req: &Request<RequestBody>) -> Self {
         let log = ctx.access_log.as_ref().map(|_| {
             let header = |name| req.headers().get(name).cloned();
             LogFields {
@@ -224,7 +224,11 @@ struct Routed {
 }
 
 /// Checks a request and finds its route; why it is refused if it has none or may not pass.
-fn route(ctx: &ConnCtx, req: &mut Request<Incoming>, ex: &mut Exchange) -> Result<Routed, Refusal> {
+fn route(
+    ctx: &ConnCtx,
+    req: &mut Request<RequestBody>,
+    ex: &mut Exchange,
+) -> Result<Routed, Refusal> {
     let table = ctx.tables.load();
     let Some(listener) = table.listener(ctx.local) else {
         return Err((StatusCode::SERVICE_UNAVAILABLE, "this listener is closing"));
@@ -544,7 +548,7 @@ fn upstream_framing_ok(head: bool, response: &Response<Kind>) -> bool {
 #[allow(clippy::manual_async_fn)]
 fn route_request<'a>(
     ctx: &'a ConnCtx,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     ex: &'a mut Exchange,
     service: Arc<Service>,
     route: Arc<RouteStats>,
@@ -635,7 +639,7 @@ fn route_request<'a>(
 }
 
 /// The request's hash for `consistent_hash`, and the endpoint stickiness asks for.
-fn affinity(ctx: &ConnCtx, service: &Service, req: &Request<Incoming>) -> Affinity {
+fn affinity(ctx: &ConnCtx, service: &Service, req: &Request<RequestBody>) -> Affinity {
     let spec = &service.spec;
     let key = match &spec.hash_on {
         _ if spec.policy != drover_model::Policy::ConsistentHash => 0,
@@ -695,7 +699,7 @@ fn strip_port(host: &str) -> &str {
 
 /// Turns a client's request into the one sent upstream: HTTP/1.1, origin-form target,
 /// connection headers removed. The forwarding headers are [`Forwarding`]'s.
-fn prepare_upstream_request(req: &mut Request<Incoming>) {
+fn prepare_upstream_request(req: &mut Request<RequestBody>) {
     // The host routed on goes upstream: an absolute-form target's authority replaces the
     // Host header (without any userinfo).
     if let Some(value) = req.uri().authority().and_then(|a| {
@@ -897,6 +901,42 @@ pub(crate) fn error(status: StatusCode, message: &'static str) -> Response<Kind>
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+/// The body of a client's request: hyper's, or none at all for a request that drover's own
+/// HTTP/1.1 server read (`crate::front`, which takes only requests without a body).
+pub enum RequestBody {
+    Hyper(Incoming),
+    Empty,
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Hyper(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Hyper(body) => body.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Hyper(body) => body.size_hint(),
+            RequestBody::Empty => SizeHint::with_exact(0),
+        }
+    }
 }
 
 /// The body of every response drover sends to a client.
@@ -1119,15 +1159,17 @@ pub fn fuzz_route(data: &[u8]) -> bool {
         .is_some_and(|l| l.route(host, path).is_some())
 }
 
-/// The HTTP/1 front end without a network, for fuzzing and its corpus replay: `input` is fed
-/// as a client's bytes to hyper with a default listener's settings ([`server_builder`]), and
-/// each request goes through drover's checks and routing (to a service with no endpoints, so
-/// nothing is forwarded). Returns what the client would read back.
+/// The HTTP/1 front end without a network, for fuzzing and its corpus replay: `input` is
+/// taken apart into heads by drover's own HTTP/1.1 server (`crate::front`), and fed as a
+/// client's bytes to hyper with a default listener's settings ([`server_builder`]), each
+/// request going through drover's checks and routing (to a service with no endpoints, so
+/// nothing is forwarded). Returns what the client would read back from hyper.
 ///
 /// [`server_builder`]: crate::conn::server_builder
 #[doc(hidden)]
 pub async fn fuzz_front_end(input: &[u8]) -> Vec<u8> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    crate::front::fuzz_heads(input);
     let addr: SocketAddr = ([127, 0, 0, 1], 8080).into();
     let config = drover_model::Config::embedded_default(addr);
     let effective = Arc::new(drover_model::Effective {

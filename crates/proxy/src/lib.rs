@@ -18,6 +18,7 @@ pub mod access;
 mod compress;
 mod conn;
 mod forward;
+mod front;
 mod h1;
 mod health;
 mod http;

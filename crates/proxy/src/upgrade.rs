@@ -15,20 +15,19 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
 
 use crate::conn::{ConnCtx, Open, Switched};
 use crate::forward::{self, Affinity, Forwarded, InFlight, ReqBody, Upload};
-use crate::http::{Kind, Source, UpstreamBody, error, strip_hop_by_hop};
+use crate::http::{Kind, RequestBody, Source, UpstreamBody, error, strip_hop_by_hop};
 use crate::stats::{RouteStats, Stats};
 use crate::table::Service;
 use crate::upstream::Upstream;
 
 /// The protocol an HTTP/1.1 request asks to switch to: its `Upgrade` header, when its
 /// `Connection` header names `upgrade`.
-pub(crate) fn requested(req: &Request<Incoming>) -> Option<HeaderValue> {
+pub(crate) fn requested(req: &Request<RequestBody>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 {
         return None;
     }
@@ -50,7 +49,7 @@ pub(crate) async fn forward(
     ctx: &ConnCtx,
     service: &Arc<Service>,
     route: &Arc<RouteStats>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     protocol: HeaderValue,
     affinity: &Affinity,
 ) -> Forwarded {

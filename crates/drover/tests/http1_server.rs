@@ -1,0 +1,170 @@
+//! drover's own HTTP/1.1 server (crates/proxy/src/front.rs) answers plain requests and leaves
+//! the rest (bodies, upgrades, HTTP/1.0, HEAD) to hyper. A client must not be able to tell
+//! which of the two served it, and a connection that goes from one to the other and back
+//! loses nothing.
+
+mod raw;
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use support::*;
+
+/// What an origin answers, by path; each answer closes its upstream connection, so that every
+/// request meets the same origin afresh.
+const ANSWERS: [(&str, &[u8]); 7] = [
+    (
+        "/length",
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\
+          X-Two: 1\r\nX-Two: 2\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\nhello",
+    ),
+    (
+        "/chunked",
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n\
+          5\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 1\r\n\r\n",
+    ),
+    (
+        "/no-content",
+        b"HTTP/1.1 204 No Content\r\nConnection: close\r\nX-A: b\r\n\r\n",
+    ),
+    (
+        "/not-modified",
+        b"HTTP/1.1 304 Not Modified\r\nConnection: close\r\nContent-Length: 10\r\nETag: \"e\"\r\n\r\n",
+    ),
+    (
+        "/dated",
+        b"HTTP/1.1 404 Not Found\r\nConnection: close\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\n\
+          Content-Length: 3\r\n\r\nnot",
+    ),
+    (
+        "/until-close",
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: text/plain\r\n\r\nuntil the end",
+    ),
+    (
+        "/odd",
+        b"HTTP/1.1 599 Whatever\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    ),
+];
+
+/// One drover with a route per answer (and none for other paths, which drover answers 404
+/// itself).
+async fn setup() -> (Drover, SocketAddr) {
+    let port = free_port();
+    let mut config = format!("[[listeners]]\nname = \"web\"\nlisten = \"127.0.0.1:{port}\"\n");
+    for (i, (path, answer)) in ANSWERS.iter().enumerate() {
+        let origin = raw::scripted_origin(answer).await;
+        config.push_str(&format!(
+            "\n[[routes]]\nlistener = \"web\"\npath_prefix = \"{path}\"\nservice = \"s{i}\"\n\
+             \n[services.s{i}]\nendpoints = [ {{ address = \"{origin}\" }} ]\n"
+        ));
+    }
+    let drover = Drover::start(&config).await;
+    (drover, format!("127.0.0.1:{port}").parse().unwrap())
+}
+
+/// A reply as text with the value of a `date` field drover wrote itself masked, and whether
+/// the connection was closed after it.
+async fn reply(addr: SocketAddr, request: String) -> (String, bool) {
+    let reply = raw::send_raw(addr, request.as_bytes(), Duration::from_millis(700)).await;
+    let mut text = reply.text();
+    if let Some(at) = text.find("\r\ndate: ")
+        && !text[at..].starts_with("\r\ndate: Mon, 01 Jan 2024")
+    {
+        text.replace_range(at + 8..at + 8 + 29, "DATE");
+    }
+    (text, reply.closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_is_the_same_bytes_from_drover_s_server_and_from_hyper() {
+    let (_drover, addr) = setup().await;
+    let paths = ANSWERS.iter().map(|(p, _)| *p).chain(["/nowhere"]);
+    for path in paths {
+        for close in ["", "Connection: close\r\n"] {
+            // The same request; a `Content-Length: 0` sends it to hyper.
+            let plain = format!("GET {path} HTTP/1.1\r\nHost: t\r\n{close}\r\n");
+            let to_hyper =
+                format!("GET {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n{close}\r\n");
+            let (ours, theirs) = tokio::join!(reply(addr, plain), reply(addr, to_hyper));
+            assert_eq!(ours, theirs, "{path} {close:?}");
+            let (text, closed) = ours;
+            assert!(text.starts_with("HTTP/1.1 "), "{path}: {text}");
+            assert_eq!(closed, !close.is_empty(), "{path} {close:?}: {text}");
+            assert_eq!(
+                text.contains("connection: close\r\n"),
+                !close.is_empty(),
+                "{text}"
+            );
+        }
+    }
+    // What the answers hold, written out once.
+    let (length, _) = reply(addr, "GET /length HTTP/1.1\r\nHost: t\r\n\r\n".into()).await;
+    assert_eq!(
+        length,
+        "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-type: text/plain\r\nx-two: 1\r\n\
+         x-two: 2\r\nset-cookie: a=1\r\nset-cookie: b=2\r\ndate: DATE\r\n\r\nhello"
+    );
+    let (chunked, _) = reply(addr, "GET /chunked HTTP/1.1\r\nHost: t\r\n\r\n".into()).await;
+    assert!(
+        chunked.starts_with("HTTP/1.1 200 OK\r\ntrailer: x-sum\r\ntransfer-encoding: chunked\r\n"),
+        "{chunked}"
+    );
+    assert_eq!(dechunk(&chunked), "hello world", "{chunked}");
+    let (until_close, _) = reply(addr, "GET /until-close HTTP/1.1\r\nHost: t\r\n\r\n".into()).await;
+    assert!(
+        until_close.contains("transfer-encoding: chunked"),
+        "{until_close}"
+    );
+    assert_eq!(dechunk(&until_close), "until the end", "{until_close}");
+}
+
+/// The data of a chunked answer (after its head), without trailers.
+fn dechunk(reply: &str) -> String {
+    let (_, mut rest) = reply.split_once("\r\n\r\n").expect("a head");
+    let mut data = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").expect("a chunk size line");
+        let size = usize::from_str_radix(size, 16).expect("a hexadecimal size");
+        if size == 0 {
+            assert_eq!(after, "\r\n", "no trailers, and nothing after the end");
+            return data;
+        }
+        data.push_str(&after[..size]);
+        rest = after[size..].strip_prefix("\r\n").expect("a chunk's end");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_passed_between_the_two_servers_loses_nothing() {
+    let origin = raw::Recorder::start().await;
+    let port = free_port();
+    let _drover = Drover::start(&one_service(port, &[(origin.addr, 1)])).await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let quiet = Duration::from_millis(400);
+    use tokio::io::AsyncWriteExt;
+    // Pipelined in one write: drover's, hyper's (a body), drover's again once hyper lets go.
+    s.write_all(
+        b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n\
+          POST /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc\
+          GET /3 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let replies = raw::read_reply(&mut s, quiet).await;
+    assert_eq!(replies.statuses(), [200, 200, 200], "{}", replies.text());
+    // After a wait past the release of hyper's state, and a head in two pieces.
+    s.write_all(b"GET /4 HT").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"TP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let fourth = raw::read_reply(&mut s, quiet).await;
+    assert_eq!(fourth.statuses(), [200], "{}", fourth.text());
+    assert!(!fourth.closed);
+    let seen = origin.seen();
+    let targets: Vec<&str> = seen.iter().map(|r| r.target.as_str()).collect();
+    assert_eq!(targets, ["/1", "/2", "/3", "/4"]);
+    assert_eq!(seen[1].body, "abc");
+    assert_eq!(seen[0].method, "GET");
+}
