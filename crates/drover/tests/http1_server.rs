@@ -168,3 +168,55 @@ async fn a_connection_passed_between_the_two_servers_loses_nothing() {
     assert_eq!(seen[1].body, "abc");
     assert_eq!(seen[0].method, "GET");
 }
+
+/// As with hyper: a client that closes its connection while drover awaits the answer cancels
+/// the request (its upstream connection is closed at once, not at the upstream's timeout),
+/// and the request is logged as 499.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_its_answer_cancels_the_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An origin that reads the request and never answers, and tells when drover lets go.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    let (let_go, upstream_closed) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf).await
+            && n > 0
+        {}
+        let _ = let_go.send(());
+    });
+    let port = free_port();
+    let logs = tempfile::tempdir().unwrap();
+    let path = logs.path().join("access.log");
+    let _drover = Drover::start_with(
+        &one_service(port, &[(origin, 1)]),
+        &["--access-log", path.to_str().unwrap()],
+    )
+    .await;
+    let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    client
+        .write_all(b"GET /never HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(5), upstream_closed)
+        .await
+        .expect("the upstream request outlived its client")
+        .unwrap();
+    let mut logged = String::new();
+    for _ in 0..50 {
+        logged = std::fs::read_to_string(&path).unwrap_or_default();
+        if !logged.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let line: serde_json::Value = serde_json::from_str(logged.trim()).expect(&logged);
+    assert_eq!(line["status"], 499, "{logged}");
+    assert_eq!(line["path"], "/never", "{logged}");
+}
