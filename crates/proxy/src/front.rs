@@ -35,7 +35,7 @@ use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::conn::ConnCtx;
-use crate::h1::Names;
+use crate::h1::{Names, has_token, parse_length, tokens};
 use crate::http::{RequestBody, ResponseBody};
 
 /// The most header fields parsed here: hyper's default, and the size of the stack array the
@@ -429,18 +429,11 @@ fn parse(buf: &mut BytesMut, limits: Limits, names: &mut Names) -> Parsed {
             2 => is(b"te"),
             6 => is(b"expect"),
             7 => is(b"upgrade"),
-            10 if is(b"connection") => {
-                let mut options = field
-                    .value
-                    .split(|b| *b == b',')
-                    .map(<[u8]>::trim_ascii)
-                    .filter(|t| !t.is_empty());
-                !options.all(|o| {
-                    let c = o.eq_ignore_ascii_case(b"close");
-                    close |= c;
-                    c || o.eq_ignore_ascii_case(b"keep-alive")
-                })
-            }
+            10 if is(b"connection") => !tokens(field.value).all(|o| {
+                let c = o.eq_ignore_ascii_case(b"close");
+                close |= c;
+                c || o.eq_ignore_ascii_case(b"keep-alive")
+            }),
             14 => is(b"content-length"),
             17 => is(b"transfer-encoding"),
             _ => false,
@@ -614,8 +607,8 @@ fn encode_head(
                     None => continue,
                     Some(Some(known)) => known,
                     Some(None) => match parse_length(value.as_bytes()) {
-                        Some(n) => n,
-                        None => return fail(out),
+                        Ok(n) => n,
+                        Err(_) => return fail(out),
                     },
                 };
                 match length_seen {
@@ -725,17 +718,7 @@ fn end_line(out: &mut BytesMut, open_line: &mut Option<HeaderName>, chunked_last
 }
 
 fn has_close(value: &[u8]) -> bool {
-    value
-        .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-}
-
-fn parse_length(value: &[u8]) -> Option<u64> {
-    let value = value.trim_ascii();
-    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(value.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
+    has_token(value, b"close")
 }
 
 fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {

@@ -448,7 +448,7 @@ fn parse_head(
     }
 }
 
-fn parse_length(value: &[u8]) -> Result<u64, Error> {
+pub(crate) fn parse_length(value: &[u8]) -> Result<u64, Error> {
     let value = value.trim_ascii();
     if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
         return invalid("its Content-Length is not a number");
@@ -456,12 +456,12 @@ fn parse_length(value: &[u8]) -> Result<u64, Error> {
     Ok(value.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
-fn has_token(value: &[u8], token: &[u8]) -> bool {
+pub(crate) fn has_token(value: &[u8], token: &[u8]) -> bool {
     tokens(value).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// The items of a comma-separated field value, trimmed, empty ones left out.
-fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
         .split(|b| *b == b',')
         .map(<[u8]>::trim_ascii)
