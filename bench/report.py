@@ -269,7 +269,7 @@ def floor_table(summary):
     http = summary.get("throughput", {}).get(sc, {})
     floor = summary.get("floor", {}).get(sc, {})
     relay = summary.get("relay", {}).get(sc, {})
-    rows = [("drover", "drover: routing, balancing, counting; hyper's server, its own "
+    rows = [("drover", "drover: routing, balancing, counting; its own HTTP/1.1 server and "
              "upstream client", http.get("drover")),
             ("floor-hyper", "hyper's server and client, nothing else", floor.get("floor-hyper")),
             ("floor-half", "hyper's server, a hand-written upstream client",
@@ -294,8 +294,8 @@ def floor_table(summary):
     if all(cost.get(k) for k in names):
         d, h, half, r = (cost[k]["median"] for k in names)
         lines.append(
-            f"\nDifferences in CPU per request: drover − floor-half (drover's own work, on the "
-            f"same server and kind of client) {d - half:+.1f} µs; floor-hyper − floor-half "
+            f"\nDifferences in CPU per request: drover − floor-raw (drover's own work over a "
+            f"codec that does nothing else) {d - r:+.1f} µs; floor-hyper − floor-half "
             f"(hyper's client over a hand-written one) {h - half:+.1f} µs; floor-half − "
             f"floor-raw (hyper's server over a hand-written codec) {half - r:+.1f} µs. Runs "
             f"minutes apart differ by several µs on this machine; `bench/ab.py` with more "
