@@ -12,7 +12,8 @@ scenario once. Prints the median requests/s and proxy CPU per request per target
 scenario, the CPU split into the proxy's own code (user) and the kernel's work for it.
 Knobs, as environment variables:
 
-    SC        scenarios, CONNS:BODY[,CONNS:BODY...]; default 64:1k (BODY: 64, 1k, 16k, 1m)
+    SC        scenarios, CONNS:BODY[:POST][,...]; default 64:1k (BODY, the answer's size: 64,
+              1k, 16k, 1m; POST, if given, a request body of that many bytes, sent as POST)
     ROUNDS    default 3
     DURATION  seconds per run, as in bench.py (default 5)
 
@@ -40,8 +41,8 @@ def main():
     rounds = int(os.environ.get("ROUNDS", "3"))
     scenarios = []
     for s in os.environ.get("SC", "64:1k").split(","):
-        conns, body = s.split(":")
-        scenarios.append(bench.scenario(int(conns), body))
+        conns, body, *post = s.split(":")
+        scenarios.append(bench.scenario(int(conns), body, post=int(post[0]) if post else 0))
     os.makedirs(bench.TMP, exist_ok=True)
     os.sched_setaffinity(0, {bench.LOAD_CPU})
     origin = bench.start_origin()

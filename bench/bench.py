@@ -92,9 +92,12 @@ def log(msg):
 
 
 # --------------------------------------------------------------- scenarios
-def scenario(conns, body, close=False):
-    sid = f"{'close' if close else 'ka'}-c{conns}-{body}"
-    return {"id": sid, "tool": "wrk", "conns": conns, "body": body, "close": close}
+def scenario(conns, body, close=False, post=0):
+    """A wrk scenario: `body` names the answer's size; `post`, if not 0, makes every request
+    a POST with a body of that many bytes."""
+    sid = f"{'close' if close else 'ka'}-c{conns}-{body}" + (f"-post{post}" if post else "")
+    return {"id": sid, "tool": "wrk", "conns": conns, "body": body, "close": close,
+            "post": post}
 
 
 def throughput_scenarios():
@@ -618,6 +621,12 @@ def load_cmd(sc, target, secs, cpus, threads=1):
             f"-d{max(1, round(secs))}s", "--latency"]
     if sc["close"]:
         argv += ["-H", "Connection: close"]
+    if sc.get("post"):
+        # wrk writes each request, head and body, in one write.
+        script = os.path.join(TMP, f"post-{sc['post']}.lua")
+        with open(script, "w") as f:
+            f.write(f'wrk.method = "POST"\nwrk.body = string.rep("x", {sc["post"]})\n')
+        argv += ["-s", script]
     return argv + [f"http://{HOST}:{port}/{sc['body']}"]
 
 

@@ -12,7 +12,8 @@ connections, 1 KiB bodies, drover alone on CPU 0 with one worker).
                                                    # drover, nginx and HAProxy (default 5 s)
 
 CONNS sets the connections of the perf and callgrind runs (default 64; callgrind wants
-CONNS=4, see below), and CLOSE=1 makes them open a new connection per request.
+CONNS=4, see below), CLOSE=1 makes them open a new connection per request, and POST=N
+makes every request a POST with an N-byte body.
 PROXY=floor-hyper, floor-half or floor-raw profiles one of bench/floor's minimal proxies
 instead of drover with perf or callgrind (reports under profile-PROXY/), to set beside
 drover's.
@@ -46,6 +47,8 @@ PROXY = os.environ.get("PROXY", "drover")
 CONNS = int(os.environ.get("CONNS", "64"))
 # CLOSE=1: a new connection per request (wrk sends `Connection: close`).
 CLOSE = os.environ.get("CLOSE", "0") not in ("", "0")
+# POST=N: every request a POST with an N-byte body.
+POST = int(os.environ.get("POST", "0") or 0)
 OUT = os.path.join(bench.TMP, "profile" if PROXY == "drover" else f"profile-{PROXY}")
 
 
@@ -178,7 +181,7 @@ def main():
         proc, err = bench.start_proxy(PROXY, 1, str(bench.PROXY_CPU), wrapper, ready_timeout=120)
         if err:
             raise SystemExit(f"{PROXY}: {err}")
-        sc = bench.scenario(CONNS, "1k", close=CLOSE)
+        sc = bench.scenario(CONNS, "1k", close=CLOSE, post=POST)
         bench.run_tool(bench.load_cmd(sc, "drover", 2, str(bench.LOAD_CPU)),
                        os.path.join(OUT, "warmup.txt"), 60)
         perf = None
