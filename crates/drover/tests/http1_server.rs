@@ -1,5 +1,6 @@
-//! drover's own HTTP/1.1 server (crates/proxy/src/front.rs) answers plain requests and leaves
-//! the rest (bodies, upgrades, HTTP/1.0, HEAD) to hyper. A client must not be able to tell
+//! drover's own HTTP/1.1 server (crates/proxy/src/front.rs) answers plain requests, with a body
+//! that came with the head or none, and leaves the rest (streamed bodies, upgrades, HTTP/1.0,
+//! HEAD) to hyper. A client must not be able to tell
 //! which of the two served it, and a connection that goes from one to the other and back
 //! loses nothing.
 
@@ -80,23 +81,42 @@ async fn reply(addr: SocketAddr, request: String) -> (String, bool) {
 async fn an_answer_is_the_same_bytes_from_drover_s_server_and_from_hyper() {
     let (_drover, addr) = setup().await;
     let paths = ANSWERS.iter().map(|(p, _)| *p).chain(["/nowhere"]);
+    let mut cases = Vec::new();
     for path in paths {
-        for close in ["", "Connection: close\r\n"] {
-            // The same request; a `Content-Length: 0` sends it to hyper.
-            let plain = format!("GET {path} HTTP/1.1\r\nHost: t\r\n{close}\r\n");
-            let to_hyper =
-                format!("GET {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n{close}\r\n");
-            let (ours, theirs) = tokio::join!(reply(addr, plain), reply(addr, to_hyper));
-            assert_eq!(ours, theirs, "{path} {close:?}");
-            let (text, closed) = ours;
-            assert!(text.starts_with("HTTP/1.1 "), "{path}: {text}");
-            assert_eq!(closed, !close.is_empty(), "{path} {close:?}: {text}");
-            assert_eq!(
-                text.contains("connection: close\r\n"),
-                !close.is_empty(),
-                "{text}"
-            );
+        for close in [false, true] {
+            for (method, body) in [("GET", ""), ("POST", "Content-Length: 3\r\n\r\nabc")] {
+                // The same request twice; a `Connection` option other than close and
+                // keep-alive sends the second to hyper.
+                let close_field = if close { "Connection: close\r\n" } else { "" };
+                let options = if close {
+                    "close, x-via-hyper"
+                } else {
+                    "x-via-hyper"
+                };
+                let body = if body.is_empty() { "\r\n" } else { body };
+                let ours = format!("{method} {path} HTTP/1.1\r\nHost: t\r\n{close_field}{body}");
+                let theirs = format!(
+                    "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: {options}\r\n{body}"
+                );
+                let case = format!("{method} {path} close={close}");
+                cases.push(tokio::spawn(async move {
+                    let (ours, theirs) = tokio::join!(reply(addr, ours), reply(addr, theirs));
+                    (case, close, ours, theirs)
+                }));
+            }
         }
+    }
+    for case in cases {
+        let (case, close, ours, theirs) = case.await.unwrap();
+        assert_eq!(ours, theirs, "{case}");
+        let (text, closed) = ours;
+        assert!(text.starts_with("HTTP/1.1 "), "{case}: {text}");
+        assert_eq!(closed, close, "{case}: {text}");
+        assert_eq!(
+            text.contains("connection: close\r\n"),
+            close,
+            "{case}: {text}"
+        );
     }
     // What the answers hold, written out once.
     let (length, _) = reply(addr, "GET /length HTTP/1.1\r\nHost: t\r\n\r\n".into()).await;
@@ -145,28 +165,49 @@ async fn a_connection_passed_between_the_two_servers_loses_nothing() {
         .unwrap();
     let quiet = Duration::from_millis(400);
     use tokio::io::AsyncWriteExt;
-    // Pipelined in one write: drover's, hyper's (a body), drover's again once hyper lets go.
+    // Pipelined in one write: drover's, hyper's (a chunked body), hyper's again until it
+    // lets go of the connection.
     s.write_all(
         b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n\
-          POST /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc\
+          POST /2 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
           GET /3 HTTP/1.1\r\nHost: x\r\n\r\n",
     )
     .await
     .unwrap();
     let replies = raw::read_reply(&mut s, quiet).await;
     assert_eq!(replies.statuses(), [200, 200, 200], "{}", replies.text());
-    // After a wait past the release of hyper's state, and a head in two pieces.
+    // After a wait past the release of hyper's state, drover's: a head in two pieces, then a
+    // body that came with its head, then one that did not, which is hyper's.
     s.write_all(b"GET /4 HT").await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     s.write_all(b"TP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     let fourth = raw::read_reply(&mut s, quiet).await;
     assert_eq!(fourth.statuses(), [200], "{}", fourth.text());
-    assert!(!fourth.closed);
+    s.write_all(b"PUT /5 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nxyz")
+        .await
+        .unwrap();
+    let fifth = raw::read_reply(&mut s, quiet).await;
+    assert_eq!(fifth.statuses(), [200], "{}", fifth.text());
+    s.write_all(b"POST /6 HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabc")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"def").await.unwrap();
+    let sixth = raw::read_reply(&mut s, quiet).await;
+    assert_eq!(sixth.statuses(), [200], "{}", sixth.text());
+    assert!(!sixth.closed);
     let seen = origin.seen();
     let targets: Vec<&str> = seen.iter().map(|r| r.target.as_str()).collect();
-    assert_eq!(targets, ["/1", "/2", "/3", "/4"]);
-    assert_eq!(seen[1].body, "abc");
-    assert_eq!(seen[0].method, "GET");
+    assert_eq!(targets, ["/1", "/2", "/3", "/4", "/5", "/6"]);
+    let bodies: Vec<&[u8]> = seen.iter().map(|r| &r.body[..]).collect();
+    assert_eq!(
+        bodies,
+        [&b""[..], b"abc", b"", b"", b"xyz", b"abcdef"],
+        "{seen:?}"
+    );
+    let methods: Vec<&str> = seen.iter().map(|r| r.method.as_str()).collect();
+    assert_eq!(methods, ["GET", "POST", "GET", "GET", "PUT", "POST"]);
+    assert_eq!(seen[4].headers["content-length"], "3");
 }
 
 /// As with hyper: a client that closes its connection while drover awaits the answer cancels

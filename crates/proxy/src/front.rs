@@ -1,16 +1,19 @@
-//! drover's own HTTP/1.1 server, for the requests most clients send: HTTP/1.1 and without a
-//! body (GET and the like). Whatever else comes on the connection is left to hyper.
+//! drover's own HTTP/1.1 server, for the requests most clients send: HTTP/1.1, without a body
+//! or with a small one that comes with the head. Whatever else comes on the connection is left
+//! to hyper.
 //!
 //! hyper's server costs drover about a third of its instructions per request: a dispatcher
 //! that loops over reading, the service and writing, a boxed request future, and its own
 //! head parsing and encoding (docs/benchmarks.md). Here the connection's task reads the head,
 //! calls [`crate::http::handle`] and writes the answer with nothing in between.
 //!
-//! What it takes: a complete HTTP/1.1 head whose method is not HEAD or CONNECT and that has
-//! no `Content-Length`, `Transfer-Encoding`, `Expect`, `Upgrade` or `TE`, and whose
-//! `Connection` says only `close` or `keep-alive`. Any other head, a malformed one, one with
-//! more fields than the listener allows or larger than its `max_header_bytes`, goes to hyper
-//! unread ([`Outcome::Handover`]): the rules for bodies, upgrades and errors stay hyper's.
+//! What it takes: a complete HTTP/1.1 head whose method is not HEAD or CONNECT, that has no
+//! `Transfer-Encoding`, `Expect`, `Upgrade` or `TE`, whose `Connection` says only `close` or
+//! `keep-alive`, and that has either no `Content-Length` or one (in plain digits) whose body
+//! has all been read with the head: a POST of a few kilobytes usually comes in one segment.
+//! Any other head, a malformed one, one with more fields than the listener allows or larger
+//! than its `max_header_bytes`, or one whose body is still to come, goes to hyper unread
+//! ([`Outcome::Handover`]): the rules for streamed bodies, upgrades and errors stay hyper's.
 //!
 //! The answer is written as hyper would write it, so that a client cannot tell which of the
 //! two served it: the same status line, the fields in the same order, the same framing
@@ -35,14 +38,12 @@ use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::conn::ConnCtx;
-use crate::h1::{Names, has_token, parse_length, tokens};
+use crate::h1::{FEW_FIELDS, Names, field_room, has_token, parse_length, tokens};
 use crate::http::{RequestBody, ResponseBody};
 
 /// The most header fields parsed here: hyper's default, and the size of the stack array the
 /// parser fills. A head with more goes to hyper, which applies the listener's own limit.
 const MAX_FIELDS: usize = 100;
-/// Header fields whose places in the head are noted on the stack; more take an allocation.
-const FEW_FIELDS: usize = 24;
 /// The read buffer's first size; it grows up to the listener's `max_header_bytes`.
 const FIRST_READ: usize = 4096;
 /// Answer bytes gathered before they are written.
@@ -395,11 +396,13 @@ struct Head {
 enum Parsed {
     Request(Head),
     Partial,
-    /// Not one this server takes: malformed, too large, or with a body or an upgrade.
+    /// Not one this server takes: malformed, too large, with an upgrade, or with a body that
+    /// is not all here.
     Other,
 }
 
-/// Takes a request head off the front of `buf`, if it is whole and one this server takes.
+/// Takes a request off the front of `buf`, if its head is whole and one this server takes,
+/// and its body (if any) is all there.
 fn parse(buf: &mut BytesMut, limits: Limits, names: &mut Names) -> Parsed {
     // Uninitialised: 100 fields are 3.2 KB to clear, at every read of a head.
     let mut fields = [const { MaybeUninit::uninit() }; MAX_FIELDS];
@@ -422,6 +425,7 @@ fn parse(buf: &mut BytesMut, limits: Limits, names: &mut Names) -> Parsed {
         },
     };
     let mut close = false;
+    let mut length: Option<u64> = None;
     for field in req.headers.iter() {
         let name = field.name.as_bytes();
         let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
@@ -434,13 +438,25 @@ fn parse(buf: &mut BytesMut, limits: Limits, names: &mut Names) -> Parsed {
                 close |= c;
                 c || o.eq_ignore_ascii_case(b"keep-alive")
             }),
-            14 => is(b"content-length"),
+            // One length, in plain digits; hyper's rules decide any other.
+            14 if is(b"content-length") => match parse_length(field.value) {
+                Ok(n) if length.is_none() => {
+                    length = Some(n);
+                    false
+                }
+                _ => true,
+            },
             17 => is(b"transfer-encoding"),
             _ => false,
         };
         if framed {
             return Parsed::Other;
         }
+    }
+    let length = length.unwrap_or(0);
+    if length > (buf.len() - len) as u64 {
+        // The body has not all come with the head: hyper reads it as it comes.
+        return Parsed::Other;
     }
     let head_range = buf.as_ptr() as usize..buf.as_ptr() as usize + len;
     // Where a slice of the head lies in it, as [start, end).
@@ -457,16 +473,8 @@ fn parse(buf: &mut BytesMut, limits: Limits, names: &mut Names) -> Parsed {
     let Some([t0, t1]) = req.path.and_then(|p| at(p.as_bytes())) else {
         return Parsed::Other;
     };
-    // On the stack for the usual few fields (cleared at every head, so kept small).
-    let count = req.headers.len();
-    let mut few = [[0usize; 4]; FEW_FIELDS];
-    let mut many = Vec::new();
-    let spans = if count <= FEW_FIELDS {
-        &mut few[..count]
-    } else {
-        many.resize(count, [0; 4]);
-        &mut many[..]
-    };
+    let (mut few, mut many) = ([[0usize; 4]; FEW_FIELDS], Vec::new());
+    let spans = field_room(&mut few, &mut many, req.headers.len());
     for (field, span) in req.headers.iter().zip(spans.iter_mut()) {
         let (Some([a, b]), Some([c, d])) = (at(field.name.as_bytes()), at(field.value)) else {
             return Parsed::Other;
@@ -483,7 +491,11 @@ fn parse(buf: &mut BytesMut, limits: Limits, names: &mut Names) -> Parsed {
         buf.unsplit(rest);
         return Parsed::Other;
     };
-    let mut request = Request::new(RequestBody::Empty);
+    let body = match length {
+        0 => RequestBody::Empty,
+        n => RequestBody::Whole(buf.split_to(n as usize).freeze()),
+    };
+    let mut request = Request::new(body);
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
@@ -790,6 +802,28 @@ mod tests {
     }
 
     #[test]
+    fn a_body_that_came_with_its_head_is_taken_with_it() {
+        let wire = b"POST /p HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET /next";
+        let (parsed, rest) = parse_all(wire, LIMITS);
+        let Parsed::Request(Head { request, .. }) = parsed else {
+            panic!("not taken");
+        };
+        assert_eq!(&rest[..], b"GET /next");
+        assert_eq!(request.headers()["content-length"], "5");
+        let body = request.into_body();
+        assert_eq!(body.size_hint().exact(), Some(5));
+        assert!(matches!(&body, RequestBody::Whole(data) if data == "hello"));
+        // An empty one is no body at all, as hyper's own would be.
+        let wire = b"PUT /p HTTP/1.1\r\ncontent-length: 00\r\n\r\n";
+        let (parsed, rest) = parse_all(wire, LIMITS);
+        let Parsed::Request(Head { request, .. }) = parsed else {
+            panic!("not taken");
+        };
+        assert!(rest.is_empty());
+        assert!(request.body().is_end_stream());
+    }
+
+    #[test]
     fn connection_close_is_heard_among_its_options() {
         for (value, close) in [
             ("close", true),
@@ -815,11 +849,15 @@ mod tests {
             "GET / HTTP/1.0\r\n\r\n",
             "HEAD / HTTP/1.1\r\n\r\n",
             "CONNECT a:443 HTTP/1.1\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nabc",
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\na",
+            "POST / HTTP/1.1\r\nContent-Length: 1, 1\r\n\r\na",
+            "POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\na",
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             "GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
             "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             "GET / HTTP/1.1\r\nConnection: upgrade\r\n\r\n",
+            "GET / HTTP/1.1\r\nConnection: close, x-via-hyper\r\n\r\n",
             "GET / HTTP/1.1\r\nTE: trailers\r\n\r\n",
             "GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n",
             "GET /a-path-long-enough-to-take-the-head-over-its-limit HTTP/1.1\r\n\r\n",

@@ -52,6 +52,8 @@ use crate::upstream::Stream;
 const MAX_HEAD: usize = 64 * 1024;
 /// The most header fields in an answer head (hyper's default too).
 const MAX_HEADERS: usize = 100;
+/// Header fields whose places in the head are noted on the stack; more take an allocation.
+pub(crate) const FEW_FIELDS: usize = 24;
 // `parse_head` marks fields by place in a `u128`.
 const _: () = assert!(MAX_HEADERS <= 128);
 /// The longest chunk-size line, extensions included.
@@ -308,6 +310,21 @@ impl Names {
     }
 }
 
+/// Room for `count` notes on a head's fields: on the stack for the usual few (`few` is cleared
+/// at every head, so it is kept small), else in `many`.
+pub(crate) fn field_room<'a, T: Copy + Default>(
+    few: &'a mut [T; FEW_FIELDS],
+    many: &'a mut Vec<T>,
+    count: usize,
+) -> &'a mut [T] {
+    if count <= FEW_FIELDS {
+        &mut few[..count]
+    } else {
+        many.resize(count, T::default());
+        many
+    }
+}
+
 /// Takes a final answer's head off the front of `buf`, skipping interim (1xx) answers;
 /// `None` while it is incomplete.
 fn parse_head(
@@ -358,8 +375,10 @@ fn parse_head(
             let from = (start - head_range.start) as u32;
             [from, from + s.len() as u32]
         };
-        let mut spans: [Span; MAX_HEADERS] = [[0; 4]; MAX_HEADERS];
         let count = res.headers.len();
+        let (mut few, mut many): ([Span; FEW_FIELDS], Vec<Span>) =
+            ([[0; 4]; FEW_FIELDS], Vec::new());
+        let spans = field_room(&mut few, &mut many, count);
         // The fields left out of the answer handed back, by place: hop-by-hop ones.
         let mut hop: u128 = 0;
         // Connection names fields besides its options `close` and `keep-alive`.
@@ -424,7 +443,7 @@ fn parse_head(
         // The values stay slices of the head, kept as shared bytes: no copy of each.
         let head = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(count - hop.count_ones() as usize);
-        for (place, &[a, b, c, d]) in spans[..count].iter().enumerate() {
+        for (place, &[a, b, c, d]) in spans.iter().enumerate() {
             if hop & (1 << place) != 0 {
                 continue;
             }

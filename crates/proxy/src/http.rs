@@ -903,11 +903,13 @@ pub(crate) fn error(status: StatusCode, message: &'static str) -> Response<Kind>
     r
 }
 
-/// The body of a client's request: hyper's, or none at all for a request that drover's own
-/// HTTP/1.1 server read (`crate::front`, which takes only requests without a body).
+/// The body of a client's request: hyper's, or for a request that drover's own HTTP/1.1
+/// server read (`crate::front`), none or one that came whole with its head.
 pub enum RequestBody {
     Hyper(Incoming),
     Empty,
+    /// Not empty; taken (and then empty) by the first poll.
+    Whole(Bytes),
 }
 
 impl Body for RequestBody {
@@ -921,6 +923,8 @@ impl Body for RequestBody {
         match self.get_mut() {
             RequestBody::Hyper(body) => Pin::new(body).poll_frame(cx),
             RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Whole(data) if data.is_empty() => Poll::Ready(None),
+            RequestBody::Whole(data) => Poll::Ready(Some(Ok(Frame::data(std::mem::take(data))))),
         }
     }
 
@@ -928,6 +932,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::Hyper(body) => body.is_end_stream(),
             RequestBody::Empty => true,
+            RequestBody::Whole(data) => data.is_empty(),
         }
     }
 
@@ -935,6 +940,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::Hyper(body) => body.size_hint(),
             RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Whole(data) => SizeHint::with_exact(data.len() as u64),
         }
     }
 }

@@ -167,8 +167,8 @@ impl Drop for Recorder {
     }
 }
 
-/// An origin that reads each request head and answers with exactly `answer`, then closes.
-/// Returns its address.
+/// An origin that reads each request (its head, and a body of a `Content-Length`) and answers
+/// with exactly `answer`, then closes. Returns its address.
 pub async fn scripted_origin(answer: &'static [u8]) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -177,7 +177,20 @@ pub async fn scripted_origin(answer: &'static [u8]) -> SocketAddr {
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                // Whole: a body left unread would make the close a reset.
+                let whole = |got: &[u8]| {
+                    got.windows(4)
+                        .position(|w| w == b"\r\n\r\n")
+                        .is_some_and(|at| {
+                            let head = String::from_utf8_lossy(&got[..at]).to_ascii_lowercase();
+                            let length = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                            got.len() >= at + 4 + length
+                        })
+                };
+                while !whole(&head) {
                     match s.read(&mut buf).await {
                         Ok(0) | Err(_) => return,
                         Ok(n) => head.extend_from_slice(&buf[..n]),
