@@ -528,6 +528,12 @@ fn upstream_framing_ok(head: bool, response: &Response<Kind>) -> bool {
     let Kind::Upstream(body) = response.body() else {
         return true;
     };
+    if body.read_by_own_client() && response.status() != StatusCode::NO_CONTENT {
+        // drover's client has refused more than one length, one that is not a number, and
+        // one beside Transfer-Encoding, and reads the body by the length: only a 204's
+        // length is not its body's.
+        return true;
+    }
     let mut lengths = response.headers().get_all(header::CONTENT_LENGTH).iter();
     let Some(first) = lengths.next() else {
         return true;
@@ -993,6 +999,11 @@ impl UpstreamBody {
             in_flight,
             done: false,
         }
+    }
+
+    /// Whether drover's HTTP/1.1 client read the answer (not hyper's).
+    fn read_by_own_client(&self) -> bool {
+        matches!(self.source, Source::Pooled { .. })
     }
 
     fn ended(&self) -> bool {
