@@ -492,10 +492,10 @@ fn parse(buf: &mut BytesMut, limits: Limits, names: &mut Names) -> Parsed {
         return Parsed::Other;
     };
     let body = match length {
-        0 => RequestBody::Empty,
-        n => RequestBody::Whole(buf.split_to(n as usize).freeze()),
+        0 => Bytes::new(),
+        n => buf.split_to(n as usize).freeze(),
     };
-    let mut request = Request::new(body);
+    let mut request = Request::new(RequestBody::Whole(body));
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;

@@ -910,11 +910,10 @@ pub(crate) fn error(status: StatusCode, message: &'static str) -> Response<Kind>
 }
 
 /// The body of a client's request: hyper's, or for a request that drover's own HTTP/1.1
-/// server read (`crate::front`), none or one that came whole with its head.
+/// server read (`crate::front`), the body that came whole with its head, if any.
 pub enum RequestBody {
     Hyper(Incoming),
-    Empty,
-    /// Not empty; taken (and then empty) by the first poll.
+    /// Taken (and then empty) by the first poll; empty for a request without a body.
     Whole(Bytes),
 }
 
@@ -928,7 +927,6 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             RequestBody::Hyper(body) => Pin::new(body).poll_frame(cx),
-            RequestBody::Empty => Poll::Ready(None),
             RequestBody::Whole(data) if data.is_empty() => Poll::Ready(None),
             RequestBody::Whole(data) => Poll::Ready(Some(Ok(Frame::data(std::mem::take(data))))),
         }
@@ -937,7 +935,6 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Hyper(body) => body.is_end_stream(),
-            RequestBody::Empty => true,
             RequestBody::Whole(data) => data.is_empty(),
         }
     }
@@ -945,7 +942,6 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Hyper(body) => body.size_hint(),
-            RequestBody::Empty => SizeHint::with_exact(0),
             RequestBody::Whole(data) => SizeHint::with_exact(data.len() as u64),
         }
     }
