@@ -110,6 +110,7 @@ def throughput_scenarios():
         out += [scenario(c, "1k") for c in (1, 256)]
         out += [scenario(64, b) for b in ("64", "16k", "1m")]
         out += [scenario(c, "1k", close=True) for c in (1, 64)]
+        out.append(scenario(64, "1k", post=1024))
     out.append({"id": f"h2-c{H2_CONNS}x{H2_STREAMS}-1k", "tool": "h2load",
                 "conns": H2_CONNS, "streams": H2_STREAMS, "body": "1k", "close": False})
     return out

@@ -168,10 +168,11 @@ def scenario_label(sc):
     if sc.startswith("h2-"):
         m = re.match(r"h2-c(\d+)x(\d+)-(\w+)", sc)
         return f"HTTP/2 (h2c), {m.group(1)} conns × {m.group(2)} streams, {BODY_NAME[m.group(3)]}"
-    m = re.match(r"(?:w2-)?(ka|close)-c(\d+)-(\w+)", sc)
+    m = re.match(r"(?:w2-)?(ka|close)-c(\d+)-([^-]+)(?:-post(\d+))?$", sc)
     kind = "keep-alive" if m.group(1) == "ka" else "new conn/request"
     conns = f"{m.group(2)} conn{'' if m.group(2) == '1' else 's'}"
-    return f"{conns}, {BODY_NAME[m.group(3)]}, {kind}"
+    post = f", POST of {int(m.group(4)):,} B" if m.group(4) else ""
+    return f"{conns}, {BODY_NAME[m.group(3)]}{post}, {kind}"
 
 
 def k(x):
