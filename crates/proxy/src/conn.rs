@@ -533,8 +533,9 @@ where
 /// address as IPv4). IPv4 is written digit by digit: `Display`, with its padding and its
 /// `String`, cost about 1,300 instructions an address, twice for every connection.
 fn ip_value(ip: IpAddr) -> Option<HeaderValue> {
-    let IpAddr::V4(v4) = ip.to_canonical() else {
-        return HeaderValue::from_str(&ip.to_canonical().to_string()).ok();
+    let ip = ip.to_canonical();
+    let IpAddr::V4(v4) = ip else {
+        return HeaderValue::from_str(&ip.to_string()).ok();
     };
     let mut text = [0u8; 15];
     let mut len = 0;
