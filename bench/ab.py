@@ -16,6 +16,9 @@ Knobs, as environment variables:
               1k, 16k, 1m; POST, if given, a request body of that many bytes, sent as POST)
     ROUNDS    default 3
     DURATION  seconds per run, as in bench.py (default 5)
+    WORKERS   2 for the full run's two-worker setup: each target with two workers, wrk with
+              two threads, and the origin, all sharing both CPUs; default 1 (the target
+              alone on its CPU)
 
 Run bench/run.sh once first: it installs the tools and builds bench/pace.
 """
@@ -43,9 +46,18 @@ def main():
     for s in os.environ.get("SC", "64:1k").split(","):
         conns, body, *post = s.split(":")
         scenarios.append(bench.scenario(int(conns), body, post=int(post[0]) if post else 0))
+    workers = int(os.environ.get("WORKERS", "1"))
+    if workers not in (1, 2):
+        sys.exit("WORKERS: 1 or 2")
+    # Where the target, and wrk, run; wrk's threads.
+    cpus, load_cpus, threads = (str(bench.PROXY_CPU), str(bench.LOAD_CPU), 1)
+    if workers == 2:
+        cpus, load_cpus, threads = (bench.BOTH_CPUS, bench.BOTH_CPUS, 2)
     os.makedirs(bench.TMP, exist_ok=True)
     os.sched_setaffinity(0, {bench.LOAD_CPU})
     origin = bench.start_origin()
+    for pid in bench.proc_tree(origin.pid):
+        bench.set_affinity_tree(pid, load_cpus)
     results = {}
     try:
         for rnd in range(1, rounds + 1):
@@ -53,13 +65,13 @@ def main():
                 name = target if target in PEERS else "drover"
                 if name == "drover":
                     bench.DROVER_BIN = target
-                proc, err = bench.start_proxy(name, 1, str(bench.PROXY_CPU))
+                proc, err = bench.start_proxy(name, workers, cpus)
                 if err:
                     sys.exit(f"{target}: {err}")
                 try:
-                    bench.warm(name, str(bench.LOAD_CPU))
+                    bench.warm(name, load_cpus, threads=threads)
                     for sc in scenarios:
-                        rec = bench.measure(sc, name, proc, rnd, "ab", str(bench.LOAD_CPU))
+                        rec = bench.measure(sc, name, proc, rnd, "ab", load_cpus, threads=threads)
                         results.setdefault((sc["id"], target), []).append(rec)
                         bench.log(f"round {rnd}/{rounds} {target} {sc['id']} {bench.describe(rec)}")
                 finally:
