@@ -13,7 +13,7 @@ use drover_control::api;
 use drover_control::{Reconciler, Snapshot};
 use drover_discovery::file::{self, FileSource};
 use drover_model::{Config, SourceId};
-use drover_proxy::Proxy;
+use drover_proxy::{Proxy, Workers};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -108,15 +108,22 @@ fn main() -> ExitCode {
                 .with_writer(writer)
                 .with_ansi(false)
                 .init();
-            let mut runtime = tokio::runtime::Builder::new_multi_thread();
-            runtime.enable_all();
-            if let Some(n) = args.workers {
-                runtime.worker_threads(n.max(1));
-            }
-            let result = runtime
-                .build()
-                .context("cannot start the async runtime")
-                .and_then(|rt| rt.block_on(run(args)));
+            // The data plane serves on workers of its own, one thread each; the rest of
+            // drover (sources, reconciler, admin API, health checks) on one more thread.
+            let workers = args
+                .workers
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let result = Workers::start(workers)
+                .context("cannot start the data plane's worker threads")
+                .and_then(|workers| {
+                    let runtime = tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(1)
+                        .thread_name("drover-control")
+                        .enable_all()
+                        .build()
+                        .context("cannot start the async runtime")?;
+                    runtime.block_on(run(args, &workers))
+                });
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -177,7 +184,7 @@ fn describe(c: &Config) -> String {
     out
 }
 
-async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
+async fn run(args: Box<RunArgs>, workers: &Workers) -> anyhow::Result<()> {
     let token = args.admin_token.clone().filter(|t| !t.is_empty());
     anyhow::ensure!(
         token.is_some() || args.admin.ip().is_loopback(),
@@ -187,7 +194,7 @@ async fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     // The API's state: the file in --data-dir, or with --store what etcd holds.
     let api_start = args.store.open(&args.data_dir).await?;
     let access_log = args.access_log.start()?;
-    let proxy = Proxy::with_access_log(access_log.clone());
+    let proxy = Proxy::on(workers, access_log.clone());
     let data_plane = proxy.handle();
     let mut reconciler = Reconciler::new(proxy);
     let status = reconciler.subscribe();

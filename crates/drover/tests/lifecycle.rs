@@ -202,3 +202,32 @@ async fn a_request_longer_than_the_grace_is_cut_and_drover_still_exits_cleanly()
     );
     assert!(in_flight.await.unwrap().is_err(), "the request was cut");
 }
+
+/// `--workers 3` runs the data plane on three threads of its own, named so that `ps -L` and
+/// `top -H` tell them apart, beside one for the sources, the admin API and health checks.
+#[tokio::test]
+async fn the_data_plane_runs_on_the_worker_threads_asked_for() {
+    let origin = Origin::start("a").await;
+    let port = free_port();
+    let drover =
+        Drover::start_with(&one_service(port, &[(origin.addr, 1)]), &["--workers", "3"]).await;
+    let tasks = std::path::PathBuf::from(format!("/proc/{}/task", drover.pid()));
+    let mut names: Vec<String> = std::fs::read_dir(&tasks)
+        .unwrap()
+        .map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).unwrap())
+        .map(|name| name.trim().to_string())
+        .filter(|name| name.starts_with("drover-"))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "drover-control",
+            "drover-worker-0",
+            "drover-worker-1",
+            "drover-worker-2"
+        ]
+    );
+    let (status, _) = get_fresh(([127, 0, 0, 1], port).into(), "/").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+}

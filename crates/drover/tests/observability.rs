@@ -633,6 +633,50 @@ async fn an_idle_connection_shows_parked_until_its_client_closes_it() {
     .await;
 }
 
+/// With two workers, a listener's connections are spread over both: a worker that accepts a
+/// connection while the other has two fewer hands it over. Every connection is served
+/// wherever it went, and each worker's gauge falls back to zero when they close.
+#[tokio::test]
+async fn connections_are_spread_over_the_workers() {
+    let a = Origin::start("a").await;
+    let port = free_port();
+    let drover = Drover::start_with(&two_routes(port, &[&a], ""), &["--workers", "2"]).await;
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        conns.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    for (n, s) in conns.iter_mut().enumerate() {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_response(s).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "connection {n}: {answer}"
+        );
+    }
+    let on = |worker| [("listener", "web"), ("worker", worker)];
+    let m = scrape(&drover).await;
+    let (w0, w1) = (
+        m.one("drover_listener_worker_connections_active", &on("0")),
+        m.one("drover_listener_worker_connections_active", &on("1")),
+    );
+    assert_eq!(w0 + w1, 20.0, "every connection on a worker: {w0} + {w1}");
+    // Two apart at most by the rule; two workers that accept at the same moment may each
+    // judge by the other's count of a moment before.
+    assert!((w0 - w1).abs() <= 4.0, "spread: {w0} and {w1}");
+    drop(conns);
+    scrape_until(&drover, "both workers' connections gone", |m| {
+        m.one("drover_listener_worker_connections_active", &on("0")) == 0.0
+            && m.one("drover_listener_worker_connections_active", &on("1")) == 0.0
+    })
+    .await;
+}
+
 /// A listener removed from the configuration closes its parked connections at once.
 #[tokio::test]
 async fn a_removed_listener_closes_its_parked_connections() {

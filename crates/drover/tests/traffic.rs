@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use http::{Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::Value;
 use support::*;
 
@@ -337,14 +339,19 @@ async fn a_502_is_retried_for_gets_but_not_for_posts() {
 
 /// GETs to service `web` while its endpoint `a` takes 3 s to answer, until one of them is
 /// tried on `a` (its failures counter rises; round robin gets there within a few): each must
-/// come back from `b`, well before `a` would have answered.
-async fn gets_until_a_times_out(d: &Drover, a: SocketAddr, url: &str) {
+/// come back from `b`, well before `a` would have answered. Sent with `client`, whose
+/// connection the caller used before: on the same worker, with the same pooled connections.
+async fn gets_until_a_times_out(
+    d: &Drover,
+    client: &Client<HttpConnector, Body>,
+    a: SocketAddr,
+    url: &str,
+) {
     let failures = || async { endpoint_view(d, a).await["failures"].as_u64().unwrap() };
     let before = failures().await;
-    let client = client();
     for _ in 0..4 {
         let started = Instant::now();
-        let (status, headers, _) = get(&client, url).await;
+        let (status, headers, _) = get(client, url).await;
         assert_eq!((status, origin_of(&headers)), (StatusCode::OK, "b".into()));
         assert!(
             started.elapsed() < Duration::from_millis(2500),
@@ -369,8 +376,9 @@ async fn a_try_past_its_deadline_goes_to_another_endpoint_on_a_reused_connection
     let client = client();
     let url = format!("http://127.0.0.1:{port}/");
 
-    // Requests one after another: each endpoint's pooled connection carries all of them,
-    // and each one's deadline moves the connection's timer later.
+    // Requests one after another, all on one client connection and so on one worker: each
+    // endpoint's pooled connection carries all of them, and each one's deadline moves the
+    // connection's timer later.
     for _ in 0..6 {
         let (status, _, _) = get(&client, &url).await;
         assert_eq!(status, StatusCode::OK);
@@ -380,7 +388,7 @@ async fn a_try_past_its_deadline_goes_to_another_endpoint_on_a_reused_connection
     // Right away, within the last deadline: `a` turns slow, and the first GET it gets is
     // cut at 300 ms and answered by `b`.
     a.state.delay(Duration::from_secs(3));
-    gets_until_a_times_out(&d, a.addr, &url).await;
+    gets_until_a_times_out(&d, &client, a.addr, &url).await;
 
     // Its connection broke with the cut try; a new one carries the next GETs. Then it sits
     // idle in the pool past its last deadline, so its timer goes off there, and the next
@@ -393,7 +401,7 @@ async fn a_try_past_its_deadline_goes_to_another_endpoint_on_a_reused_connection
     assert_eq!(a.state.connections(), 2);
     tokio::time::sleep(Duration::from_millis(600)).await;
     a.state.delay(Duration::from_secs(3));
-    gets_until_a_times_out(&d, a.addr, &url).await;
+    gets_until_a_times_out(&d, &client, a.addr, &url).await;
     assert_eq!(
         a.state.connections(),
         2,

@@ -50,6 +50,7 @@ use crate::park::{Lot, Park, Parked};
 use crate::proxy_protocol::Prefixed;
 use crate::stats::{ListenerStats, Stats};
 use crate::table::RoutingTable;
+use crate::workers;
 
 /// What the requests of one connection share.
 pub(crate) struct ConnCtx {
@@ -412,24 +413,26 @@ pub(crate) struct Client {
     pub open: Open,
 }
 
-/// Counts a connection as open for as long as it lives, and holds its slots under the
-/// connection limits (its listener's and the process's), wherever it is: in its task, or
-/// parked.
+/// Counts a connection as open for as long as it lives (on its listener, and on the worker
+/// that serves it), and holds its slots under the connection limits (its listener's and the
+/// process's), wherever it is: in its task, or parked.
 pub(crate) struct Open {
     stats: Arc<ListenerStats>,
+    worker: usize,
     _slots: Option<[OwnedSemaphorePermit; 2]>,
 }
 
 impl Open {
-    pub(crate) fn new(listener: &Arc<ListenerStats>, slots: [OwnedSemaphorePermit; 2]) -> Self {
+    /// A connection just accepted, to be served by `worker`.
+    pub(crate) fn new(
+        listener: &Arc<ListenerStats>,
+        slots: [OwnedSemaphorePermit; 2],
+        worker: usize,
+    ) -> Self {
         listener
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);
-        listener.connections_active.fetch_add(1, Ordering::Relaxed);
-        Self {
-            stats: listener.clone(),
-            _slots: Some(slots),
-        }
+        Self::counted(listener, Some(slots), worker)
     }
 
     /// The counters of the listener it was accepted on.
@@ -437,13 +440,23 @@ impl Open {
         &self.stats
     }
 
-    /// A connection that lives on as a tunnel after its HTTP part ended: open, not accepted
-    /// again, and no longer under the connection limits.
+    /// A connection that lives on as a tunnel after its HTTP part ended, on the worker this
+    /// is called on: open, not accepted again, and no longer under the connection limits.
     pub(crate) fn tunnel(listener: &Arc<ListenerStats>) -> Self {
+        Self::counted(listener, None, workers::index())
+    }
+
+    fn counted(
+        listener: &Arc<ListenerStats>,
+        slots: Option<[OwnedSemaphorePermit; 2]>,
+        worker: usize,
+    ) -> Self {
         listener.connections_active.fetch_add(1, Ordering::Relaxed);
+        listener.connections_by_worker.add(worker);
         Self {
             stats: listener.clone(),
-            _slots: None,
+            worker,
+            _slots: slots,
         }
     }
 }
@@ -453,6 +466,7 @@ impl Drop for Open {
         self.stats
             .connections_active
             .fetch_sub(1, Ordering::Relaxed);
+        self.stats.connections_by_worker.sub(self.worker);
     }
 }
 

@@ -34,6 +34,7 @@ mod tickets;
 mod tls;
 mod upgrade;
 mod upstream;
+mod workers;
 
 pub use access::AccessLog;
 #[doc(hidden)]
@@ -47,3 +48,4 @@ pub use stats::{CODE_CLASSES, CodeCounters, ListenerStats, RouteStats, ServiceSt
 pub use table::RoutingTable;
 #[doc(hidden)]
 pub use tickets::fuzz_session_ticket;
+pub use workers::{WorkerCounts, Workers};

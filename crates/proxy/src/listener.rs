@@ -13,8 +13,11 @@
 //! `request_header_timeout`. Certificates are loaded when a configuration is applied, and a
 //! certificate that cannot be loaded rejects it.
 //!
-//! Each listener also keeps a lot ([`crate::park`]), where its idle HTTP/1 connections over
-//! plain TCP wait for their next request without a task.
+//! Every worker ([`crate::workers`]) accepts on every listener, and serves a connection it
+//! accepts unless another worker has at least two fewer of the listener's connections: then
+//! it hands the socket over to that one. Each listener also keeps a lot ([`crate::park`]) on
+//! each worker, where the idle HTTP/1 connections over plain TCP that worker serves wait for
+//! their next request without a task.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,6 +28,7 @@ use arc_swap::ArcSwap;
 use drover_control::Applier;
 use drover_model::{Effective, IpNet, ListenerSpec, Protocol, RouteSpec};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -37,6 +41,7 @@ use crate::proxy_protocol::{self, Prefixed};
 use crate::stats::{ListenerStats, Stats};
 use crate::table::{RoutingTable, TableBuilder};
 use crate::tls::{self, Terminator};
+use crate::workers::Workers;
 
 /// Pending connections the kernel queues for each listener.
 const BACKLOG: u32 = 1024;
@@ -152,6 +157,8 @@ pub struct Proxy {
     global_slots: Arc<Semaphore>,
     global_max: u32,
     checker: Checker,
+    /// The workers' runtimes: each accepts on every listener.
+    runtimes: Vec<Handle>,
 }
 
 impl Proxy {
@@ -161,9 +168,17 @@ impl Proxy {
         Self::with_access_log(None)
     }
 
-    /// A data plane with no listeners yet that logs every request to `access_log`, if given.
-    /// Must be called inside a tokio runtime: it starts the pool sweeper.
+    /// A data plane with no listeners yet that logs every request to `access_log`, if given,
+    /// serving on the runtime it is called in. Must be called inside a tokio runtime: it
+    /// starts the pool sweeper.
     pub fn with_access_log(access_log: Option<AccessLog>) -> Self {
+        Self::on(&Workers::current(), access_log)
+    }
+
+    /// A data plane with no listeners yet that serves its connections on `workers` and logs
+    /// every request to `access_log`, if given. Must be called inside a tokio runtime: the
+    /// pool sweeper and health checks run on it.
+    pub fn on(workers: &Workers, access_log: Option<AccessLog>) -> Self {
         let handle = ProxyHandle {
             tables: Arc::new(ArcSwap::from_pointee(RoutingTable::default())),
             stats: Arc::new(Stats::default()),
@@ -179,6 +194,7 @@ impl Proxy {
             global_slots: Arc::new(Semaphore::new(0)),
             global_max: 0,
             checker: Checker::default(),
+            runtimes: workers.runtimes().to_vec(),
         }
     }
 
@@ -186,7 +202,13 @@ impl Proxy {
         self.handle.clone()
     }
 
-    fn start(&self, spec: &ListenerSpec, socket: TcpListener, frontend: Arc<Frontend>) -> Running {
+    /// Starts accepting on `sockets`, one for each worker, in order.
+    fn start(
+        &self,
+        spec: &ListenerSpec,
+        sockets: Vec<TcpListener>,
+        frontend: Arc<Frontend>,
+    ) -> Running {
         let running = Running {
             drain: self.handle.shutdown.child_token(),
             slots: Arc::new(Semaphore::new(spec.max_connections as usize)),
@@ -194,37 +216,50 @@ impl Proxy {
             frontend: Arc::new(ArcSwap::new(frontend)),
         };
         tracing::info!(listener = %spec.name, "accepting {} on {}", spec.protocol, spec.listen);
-        let tracker = self.handle.tracker.clone();
-        let lot = park::lot()
-            .inspect_err(|e| {
+        let tracker = &self.handle.tracker;
+        let mut stations = Vec::with_capacity(self.runtimes.len());
+        for runtime in &self.runtimes {
+            let mut listening = Listening {
+                tables: self.handle.tables.clone(),
+                stats: self.handle.stats.clone(),
+                access_log: self.handle.access_log.clone(),
+                local: spec.listen,
+                drain: running.drain.clone(),
+                lot: None,
+            };
+            // The lot's epoll set is registered with the runtime it is made in: its worker's.
+            let lot = {
+                let _worker = runtime.enter();
+                park::lot()
+            };
+            let lot = lot.inspect_err(|e| {
                 tracing::warn!(listener = %spec.name, "idle connections will keep their tasks: cannot make their lot: {e}")
-            })
-            .ok();
-        let mut listening = Listening {
-            tables: self.handle.tables.clone(),
-            stats: self.handle.stats.clone(),
-            access_log: self.handle.access_log.clone(),
-            local: spec.listen,
-            drain: running.drain.clone(),
-            lot: None,
-        };
-        if let Some((lot, yard)) = lot {
-            listening.lot = Some(lot);
-            let (resumed, tasks) = (listening.clone(), tracker.clone());
-            let resume = move |parked| resume(&resumed, &tasks, parked);
-            tracker.spawn(park::run(yard, running.drain.clone(), resume));
+            });
+            if let Ok((lot, yard)) = lot {
+                listening.lot = Some(lot);
+                let (resumed, tasks) = (listening.clone(), tracker.clone());
+                let resume = move |parked| resume(&resumed, &tasks, parked);
+                tracker.spawn_on(park::run(yard, running.drain.clone(), resume), runtime);
+            }
+            stations.push(Station {
+                runtime: runtime.clone(),
+                listening,
+            });
         }
-        let slots = Slots {
-            listener: running.slots.clone(),
-            global: self.global_slots.clone(),
-        };
-        self.handle.tracker.spawn(accept(
-            socket,
-            listening,
-            tracker,
-            slots,
-            running.frontend.clone(),
-        ));
+        let stations: Arc<[Station]> = stations.into();
+        for (here, socket) in sockets.into_iter().enumerate() {
+            let accepting = Accepting {
+                here,
+                stations: stations.clone(),
+                tracker: tracker.clone(),
+                slots: Slots {
+                    listener: running.slots.clone(),
+                    global: self.global_slots.clone(),
+                },
+                frontend: running.frontend.clone(),
+            };
+            tracker.spawn_on(accept(socket, accepting), &stations[here].runtime);
+        }
         running
     }
 }
@@ -255,13 +290,13 @@ impl Applier for Proxy {
             if self.listeners.contains_key(&spec.listen) {
                 continue;
             }
-            let socket = bind(spec.listen).map_err(|e| {
+            let sockets = bind(spec.listen, &self.runtimes).map_err(|e| {
                 format!(
                     "listener {}: cannot listen on {}: {e}",
                     spec.name, spec.listen
                 )
             })?;
-            bound.push((spec, socket));
+            bound.push((spec, sockets));
         }
 
         let global_max = effective.config.global.max_connections;
@@ -284,9 +319,9 @@ impl Applier for Proxy {
             .into_iter()
             .map(|(addr, (frontend, _))| (addr, Arc::new(frontend)))
             .collect();
-        for (spec, socket) in bound {
+        for (spec, sockets) in bound {
             let frontend = frontends.remove(&spec.listen).expect("made above");
-            let running = self.start(spec, socket, frontend);
+            let running = self.start(spec, sockets, frontend);
             self.listeners.insert(spec.listen, running);
         }
         for spec in listeners {
@@ -338,7 +373,8 @@ struct Slots {
     global: Arc<Semaphore>,
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// Listens on `addr`, with one descriptor of the socket registered with each of `runtimes`.
+fn bind(addr: SocketAddr, runtimes: &[Handle]) -> std::io::Result<Vec<TcpListener>> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -346,23 +382,52 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
-    socket.listen(BACKLOG)
+    // Made in the caller's runtime, then taken out of it (still non-blocking) to be shared.
+    let socket = socket.listen(BACKLOG)?.into_std()?;
+    runtimes
+        .iter()
+        .map(|runtime| {
+            let own = socket.try_clone()?;
+            let _worker = runtime.enter();
+            TcpListener::from_std(own)
+        })
+        .collect()
 }
 
-async fn accept(
-    socket: TcpListener,
+/// A listener on one worker.
+struct Station {
+    runtime: Handle,
     listening: Listening,
+}
+
+/// What a worker's accept loop needs besides its socket.
+struct Accepting {
+    /// Its worker.
+    here: usize,
+    /// The listener on every worker.
+    stations: Arc<[Station]>,
     tracker: TaskTracker,
     slots: Slots,
     frontend: Arc<ArcSwap<Frontend>>,
-) {
-    let (local, drain) = (listening.local, listening.drain.clone());
+}
+
+/// A connection just accepted, on its way to the worker that serves it.
+enum Arrived {
+    /// Accepted by that worker.
+    Here(TcpStream),
+    /// Accepted by another worker, and taken out of its runtime to be handed over.
+    HandedOver(std::net::TcpStream),
+}
+
+async fn accept(socket: TcpListener, a: Accepting) {
+    let here = &a.stations[a.here];
+    let (local, drain) = (here.listening.local, here.listening.drain.clone());
     loop {
         // At a connection limit, wait here: new clients queue in the kernel's backlog.
         let permit = tokio::select! {
             p = async {
-                let listener = slots.listener.clone().acquire_owned().await?;
-                let global = slots.global.clone().acquire_owned().await?;
+                let listener = a.slots.listener.clone().acquire_owned().await?;
+                let global = a.slots.global.clone().acquire_owned().await?;
                 Ok::<_, tokio::sync::AcquireError>([listener, global])
             } => match p {
                 Ok(p) => p,
@@ -384,26 +449,46 @@ async fn accept(
             _ = drain.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
-        let Some((accepted, protocol)) = accepted(&listening) else {
+        let Some((accepted, protocol)) = accepted(&here.listening) else {
             return;
         };
+        // Served here, unless another worker has fewer connections of this listener.
+        let to = accepted.stats.connections_by_worker.pick(a.here);
+        let stream = if to == a.here {
+            Arrived::Here(stream)
+        } else {
+            match stream.into_std() {
+                Ok(s) => Arrived::HandedOver(s),
+                Err(e) => {
+                    tracing::debug!(%peer, "lost a connection on its way to another worker: {e}");
+                    continue;
+                }
+            }
+        };
+        let open = Open::new(&accepted.stats, permit, to);
+        let station = &a.stations[to];
         // The task's own future is a few pointers: the connection's start (with what it was
         // accepted with) and the way it is then served are boxed each, so that an idle
         // connection holds only what serving it needs, not the room its start took.
         let starting = Box::pin(start(
-            listening.clone(),
+            station.listening.clone(),
             stream,
             peer,
             accepted,
             protocol,
-            frontend.load_full(),
-            permit,
+            a.frontend.load_full(),
+            open,
         ));
-        tracker.spawn(async move {
+        let task = async move {
             if let Some(served) = starting.await {
                 served.await;
             }
-        });
+        };
+        if to == a.here {
+            a.tracker.spawn(task);
+        } else {
+            a.tracker.spawn_on(task, &station.runtime);
+        }
     }
 }
 
@@ -465,15 +550,25 @@ fn resume(listening: &Listening, tracker: &TaskTracker, parked: Parked) {
 /// returns how it is served, as HTTP or TCP. None if it closes or fails before that.
 async fn start(
     listening: Listening,
-    stream: TcpStream,
+    stream: Arrived,
     peer: SocketAddr,
     accepted: Accepted,
     protocol: Protocol,
     frontend: Arc<Frontend>,
-    slots: [tokio::sync::OwnedSemaphorePermit; 2],
+    open: Open,
 ) -> Option<Served> {
+    let stream = match stream {
+        Arrived::Here(s) => s,
+        // Registered with this worker's runtime, the one now running it.
+        Arrived::HandedOver(s) => match TcpStream::from_std(s) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, "lost a connection handed over from another worker: {e}");
+                return None;
+            }
+        },
+    };
     let stats = accepted.stats.clone();
-    let open = Open::new(&stats, slots);
     // The PROXY header, the TLS handshake or ClientHello together: a request head's time.
     let deadline = tokio::time::Instant::now() + accepted.deadlines.request_header;
     let mut client = Client {

@@ -307,6 +307,19 @@ fn write_listeners(out: &mut Exposition, table: &RoutingTable) {
             out.sample(name, &[(a.0, &a.1), (b.0, &b.1)], read(l.0));
         }
     }
+    let name = "drover_listener_worker_connections_active";
+    out.family(
+        name,
+        Kind::Gauge,
+        "Client connections open now, by the worker thread that serves them.",
+    );
+    for l in &listeners {
+        let [a, b] = labels(l);
+        for (worker, n) in l.0.connections_by_worker.get().enumerate() {
+            let worker = worker.to_string();
+            out.sample(name, &[(a.0, &a.1), (b.0, &b.1), ("worker", &worker)], n);
+        }
+    }
     let name = "drover_listener_requests_total";
     out.family(
         name,

@@ -1,11 +1,13 @@
 //! Endpoint state and the upstream connection pool.
 //!
-//! HTTP/1.1: each endpoint owns a lock-free queue of idle connections. A request takes one
-//! (dropping any that went stale, that the upstream closed or sent something on, or that an
-//! older version of the service's connection settings opened), or opens a new one; its
-//! response body gives the connection back when it has been read to the end. A connection
-//! whose response was not read to the end is never reused: it is closed. The queue is
-//! bounded by the service's `pool_max_idle`; idle connections older than
+//! HTTP/1.1: each endpoint owns a lock-free queue of idle connections for each worker
+//! ([`crate::workers`]). A request takes one from its worker's queue (dropping any that went
+//! stale, that the upstream closed or sent something on, or that an older version of the
+//! service's connection settings opened), or opens a new one; its response body gives the
+//! connection back to the same queue when it has been read to the end. A connection is so
+//! only ever used by the worker that opened it, whose runtime watches its socket. A connection
+//! whose response was not read to the end is never reused: it is closed. The queues together
+//! are bounded by the service's `pool_max_idle`; idle connections older than
 //! `pool_idle_timeout`, or closed by their upstream, are closed at the next checkout or
 //! sweep.
 //!
@@ -35,6 +37,7 @@ use crate::health::{Health, now_ms};
 use crate::stats::CodeCounters;
 pub(crate) use crate::upstream::ConnectError;
 use crate::upstream::{Conn, Upstream};
+use crate::workers;
 
 /// Warnings about an endpoint's refused certificate: at most one per endpoint this often;
 /// the others go to the debug log.
@@ -59,7 +62,9 @@ pub struct EndpointState {
     pub health: Health,
     /// Peak-EWMA of its response times, for `p2c_ewma`.
     pub latency: PeakEwma,
-    idle: SegQueue<Idle>,
+    /// Idle HTTP/1.1 connections, a queue for each worker.
+    idle: Box<[SegQueue<Idle>]>,
+    /// Their number, over all the queues.
     idle_len: AtomicUsize,
     /// The shared HTTP/2 connection, when the service speaks HTTP/2 and one is open.
     h2: ArcSwapOption<Shared>,
@@ -94,7 +99,7 @@ impl EndpointState {
             failures: AtomicU64::new(0),
             health: Health::new(),
             latency: PeakEwma::new(LATENCY_DECAY),
-            idle: SegQueue::new(),
+            idle: (0..workers::count()).map(|_| SegQueue::new()).collect(),
             idle_len: AtomicUsize::new(0),
             h2: ArcSwapOption::empty(),
             tls_warned: AtomicU64::new(0),
@@ -124,7 +129,7 @@ impl EndpointState {
             shared.used.store(now_ms(), Ordering::Relaxed);
             return Some(Conn::H2(shared.sender.clone()));
         }
-        while let Some(mut idle) = self.idle.pop() {
+        while let Some(mut idle) = self.own_queue().pop() {
             self.idle_len.fetch_sub(1, Ordering::Relaxed);
             if idle.upstream == upstream.id
                 && now.saturating_duration_since(idle.since) < max_idle_age
@@ -142,25 +147,33 @@ impl EndpointState {
             self.idle_len.fetch_sub(1, Ordering::Relaxed);
             return;
         }
-        self.idle.push(Idle {
+        self.own_queue().push(Idle {
             conn,
             since: Instant::now(),
             upstream,
         });
     }
 
+    /// The queue of idle connections of the worker this runs on.
+    #[inline]
+    fn own_queue(&self) -> &SegQueue<Idle> {
+        self.idle.get(workers::index()).unwrap_or(&self.idle[0])
+    }
+
     /// Closes idle connections that are older than `max_idle_age` or already closed, and
     /// the shared HTTP/2 connection when it is closed, or unused for `max_idle_age` with no
     /// request in flight.
     pub fn sweep(&self, max_idle_age: Duration) {
-        for _ in 0..self.idle_len.load(Ordering::Relaxed) {
-            let Some(mut idle) = self.idle.pop() else {
-                break;
-            };
-            self.idle_len.fetch_sub(1, Ordering::Relaxed);
-            if idle.since.elapsed() < max_idle_age && idle.conn.is_open() {
-                self.idle_len.fetch_add(1, Ordering::Relaxed);
-                self.idle.push(idle);
+        for queue in &self.idle {
+            for _ in 0..queue.len() {
+                let Some(mut idle) = queue.pop() else {
+                    break;
+                };
+                self.idle_len.fetch_sub(1, Ordering::Relaxed);
+                if idle.since.elapsed() < max_idle_age && idle.conn.is_open() {
+                    self.idle_len.fetch_add(1, Ordering::Relaxed);
+                    queue.push(idle);
+                }
             }
         }
         let max_ms = max_idle_age.as_millis() as u64;

@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::workers::WorkerCounts;
+
 /// Counts requests from clients and attempts to upstreams.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -66,6 +68,8 @@ pub struct ListenerStats {
     pub connections_active: AtomicU64,
     /// Idle connections parked now (see `crate::park`), of those open.
     pub connections_parked: AtomicU64,
+    /// The connections open now, by the worker that serves them.
+    pub connections_by_worker: WorkerCounts,
     /// Requests whose response is not finished yet.
     pub requests_active: AtomicU64,
     /// TLS handshakes that failed or timed out.
@@ -86,6 +90,7 @@ impl ListenerStats {
             connections_accepted: AtomicU64::new(0),
             connections_active: AtomicU64::new(0),
             connections_parked: AtomicU64::new(0),
+            connections_by_worker: WorkerCounts::default(),
             requests_active: AtomicU64::new(0),
             tls_handshake_failures: AtomicU64::new(0),
             tls_resumed_handshakes: AtomicU64::new(0),
