@@ -22,6 +22,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -77,22 +78,28 @@ impl ProxyHandle {
     /// Stops accepting on every listener, lets in-flight requests finish within the shutdown
     /// grace, and returns once every connection is closed.
     pub async fn shutdown(&self) {
-        let grace = self.table().shutdown_grace();
+        let table = self.table();
+        let grace = table.shutdown_grace();
         self.shutdown.cancel();
         self.tracker.close();
-        let open = self.tracker.len();
-        if open > 0 {
-            tracing::info!("draining {open} connections for up to {grace:?}");
+        // Connections, not the tracker's tasks: those count each worker's accept loop and lot
+        // as well, and no parked connection.
+        let open = || -> u64 {
+            table
+                .listeners()
+                .map(|l| l.stats.connections_active.load(Ordering::Relaxed))
+                .sum()
+        };
+        let open_now = open();
+        if open_now > 0 {
+            tracing::info!("draining {open_now} connections for up to {grace:?}");
         }
         // Each connection cuts itself at the end of the grace; the margin covers the cut.
         if tokio::time::timeout(grace + Duration::from_secs(1), self.tracker.wait())
             .await
             .is_err()
         {
-            tracing::warn!(
-                "{} connections still open after the grace period",
-                self.tracker.len()
-            );
+            tracing::warn!("{} connections still open after the grace period", open());
         }
     }
 }
