@@ -331,7 +331,7 @@ pub struct ServiceSpec {
     /// `proxy_read_timeout`.
     #[serde(default = "defaults::response_timeout")]
     pub response_timeout: Duration,
-    /// Idle upstream keep-alive connections kept per endpoint. 128.
+    /// Idle upstream keep-alive connections each worker keeps per endpoint. 128.
     #[serde(default = "defaults::pool_max_idle")]
     pub pool_max_idle: u32,
     /// How long an idle upstream connection is kept. 60 s, nginx's upstream

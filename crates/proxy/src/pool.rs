@@ -6,8 +6,9 @@
 //! service's connection settings opened), or opens a new one; its response body gives the
 //! connection back to the same queue when it has been read to the end. A connection is so
 //! only ever used by the worker that opened it, whose runtime watches its socket. A connection
-//! whose response was not read to the end is never reused: it is closed. The queues together
-//! are bounded by the service's `pool_max_idle`; idle connections older than
+//! whose response was not read to the end is never reused: it is closed. Each queue is
+//! bounded by the service's `pool_max_idle`, as nginx's `keepalive` bounds each worker
+//! process's cache; idle connections older than
 //! `pool_idle_timeout`, or closed by their upstream, are closed at the next checkout or
 //! sweep.
 //!
@@ -63,13 +64,19 @@ pub struct EndpointState {
     /// Peak-EWMA of its response times, for `p2c_ewma`.
     pub latency: PeakEwma,
     /// Idle HTTP/1.1 connections, a queue for each worker.
-    idle: Box<[SegQueue<Idle>]>,
-    /// Their number, over all the queues.
-    idle_len: AtomicUsize,
+    idle: Box<[IdleQueue]>,
     /// The shared HTTP/2 connection, when the service speaks HTTP/2 and one is open.
     h2: ArcSwapOption<Shared>,
     /// When a refused certificate was last warned about (`now_ms`).
     tls_warned: AtomicU64,
+}
+
+/// One worker's idle HTTP/1.1 connections to an endpoint.
+#[derive(Debug, Default)]
+struct IdleQueue {
+    conns: SegQueue<Idle>,
+    /// How many; kept beside the queue, whose own count is not a single load.
+    len: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -99,8 +106,9 @@ impl EndpointState {
             failures: AtomicU64::new(0),
             health: Health::new(),
             latency: PeakEwma::new(LATENCY_DECAY),
-            idle: (0..workers::count()).map(|_| SegQueue::new()).collect(),
-            idle_len: AtomicUsize::new(0),
+            idle: (0..workers::count())
+                .map(|_| IdleQueue::default())
+                .collect(),
             h2: ArcSwapOption::empty(),
             tls_warned: AtomicU64::new(0),
         }
@@ -108,7 +116,12 @@ impl EndpointState {
 
     /// Idle pooled connections right now; an open HTTP/2 connection counts as one.
     pub fn idle_connections(&self) -> usize {
-        self.idle_len.load(Ordering::Relaxed) + usize::from(self.h2.load().is_some())
+        let idle: usize = self
+            .idle
+            .iter()
+            .map(|q| q.len.load(Ordering::Relaxed))
+            .sum();
+        idle + usize::from(self.h2.load().is_some())
     }
 
     /// A connection made by `upstream` that is open and fresh, if there is one: an idle
@@ -129,8 +142,9 @@ impl EndpointState {
             shared.used.store(now_ms(), Ordering::Relaxed);
             return Some(Conn::H2(shared.sender.clone()));
         }
-        while let Some(mut idle) = self.own_queue().pop() {
-            self.idle_len.fetch_sub(1, Ordering::Relaxed);
+        let queue = self.own_queue();
+        while let Some(mut idle) = queue.conns.pop() {
+            queue.len.fetch_sub(1, Ordering::Relaxed);
             if idle.upstream == upstream.id
                 && now.saturating_duration_since(idle.since) < max_idle_age
                 && idle.conn.is_open()
@@ -141,13 +155,14 @@ impl EndpointState {
         None
     }
 
-    /// Gives an HTTP/1.1 connection back, unless the pool is full.
+    /// Gives an HTTP/1.1 connection back to this worker's queue, unless it is full.
     pub(crate) fn checkin(&self, conn: Box<H1Conn>, upstream: u64, max_idle: usize) {
-        if self.idle_len.fetch_add(1, Ordering::Relaxed) >= max_idle {
-            self.idle_len.fetch_sub(1, Ordering::Relaxed);
+        let queue = self.own_queue();
+        if queue.len.fetch_add(1, Ordering::Relaxed) >= max_idle {
+            queue.len.fetch_sub(1, Ordering::Relaxed);
             return;
         }
-        self.own_queue().push(Idle {
+        queue.conns.push(Idle {
             conn,
             since: Instant::now(),
             upstream,
@@ -156,7 +171,7 @@ impl EndpointState {
 
     /// The queue of idle connections of the worker this runs on.
     #[inline]
-    fn own_queue(&self) -> &SegQueue<Idle> {
+    fn own_queue(&self) -> &IdleQueue {
         self.idle.get(workers::index()).unwrap_or(&self.idle[0])
     }
 
@@ -165,14 +180,14 @@ impl EndpointState {
     /// request in flight.
     pub fn sweep(&self, max_idle_age: Duration) {
         for queue in &self.idle {
-            for _ in 0..queue.len() {
-                let Some(mut idle) = queue.pop() else {
+            for _ in 0..queue.len.load(Ordering::Relaxed) {
+                let Some(mut idle) = queue.conns.pop() else {
                     break;
                 };
-                self.idle_len.fetch_sub(1, Ordering::Relaxed);
+                queue.len.fetch_sub(1, Ordering::Relaxed);
                 if idle.since.elapsed() < max_idle_age && idle.conn.is_open() {
-                    self.idle_len.fetch_add(1, Ordering::Relaxed);
-                    queue.push(idle);
+                    queue.len.fetch_add(1, Ordering::Relaxed);
+                    queue.conns.push(idle);
                 }
             }
         }
