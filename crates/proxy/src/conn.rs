@@ -546,7 +546,7 @@ where
 /// An address as a header value, as `Display` writes its canonical form (an IPv4-mapped IPv6
 /// address as IPv4). IPv4 is written digit by digit: `Display`, with its padding and its
 /// `String`, cost about 1,300 instructions an address, twice for every connection.
-fn ip_value(ip: IpAddr) -> Option<HeaderValue> {
+pub(crate) fn ip_value(ip: IpAddr) -> Option<HeaderValue> {
     let ip = ip.to_canonical();
     let IpAddr::V4(v4) = ip else {
         return HeaderValue::from_str(&ip.to_string()).ok();

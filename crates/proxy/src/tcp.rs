@@ -23,7 +23,7 @@ use drover_model::{HashOn, Policy, ProxyProtocol, StickyMode};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::conn::{Client, Listening};
+use crate::conn::{self, Client, Listening};
 use crate::forward::{self, InFlight};
 use crate::proxy_protocol;
 use crate::stats::Stats;
@@ -59,7 +59,8 @@ pub(crate) async fn serve<S>(
             }
         }
     };
-    let client_hash = drover_balance::hash_bytes(peer.ip().to_canonical().to_string().as_bytes());
+    let client_hash =
+        conn::ip_value(peer.ip()).map_or(0, |ip| drover_balance::hash_bytes(ip.as_bytes()));
     let Some((mut upstream, index, _in_flight)) =
         connect(&listening.stats, &service, client_hash).await
     else {
