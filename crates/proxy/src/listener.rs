@@ -169,17 +169,10 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// A data plane with no listeners yet and no access log. Must be called inside a tokio
-    /// runtime: it starts the pool sweeper.
+    /// A data plane with no listeners yet and no access log, serving on the runtime it is
+    /// called in. Must be called inside a tokio runtime: it starts the pool sweeper.
     pub fn new() -> Self {
-        Self::with_access_log(None)
-    }
-
-    /// A data plane with no listeners yet that logs every request to `access_log`, if given,
-    /// serving on the runtime it is called in. Must be called inside a tokio runtime: it
-    /// starts the pool sweeper.
-    pub fn with_access_log(access_log: Option<AccessLog>) -> Self {
-        Self::on(&Workers::current(), access_log)
+        Self::on(&Workers::current(), None)
     }
 
     /// A data plane with no listeners yet that serves its connections on `workers` and logs
