@@ -113,7 +113,7 @@ impl Drop for Workers {
 
 /// A listener's connections open on each worker. A worker that accepts a connection while
 /// another has at least two fewer hands it over to the one with the fewest
-/// ([`WorkerCounts::pick`]), so that one worker does not end up serving most of a burst of
+/// (`WorkerCounts::pick`), so that one worker does not end up serving most of a burst of
 /// connections while another idles: which worker's accept wins a connection is a race (a
 /// burst of 64 ended up 40 to 24 without this).
 #[derive(Debug)]
