@@ -10,6 +10,7 @@ from the environment (all optional):
     RUNS             measured rounds (default 3)
     DURATION         seconds per throughput run (default 5)
     RATE_DURATION    seconds per fixed-rate run (default 10)
+    RATE_RUNS        fixed-rate rounds (default 5)
     WARMUP           seconds of unmeasured load after a proxy starts (default 1)
     PROXIES          default "drover nginx haproxy caddy" (direct is always run)
     PHASES           default "throughput workers2 relay floor rate memory"
@@ -66,6 +67,8 @@ NAME = os.environ.get("NAME", "quick" if QUICK else "latest")
 RUNS = env_int("RUNS", 1 if QUICK else 3)
 DURATION = env_float("DURATION", 1 if QUICK else 5)
 RATE_DURATION = env_float("RATE_DURATION", 2 if QUICK else 10)
+# A p99 moves more between runs than a rate does: its median wants more rounds.
+RATE_RUNS = env_int("RATE_RUNS", 1 if QUICK else 5)
 WARMUP = env_float("WARMUP", 0.5 if QUICK else 1)
 PROXIES = os.environ.get("PROXIES", "drover nginx haproxy caddy").split()
 TARGETS = PROXIES + ["direct"]
@@ -807,7 +810,7 @@ def phase_rate(results, status):
     results["rate_setup"] = {"rate": rate, "slowest": slowest, "conns": 64, "body": "1k",
                              "duration_s": RATE_DURATION}
     log(f"rate: {rate} req/s" + ("" if slowest == "RATE" else f" (half of {slowest}'s median)"))
-    for rnd in range(1, RUNS + 1):
+    for rnd in range(1, RATE_RUNS + 1):
         for target in rotated(TARGETS, rnd - 1):
             def go(proc):
                 port = target_ports(target)[0]
@@ -823,11 +826,11 @@ def phase_rate(results, status):
                 rec.update(target=target, round=rnd, raw=os.path.relpath(out_path, BENCH_DIR))
                 results["rate"].append(rec)
                 if rec.get("p99_us") is not None:
-                    log(f"round {rnd}/{RUNS} {target:7} rate {rate}: achieved "
+                    log(f"round {rnd}/{RATE_RUNS} {target:7} rate {rate}: achieved "
                         f"{rec['achieved_rps']:,.0f}/s p50 {rec['p50_us'] / 1000:.3f} ms "
                         f"p99 {rec['p99_us'] / 1000:.3f} ms errors {rec['errors']}")
                 else:
-                    log(f"round {rnd}/{RUNS} {target:7} rate run failed: {rec}")
+                    log(f"round {rnd}/{RATE_RUNS} {target:7} rate run failed: {rec}")
             with_target(target, 1, str(PROXY_CPU), go, status)
 
 
@@ -1015,7 +1018,8 @@ def main():
     meta = {
         "name": NAME,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "quick": QUICK, "runs": RUNS, "duration_s": DURATION, "rate_duration_s": RATE_DURATION,
+        "quick": QUICK, "runs": RUNS, "rate_runs": RATE_RUNS, "duration_s": DURATION,
+        "rate_duration_s": RATE_DURATION,
         "warmup_s": WARMUP, "mem_conns": MEM_CONNS, "proxy_cpu": PROXY_CPU,
         "load_cpu": LOAD_CPU, "nproc": os.cpu_count(), "kernel": os.uname().release,
         "loadavg_start": os.getloadavg(), "proxies": PROXIES, "phases": PHASES,

@@ -461,7 +461,8 @@ def markdown(doc, summary, svg_name):
     parts.append(
         f"Run `{meta['name']}` of {meta['date']}{' (QUICK mode)' if meta.get('quick') else ''}: "
         f"{meta['runs']} round(s), {meta['duration_s']:g} s per throughput run, "
-        f"{meta['rate_duration_s']:g} s per fixed-rate run, {meta['elapsed_s'] // 60} min "
+        f"{meta['rate_duration_s']:g} s per fixed-rate run "
+        f"({meta.get('rate_runs', meta['runs'])} round(s)), {meta['elapsed_s'] // 60} min "
         f"{meta['elapsed_s'] % 60} s in all. drover {v['drover']}, "
         f"nginx {v['nginx'].replace('nginx/', '')}, {v['haproxy']}, Caddy {v['caddy']}, "
         f"wrk {re.sub(r'^wrk (debian/)?', '', v['wrk'])}, {v['h2load'].replace('/', ' ')}; kernel {meta['kernel']}, {meta['nproc']} CPUs, load average "
