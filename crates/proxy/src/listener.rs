@@ -546,6 +546,17 @@ fn resume(listening: &Listening, tracker: &TaskTracker, parked: Parked) {
     }
 }
 
+/// The address a client connected to. A listener bound to one address is reached at that
+/// address alone, so only a wildcard (or ephemeral) one asks the socket, which costs a system
+/// call per connection.
+fn destination(local: SocketAddr, stream: &TcpStream) -> SocketAddr {
+    if local.ip().is_unspecified() || local.port() == 0 {
+        stream.local_addr().unwrap_or(local)
+    } else {
+        local
+    }
+}
+
 /// Reads a connection's PROXY header and does its TLS handshake as its listener asks; then
 /// returns how it is served, as HTTP or TCP. None if it closes or fails before that.
 async fn start(
@@ -573,7 +584,7 @@ async fn start(
     let deadline = tokio::time::Instant::now() + accepted.deadlines.request_header;
     let mut client = Client {
         addr: peer,
-        destination: stream.local_addr().unwrap_or(listening.local),
+        destination: destination(listening.local, &stream),
         tls: false,
         open,
     };
@@ -720,5 +731,25 @@ async fn sweep_pools(tables: Arc<ArcSwap<RoutingTable>>, stop: CancellationToken
                 endpoint.sweep(max_age);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connection_s_destination_is_the_address_the_client_reached() {
+        let bound = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = bound.local_addr().unwrap();
+        let _client = TcpStream::connect(at).await.unwrap();
+        let (stream, _) = bound.accept().await.unwrap();
+        // Bound to one address: that one.
+        assert_eq!(destination(at, &stream), at);
+        // A wildcard listener: the socket says which of its addresses was reached.
+        let wildcard = SocketAddr::new("0.0.0.0".parse().unwrap(), at.port());
+        assert_eq!(destination(wildcard, &stream), at);
+        let ephemeral = SocketAddr::new(at.ip(), 0);
+        assert_eq!(destination(ephemeral, &stream), at);
     }
 }
