@@ -128,8 +128,9 @@ pub(crate) struct Exchange {
     sent: u64,
     route: Option<Arc<RouteStats>>,
     /// What only the access log needs; None when there is no access log. Boxed: the
-    /// exchange is moved with the answer several times per request, and these fields would
-    /// make it four times as large for every request, logged or not.
+    /// exchange is moved with the answer several times per request, and these fields inline
+    /// would make it six times as large (352 bytes against 56) for every request, logged or
+    /// not.
     log: Option<Box<LogFields>>,
 }
 
