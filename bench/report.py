@@ -460,7 +460,8 @@ def markdown(doc, summary, svg_name):
     parts = []
     parts.append(
         f"Run `{meta['name']}` of {meta['date']}{' (QUICK mode)' if meta.get('quick') else ''}: "
-        f"{meta['runs']} round(s), {meta['duration_s']:g} s per throughput run, "
+        f"{meta['runs']} round(s) ({meta.get('goal_runs', meta['runs'])} for the centre and the "
+        f"two-worker run), {meta['duration_s']:g} s per throughput run, "
         f"{meta['rate_duration_s']:g} s per fixed-rate run "
         f"({meta.get('rate_runs', meta['runs'])} round(s)), {meta['elapsed_s'] // 60} min "
         f"{meta['elapsed_s'] % 60} s in all. drover {v['drover']}, "
