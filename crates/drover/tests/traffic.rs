@@ -339,8 +339,7 @@ async fn a_502_is_retried_for_gets_but_not_for_posts() {
 
 /// GETs to service `web` while its endpoint `a` takes 3 s to answer, until one of them is
 /// tried on `a` (its failures counter rises; round robin gets there within a few): each must
-/// come back from `b`, well before `a` would have answered. Sent with `client`, whose
-/// connection the caller used before: on the same worker, with the same pooled connections.
+/// come back from `b`, well before `a` would have answered. Sent with the caller's `client`.
 async fn gets_until_a_times_out(
     d: &Drover,
     client: &Client<HttpConnector, Body>,
@@ -372,13 +371,15 @@ async fn a_try_past_its_deadline_goes_to_another_endpoint_on_a_reused_connection
     let port = free_port();
     // Ejection off, so that `a` stays in turn however often it times out.
     let extra = "[services.web.retries]\nper_try_timeout = \"300ms\"\n\n[services.web.outlier]\nconsecutive_failures = 0";
-    let d = Drover::start(&service_config(port, &[(a.addr, 1), (b.addr, 1)], extra)).await;
+    // One worker, whose pool every request draws on, whichever client connection carries
+    // it (see `a_request_crossing_the_origin_s_idle_close_goes_again_when_it_may`).
+    let config = service_config(port, &[(a.addr, 1), (b.addr, 1)], extra);
+    let d = Drover::start_with(&config, &["--workers", "1"]).await;
     let client = client();
     let url = format!("http://127.0.0.1:{port}/");
 
-    // Requests one after another, all on one client connection and so on one worker: each
-    // endpoint's pooled connection carries all of them, and each one's deadline moves the
-    // connection's timer later.
+    // Requests one after another: each endpoint's pooled connection carries all of them, and
+    // each one's deadline moves the connection's timer later.
     for _ in 0..6 {
         let (status, _, _) = get(&client, &url).await;
         assert_eq!(status, StatusCode::OK);
